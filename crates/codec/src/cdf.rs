@@ -163,12 +163,7 @@ impl CdfTables {
 
     /// Builds tables from CompressAI's buffers: `quantized_cdf` is the padded
     /// `rows × width` int32 matrix, `cdf_length` and `offset` its companions.
-    pub fn from_compressai(
-        quantized_cdf: &[i32],
-        width: usize,
-        cdf_length: &[i32],
-        offset: &[i32],
-    ) -> Result<Self> {
+    pub fn from_compressai(quantized_cdf: &[i32], width: usize, cdf_length: &[i32], offset: &[i32]) -> Result<Self> {
         let rows = cdf_length.len();
         if quantized_cdf.len() != rows * width {
             return Err(CodecError::InvalidTable(format!(
@@ -180,20 +175,14 @@ impl CdfTables {
             .iter()
             .enumerate()
             .map(|(r, &len)| {
-                let len = usize::try_from(len)
-                    .ok()
-                    .filter(|&len| len <= width)
-                    .ok_or_else(|| {
-                        CodecError::InvalidTable(format!(
-                            "row {r}: _cdf_length {len} is outside 0..={width}"
-                        ))
-                    })?;
+                let len = usize::try_from(len).ok().filter(|&len| len <= width).ok_or_else(|| {
+                    CodecError::InvalidTable(format!("row {r}: _cdf_length {len} is outside 0..={width}"))
+                })?;
                 quantized_cdf[r * width..r * width + len]
                     .iter()
                     .map(|&v| {
-                        u32::try_from(v).map_err(|_| {
-                            CodecError::InvalidTable(format!("row {r}: negative CDF entry {v}"))
-                        })
+                        u32::try_from(v)
+                            .map_err(|_| CodecError::InvalidTable(format!("row {r}: negative CDF entry {v}")))
                     })
                     .collect()
             })
@@ -254,10 +243,7 @@ impl CdfTables {
 fn validate_row(r: usize, row: &[u32]) -> Result<()> {
     let bad = |why: String| Err(CodecError::InvalidTable(format!("row {r}: {why}")));
     if row.len() < 2 || row.len() > MAX_CDF_LENGTH {
-        return bad(format!(
-            "CDF length {} is outside 2..={MAX_CDF_LENGTH}",
-            row.len()
-        ));
+        return bad(format!("CDF length {} is outside 2..={MAX_CDF_LENGTH}", row.len()));
     }
     if row[0] != 0 {
         return bad(format!("first CDF entry is {}, expected 0", row[0]));
@@ -349,19 +335,14 @@ mod tests {
             vec![0, 100, PROB_SCALE - 1],
             vec![0, 100, 100, PROB_SCALE],
         ] {
-            assert!(
-                CdfTables::new(vec![bad.clone()], vec![0]).is_err(),
-                "{bad:?}"
-            );
+            assert!(CdfTables::new(vec![bad.clone()], vec![0]).is_err(), "{bad:?}");
         }
         assert!(CdfTables::new(vec![good], vec![]).is_err());
     }
 
     #[test]
     fn lookup_finds_the_interval_of_every_cumulative_frequency() {
-        let pmf: Vec<f32> = (0..300)
-            .map(|i| 1.0 + (i % 7) as f32 * (i as f32))
-            .collect();
+        let pmf: Vec<f32> = (0..300).map(|i| 1.0 + (i % 7) as f32 * (i as f32)).collect();
         let sum: f32 = pmf.iter().sum();
         let pmf: Vec<f32> = pmf.iter().map(|p| p / sum).collect();
         let cdf = pmf_to_quantized_cdf(&pmf).unwrap();

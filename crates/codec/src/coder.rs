@@ -44,10 +44,7 @@ pub(crate) fn encode_symbol(enc: &mut RansEncoder, row: CdfRow<'_>, symbol: i32)
 fn push_escape(enc: &mut RansEncoder, raw: u64) {
     let chunks = (64 - raw.leading_zeros()).div_ceil(BYPASS_BITS);
     for j in (0..chunks).rev() {
-        enc.put_bits(
-            ((raw >> (j * BYPASS_BITS)) & u64::from(MAX_BYPASS)) as u32,
-            BYPASS_BITS,
-        );
+        enc.put_bits(((raw >> (j * BYPASS_BITS)) & u64::from(MAX_BYPASS)) as u32, BYPASS_BITS);
     }
     enc.put_bits(chunks % MAX_BYPASS, BYPASS_BITS);
     for _ in 0..chunks / MAX_BYPASS {
@@ -90,8 +87,15 @@ fn read_escape(dec: &mut RansDecoder<'_>, max_value: i64) -> Result<i64> {
         ));
     }
     let mut raw = 0u64;
+    let mut top_chunk = 0;
     for j in 0..chunks {
-        raw |= u64::from(dec.get_bits(BYPASS_BITS)?) << (j * BYPASS_BITS);
+        top_chunk = dec.get_bits(BYPASS_BITS)?;
+        raw |= u64::from(top_chunk) << (j * BYPASS_BITS);
+    }
+    // An encoder writes exactly as many chunks as `raw` needs, so a zero top
+    // chunk never comes from one; refusing it keeps decoding one-to-one.
+    if chunks > 0 && top_chunk == 0 {
+        return Err(CodecError::Corrupt("escape value has a redundant zero chunk"));
     }
     let magnitude = (raw >> 1) as i64;
     Ok(if raw & 1 == 1 {
@@ -103,11 +107,7 @@ fn read_escape(dec: &mut RansDecoder<'_>, max_value: i64) -> Result<i64> {
 
 /// Encodes `symbols`, each with the CDF row named by the matching entry of
 /// `indexes`: CompressAI's `RansEncoder.encode_with_indexes`, byte for byte.
-pub fn encode_with_indexes(
-    symbols: &[i32],
-    indexes: &[u32],
-    tables: &CdfTables,
-) -> Result<Vec<u8>> {
+pub fn encode_with_indexes(symbols: &[i32], indexes: &[u32], tables: &CdfTables) -> Result<Vec<u8>> {
     check_indexes(indexes, symbols.len(), tables)?;
     let mut enc = RansEncoder::with_capacity(symbols.len() / 2);
     for (&symbol, &index) in symbols.iter().zip(indexes).rev() {
@@ -180,10 +180,7 @@ mod tests {
         ];
         let indexes: Vec<u32> = (0..symbols.len() as u32).map(|i| i % 2).collect();
         let bytes = encode_with_indexes(&symbols, &indexes, &tables).unwrap();
-        assert_eq!(
-            decode_with_indexes(&bytes, &indexes, &tables).unwrap(),
-            symbols
-        );
+        assert_eq!(decode_with_indexes(&bytes, &indexes, &tables).unwrap(), symbols);
     }
 
     #[test]
@@ -201,10 +198,7 @@ mod tests {
         }
         let indexes = vec![0; symbols.len()];
         let bytes = encode_with_indexes(&symbols, &indexes, &tables).unwrap();
-        assert_eq!(
-            decode_with_indexes(&bytes, &indexes, &tables).unwrap(),
-            symbols
-        );
+        assert_eq!(decode_with_indexes(&bytes, &indexes, &tables).unwrap(), symbols);
     }
 
     #[test]

@@ -37,9 +37,7 @@ impl ModelFingerprint {
             hasher.update(part);
         }
         let digest = hasher.finalize();
-        Self(u32::from_le_bytes([
-            digest[0], digest[1], digest[2], digest[3],
-        ]))
+        Self(u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]]))
     }
 }
 
@@ -83,9 +81,7 @@ impl<'a> Payload<'a> {
 
     /// Parses a payload, checking the header and the string's word structure.
     pub fn parse(bytes: &'a [u8]) -> Result<Self> {
-        let (&first, rest) = bytes
-            .split_first()
-            .ok_or(CodecError::BadHeader("empty payload"))?;
+        let (&first, rest) = bytes.split_first().ok_or(CodecError::BadHeader("empty payload"))?;
         if first & 0xF0 != MAGIC {
             return Err(CodecError::BadMagic { found: first });
         }
@@ -96,9 +92,9 @@ impl<'a> Payload<'a> {
                 supported: FORMAT_VERSION,
             });
         }
-        let (fingerprint, mut rest) = rest.split_first_chunk::<4>().ok_or(
-            CodecError::BadHeader("payload ends inside the model fingerprint"),
-        )?;
+        let (fingerprint, mut rest) = rest
+            .split_first_chunk::<4>()
+            .ok_or(CodecError::BadHeader("payload ends inside the model fingerprint"))?;
         let mut dims = [0u32; 3];
         for dim in &mut dims {
             let (value, used) = read_varint(rest)?;
@@ -150,18 +146,14 @@ fn read_varint(bytes: &[u8]) -> Result<(u32, usize)> {
         value |= u64::from(byte & 0x7F) << (7 * i);
         if byte & 0x80 == 0 {
             if i > 0 && byte == 0 {
-                return Err(CodecError::BadHeader(
-                    "latent dimension has a non-canonical encoding",
-                ));
+                return Err(CodecError::BadHeader("latent dimension has a non-canonical encoding"));
             }
             return u32::try_from(value)
                 .map(|v| (v, i + 1))
                 .map_err(|_| CodecError::BadHeader("latent dimension exceeds 32 bits"));
         }
     }
-    Err(CodecError::BadHeader(
-        "payload ends inside a latent dimension",
-    ))
+    Err(CodecError::BadHeader("payload ends inside a latent dimension"))
 }
 
 #[cfg(test)]
@@ -189,10 +181,7 @@ mod tests {
     #[test]
     fn large_dimensions_round_trip() {
         let string = [1u8; 8];
-        for shape in [
-            LatentShape::new(1, 127, 128),
-            LatentShape::new(u32::MAX, 16384, 300),
-        ] {
+        for shape in [LatentShape::new(1, 127, 128), LatentShape::new(u32::MAX, 16384, 300)] {
             let p = payload(shape, &string);
             let bytes = p.to_bytes();
             assert_eq!(bytes.len(), p.header_len() + 8);
@@ -235,10 +224,7 @@ mod tests {
         let bytes = payload(LatentShape::new(48, 28, 28), &string).to_bytes();
         assert!(Payload::parse_for(&bytes, ModelFingerprint(0xDEADBEEF)).is_ok());
         let err = Payload::parse_for(&bytes, ModelFingerprint(1)).unwrap_err();
-        assert!(
-            matches!(err, CodecError::FingerprintMismatch { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, CodecError::FingerprintMismatch { .. }), "{err}");
     }
 
     #[test]
@@ -246,9 +232,6 @@ mod tests {
         let a = ModelFingerprint::of_parts([b"ab".as_slice(), b"c".as_slice()]);
         let b = ModelFingerprint::of_parts([b"a".as_slice(), b"bc".as_slice()]);
         assert_ne!(a, b);
-        assert_eq!(
-            a,
-            ModelFingerprint::of_parts([b"ab".as_slice(), b"c".as_slice()])
-        );
+        assert_eq!(a, ModelFingerprint::of_parts([b"ab".as_slice(), b"c".as_slice()]));
     }
 }

@@ -24,17 +24,11 @@ pub enum CodecError {
     #[error("decoded symbol {value} is outside the 32-bit symbol range")]
     SymbolOutOfRange { value: i64 },
     /// A latent value cannot be turned into a 32-bit symbol.
-    #[error(
-        "latent value at index {index} is {value}, which cannot be quantised to a 32-bit symbol"
-    )]
+    #[error("latent value at index {index} is {value}, which cannot be quantised to a 32-bit symbol")]
     UnquantisableValue { index: usize, value: f32 },
     /// A CDF index points past the table.
     #[error("CDF index {index} at position {position} is out of range: the table has {rows} rows")]
-    IndexOutOfRange {
-        position: usize,
-        index: u32,
-        rows: usize,
-    },
+    IndexOutOfRange { position: usize, index: u32, rows: usize },
     /// A probability table is malformed.
     #[error("invalid probability table: {0}")]
     InvalidTable(String),
@@ -51,14 +45,10 @@ pub enum CodecError {
     #[error("declared latent has {requested} symbols, more than the limit of {limit}")]
     TooLarge { requested: u64, limit: u64 },
     /// The payload does not start with the container magic.
-    #[error(
-        "not a FrankenSplit payload: first byte is {found:#04x}, expected 0xF? (magic nibble 0xF)"
-    )]
+    #[error("not a FrankenSplit payload: first byte is {found:#04x}, expected 0xF? (magic nibble 0xF)")]
     BadMagic { found: u8 },
     /// The container was written by a newer format version.
-    #[error(
-        "payload format version {found} is not supported (this build reads version {supported})"
-    )]
+    #[error("payload format version {found} is not supported (this build reads version {supported})")]
     UnsupportedVersion { found: u8, supported: u8 },
     /// The payload was produced by a different model.
     #[error("payload was produced by model {found}, but this decoder serves model {expected}")]

@@ -64,14 +64,11 @@ impl FactorizedDensity {
     /// `lookup`, under `prefix` (e.g. `"entropy_bottleneck."`). Both namings
     /// are accepted: `matrices.0`/`biases.0`/`factors.0` (CompressAI ≥ 1.2.7)
     /// and `_matrix0`/`_bias0`/`_factor0` (earlier releases).
-    pub fn from_state_dict(
-        prefix: &str,
-        mut lookup: impl FnMut(&str) -> Option<ParamTensor>,
-    ) -> Result<Self> {
+    pub fn from_state_dict(prefix: &str, mut lookup: impl FnMut(&str) -> Option<ParamTensor>) -> Result<Self> {
         let mut find = |new: String, old: String| {
-            lookup(&new).or_else(|| lookup(&old)).ok_or_else(|| {
-                CodecError::InvalidParameters(format!("missing tensor {new} (or {old})"))
-            })
+            lookup(&new)
+                .or_else(|| lookup(&old))
+                .ok_or_else(|| CodecError::InvalidParameters(format!("missing tensor {new} (or {old})")))
         };
         let quantiles = find(format!("{prefix}quantiles"), format!("{prefix}quantiles"))?;
         let [channels, 1, 3] = quantiles.shape[..] else {
@@ -84,23 +81,14 @@ impl FactorizedDensity {
         let mut biases = Vec::new();
         let mut factors = Vec::new();
         for i in 0.. {
-            let Ok(matrix) = find(
-                format!("{prefix}matrices.{i}"),
-                format!("{prefix}_matrix{i}"),
-            ) else {
+            let Ok(matrix) = find(format!("{prefix}matrices.{i}"), format!("{prefix}_matrix{i}")) else {
                 break;
             };
             matrices.push(matrix);
-            biases.push(find(
-                format!("{prefix}biases.{i}"),
-                format!("{prefix}_bias{i}"),
-            )?);
+            biases.push(find(format!("{prefix}biases.{i}"), format!("{prefix}_bias{i}"))?);
         }
         for i in 0..matrices.len().saturating_sub(1) {
-            factors.push(find(
-                format!("{prefix}factors.{i}"),
-                format!("{prefix}_factor{i}"),
-            )?);
+            factors.push(find(format!("{prefix}factors.{i}"), format!("{prefix}_factor{i}"))?);
         }
         Self::new(channels, matrices, biases, factors, quantiles.data)
     }
@@ -134,26 +122,14 @@ impl FactorizedDensity {
             ));
         }
         if let Some(i) = quantiles.iter().position(|q| !q.is_finite()) {
-            return bad(format!(
-                "quantile {} of channel {} is not finite",
-                i % 3,
-                i / 3
-            ));
+            return bad(format!("quantile {} of channel {} is not finite", i % 3, i / 3));
         }
         let mut widths = vec![1usize];
         for (i, m) in matrices.iter().enumerate() {
             let [c, out, inp] = m.shape[..] else {
-                return bad(format!(
-                    "matrix {i} has shape {:?}, expected 3 dimensions",
-                    m.shape
-                ));
+                return bad(format!("matrix {i} has shape {:?}, expected 3 dimensions", m.shape));
             };
-            if c != channels
-                || inp != widths[i]
-                || out == 0
-                || out > MAX_WIDTH
-                || m.data.len() != c * out * inp
-            {
+            if c != channels || inp != widths[i] || out == 0 || out > MAX_WIDTH || m.data.len() != c * out * inp {
                 return bad(format!(
                     "matrix {i} has shape {:?}, expected ({channels}, 1..={MAX_WIDTH}, {})",
                     m.shape, widths[i]
@@ -162,10 +138,7 @@ impl FactorizedDensity {
             widths.push(out);
         }
         if widths.last() != Some(&1) {
-            return bad(format!(
-                "the last layer has width {:?}, expected 1",
-                widths.last()
-            ));
+            return bad(format!("the last layer has width {:?}, expected 1", widths.last()));
         }
         let check_vector = |kind: &str, i: usize, t: &ParamTensor| {
             let expected = [channels, widths[i + 1], 1];
@@ -251,8 +224,7 @@ impl FactorizedDensity {
             .iter()
             .enumerate()
             .map(|(c, pmf)| {
-                pmf_to_quantized_cdf(pmf)
-                    .map_err(|e| CodecError::InvalidParameters(format!("channel {c}: {e}")))
+                pmf_to_quantized_cdf(pmf).map_err(|e| CodecError::InvalidParameters(format!("channel {c}: {e}")))
             })
             .collect::<Result<Vec<_>>>()?;
         CdfTables::new(rows, offsets)
@@ -273,9 +245,7 @@ impl FactorizedDensity {
             .collect();
         let lengths: Vec<usize> = ranges
             .iter()
-            .map(|&(lo, hi)| {
-                usize::try_from(i64::from(lo) + i64::from(hi) + 1).unwrap_or(usize::MAX)
-            })
+            .map(|&(lo, hi)| usize::try_from(i64::from(lo) + i64::from(hi) + 1).unwrap_or(usize::MAX))
             .collect();
         let max_length = *lengths.iter().max().expect("at least one channel");
         if max_length + 2 > crate::cdf::MAX_CDF_LENGTH {
@@ -317,10 +287,7 @@ impl FactorizedDensity {
 
     /// The likelihood of `x` in channel `c` (`EntropyBottleneck._likelihood`).
     pub fn likelihood(&self, c: usize, x: f32, formula: LikelihoodFormula) -> f32 {
-        formula.pmf(
-            self.logits_cumulative(c, x - 0.5),
-            self.logits_cumulative(c, x + 0.5),
-        )
+        formula.pmf(self.logits_cumulative(c, x - 0.5), self.logits_cumulative(c, x + 0.5))
     }
 }
 
@@ -438,12 +405,7 @@ impl EntropyBottleneck {
     }
 
     /// Decodes a CompressAI string to the symbols of a `C×H×W` latent.
-    pub fn decompress_symbols(
-        &self,
-        bytes: &[u8],
-        shape: LatentShape,
-        limits: DecodeLimits,
-    ) -> Result<Vec<i32>> {
+    pub fn decompress_symbols(&self, bytes: &[u8], shape: LatentShape, limits: DecodeLimits) -> Result<Vec<i32>> {
         limits.check(shape)?;
         self.check_shape(shape.len(), shape)?;
         let plane = shape.plane();
@@ -460,12 +422,7 @@ impl EntropyBottleneck {
     }
 
     /// Decodes a CompressAI string to the dequantised latent `symbol + median_c`.
-    pub fn decompress(
-        &self,
-        bytes: &[u8],
-        shape: LatentShape,
-        limits: DecodeLimits,
-    ) -> Result<Vec<f32>> {
+    pub fn decompress(&self, bytes: &[u8], shape: LatentShape, limits: DecodeLimits) -> Result<Vec<f32>> {
         let symbols = self.decompress_symbols(bytes, shape, limits)?;
         let plane = shape.plane();
         Ok(symbols
@@ -495,5 +452,66 @@ pub(crate) fn quantize_value(index: usize, y: f32, mean: f32) -> Result<i32> {
         Ok(r as i32)
     } else {
         Err(CodecError::UnquantisableValue { index, value: y })
+    }
+}
+
+impl EntropyBottleneck {
+    /// A deterministic stand-in for a trained bottleneck: channel `c` is a
+    /// discretised Laplacian whose scale grows from 0.3 to 6 across channels,
+    /// centred on a fractional median, with a ±(12·scale + 8) table. Used to
+    /// benchmark and fuzz the coder without shipping weights.
+    pub fn synthetic(channels: usize) -> Self {
+        let mut rows = Vec::with_capacity(channels);
+        let mut offsets = Vec::with_capacity(channels);
+        let mut medians = Vec::with_capacity(channels);
+        for c in 0..channels {
+            let scale = 0.3 + 5.7 * c as f64 / channels.max(2).saturating_sub(1) as f64;
+            let half_width = (12.0 * scale) as i32 + 8;
+            let laplace_cdf = |x: f64| {
+                if x < 0.0 {
+                    0.5 * (x / scale).exp()
+                } else {
+                    1.0 - 0.5 * (-x / scale).exp()
+                }
+            };
+            let mut pmf: Vec<f32> = (-half_width..=half_width)
+                .map(|v| (laplace_cdf(v as f64 + 0.5) - laplace_cdf(v as f64 - 0.5)) as f32)
+                .collect();
+            pmf.push((2.0 * laplace_cdf(-half_width as f64 - 0.5)) as f32);
+            rows.push(pmf_to_quantized_cdf(&pmf).expect("a Laplacian pmf is valid"));
+            offsets.push(-half_width);
+            medians.push(((c * 37) % 11) as f32 / 11.0 - 0.5);
+        }
+        let tables = CdfTables::new(rows, offsets).expect("rows from pmf_to_quantized_cdf are valid");
+        Self { tables, medians }
+    }
+
+    /// A latent that follows [`EntropyBottleneck::synthetic`]'s distribution,
+    /// from a fixed seed, with about one value in 500 far outside the tables
+    /// (escapes). Values are `median + symbol + fraction` with the fraction a
+    /// multiple of 1/16, so every language computes the same `f32`s.
+    pub fn synthetic_latent(&self, shape: LatentShape, seed: u64) -> Vec<f32> {
+        let plane = shape.plane();
+        let mut state = seed;
+        let mut next = move || {
+            // SplitMix64.
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        };
+        (0..shape.len())
+            .map(|i| {
+                let c = i / plane;
+                let r = next();
+                // Geometric magnitude: trailing zeros of random bits, scaled per channel.
+                let magnitude = ((r >> 8).trailing_zeros() as u64 * (1 + c as u64 * 4 / self.channels() as u64)) as i64;
+                let sign = if r & 1 == 1 { -1 } else { 1 };
+                let escape = if (r >> 1) % 500 == 0 { 1000 } else { 0 };
+                let fraction = ((r >> 2) & 15) as f32 / 16.0 - 0.5;
+                self.medians[c] + (sign * (magnitude + escape)) as f32 + fraction
+            })
+            .collect()
     }
 }

@@ -56,9 +56,7 @@ impl GaussianConditional {
         if scale_table.is_empty() {
             return bad("empty scale table".into());
         }
-        if scale_table.iter().any(|s| !s.is_finite() || *s <= 0.0)
-            || scale_table.windows(2).any(|w| w[0] > w[1])
-        {
+        if scale_table.iter().any(|s| !s.is_finite() || *s <= 0.0) || scale_table.windows(2).any(|w| w[0] > w[1]) {
             return bad("scale table must hold positive, finite, ascending scales".into());
         }
         if !(scale_bound.is_finite() && scale_bound > 0.0) {
@@ -75,9 +73,7 @@ impl GaussianConditional {
         for &scale in &scale_table {
             let center = (scale * multiplier).ceil();
             if 2.0 * center + 3.0 > MAX_CDF_LENGTH as f32 {
-                return bad(format!(
-                    "scale {scale} needs a row longer than a 16-bit table can hold"
-                ));
+                return bad(format!("scale {scale} needs a row longer than a 16-bit table can hold"));
             }
             let center = center as i32;
             let length = 2 * center + 1;
@@ -123,23 +119,14 @@ impl GaussianConditional {
             .iter()
             .map(|&s| {
                 // torch.max keeps NaN, and NaN compares false: it lands in the widest row.
-                let s = if s.is_nan() {
-                    s
-                } else {
-                    s.max(self.scale_bound)
-                };
+                let s = if s.is_nan() { s } else { s.max(self.scale_bound) };
                 (last - candidates.iter().filter(|&&t| s <= t).count()) as u32
             })
             .collect()
     }
 
     /// Compresses `values` (centred on `means` when given) with the rows in `indexes`.
-    pub fn compress(
-        &self,
-        values: &[f32],
-        indexes: &[u32],
-        means: Option<&[f32]>,
-    ) -> Result<Vec<u8>> {
+    pub fn compress(&self, values: &[f32], indexes: &[u32], means: Option<&[f32]>) -> Result<Vec<u8>> {
         check_means(means, values.len())?;
         let symbols = values
             .iter()
@@ -170,10 +157,7 @@ impl GaussianConditional {
 
 fn check_means(means: Option<&[f32]>, len: usize) -> Result<()> {
     match means {
-        Some(m) if m.len() != len => Err(CodecError::ShapeMismatch(format!(
-            "{len} values but {} means",
-            m.len()
-        ))),
+        Some(m) if m.len() != len => Err(CodecError::ShapeMismatch(format!("{len} values but {} means", m.len()))),
         _ => Ok(()),
     }
 }
@@ -248,8 +232,7 @@ mod tests {
 
     #[test]
     fn indexes_pick_the_smallest_row_at_least_as_wide() {
-        let gc =
-            GaussianConditional::new(vec![0.5, 1.0, 2.0, 4.0], 0.11, DEFAULT_TAIL_MASS).unwrap();
+        let gc = GaussianConditional::new(vec![0.5, 1.0, 2.0, 4.0], 0.11, DEFAULT_TAIL_MASS).unwrap();
         assert_eq!(
             gc.build_indexes(&[0.01, 0.5, 0.6, 1.0, 3.9, 4.0, 100.0, f32::NAN]),
             [0, 0, 1, 1, 3, 3, 3, 3]
@@ -259,9 +242,7 @@ mod tests {
     #[test]
     fn values_round_trip_with_means_and_escapes() {
         let gc = GaussianConditional::new(default_scale_table(), 0.11, DEFAULT_TAIL_MASS).unwrap();
-        let values: Vec<f32> = (0..300)
-            .map(|i| ((i * 7919) % 201) as f32 - 100.0 + 0.25)
-            .collect();
+        let values: Vec<f32> = (0..300).map(|i| ((i * 7919) % 201) as f32 - 100.0 + 0.25).collect();
         let means: Vec<f32> = (0..300).map(|i| (i % 5) as f32 * 0.5).collect();
         let scales: Vec<f32> = (0..300).map(|i| 0.05 + (i % 40) as f32 * 0.3).collect();
         let indexes = gc.build_indexes(&scales);

@@ -23,6 +23,8 @@ pub mod coder;
 pub mod container;
 pub mod error;
 pub mod factorized;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod gaussian;
 pub mod rans;
 
@@ -58,9 +60,12 @@ impl LatentShape {
         }
     }
 
-    /// Number of symbols, `C·H·W`, computed without overflow.
+    /// Number of symbols, `C·H·W`, saturating at `u64::MAX` (three 32-bit
+    /// dimensions can exceed 64 bits).
     pub fn num_symbols(&self) -> u64 {
-        u64::from(self.channels) * u64::from(self.height) * u64::from(self.width)
+        u64::from(self.channels)
+            .saturating_mul(u64::from(self.height))
+            .saturating_mul(u64::from(self.width))
     }
 
     /// Number of symbols as a `usize` (saturating on 32-bit hosts).
@@ -96,9 +101,7 @@ impl Default for DecodeLimits {
     /// 2^24 symbols (64 MiB of `f32` output): a 48-channel latent of a
     /// 4096×4096 image; FrankenSplit's 224² latent has 37,632.
     fn default() -> Self {
-        Self {
-            max_symbols: 1 << 24,
-        }
+        Self { max_symbols: 1 << 24 }
     }
 }
 

@@ -106,9 +106,7 @@ impl<'a> RansDecoder<'a> {
         let hi = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
         let state = u64::from(lo) | (u64::from(hi) << 32);
         if state < RANS64_L {
-            return Err(CodecError::Corrupt(
-                "initial state below the rANS lower bound",
-            ));
+            return Err(CodecError::Corrupt("initial state below the rANS lower bound"));
         }
         Ok(Self {
             state,

@@ -6,9 +6,8 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use frankensplit_codec::{
-    decode_with_indexes, encode_with_indexes, gaussian, pmf_to_quantized_cdf, CdfTables,
-    DecodeLimits, EntropyBottleneck, FactorizedDensity, GaussianConditional, LatentShape,
-    LikelihoodFormula, ParamTensor,
+    decode_with_indexes, encode_with_indexes, gaussian, pmf_to_quantized_cdf, CdfTables, DecodeLimits,
+    EntropyBottleneck, FactorizedDensity, GaussianConditional, LatentShape, LikelihoodFormula, ParamTensor,
 };
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -25,11 +24,7 @@ fn ints<T: TryFrom<i64>>(v: &Value) -> Vec<T> {
     v.as_array()
         .expect("array")
         .iter()
-        .map(|x| {
-            T::try_from(x.as_i64().expect("integer"))
-                .ok()
-                .expect("in range")
-        })
+        .map(|x| T::try_from(x.as_i64().expect("integer")).ok().expect("in range"))
         .collect()
 }
 
@@ -50,21 +45,10 @@ fn hex(v: &Value) -> Vec<u8> {
 }
 
 fn compressai_tables(v: &Value) -> CdfTables {
-    let rows: Vec<Vec<i32>> = v["quantized_cdf"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ints)
-        .collect();
+    let rows: Vec<Vec<i32>> = v["quantized_cdf"].as_array().unwrap().iter().map(ints).collect();
     let width = rows[0].len();
     let flat: Vec<i32> = rows.concat();
-    CdfTables::from_compressai(
-        &flat,
-        width,
-        &ints::<i32>(&v["cdf_length"]),
-        &ints::<i32>(&v["offset"]),
-    )
-    .unwrap()
+    CdfTables::from_compressai(&flat, width, &ints::<i32>(&v["cdf_length"]), &ints::<i32>(&v["offset"])).unwrap()
 }
 
 fn eb_params() -> HashMap<String, ParamTensor> {
@@ -83,31 +67,21 @@ fn eb_params() -> HashMap<String, ParamTensor> {
 }
 
 fn density(params: &HashMap<String, ParamTensor>) -> FactorizedDensity {
-    FactorizedDensity::from_state_dict("entropy_bottleneck.", |name| params.get(name).cloned())
-        .unwrap()
+    FactorizedDensity::from_state_dict("entropy_bottleneck.", |name| params.get(name).cloned()).unwrap()
 }
 
 /// Compares tables row by row so a failure names the first differing row.
 fn assert_tables_eq(ours: &CdfTables, theirs: &CdfTables, what: &str) {
     assert_eq!(ours.num_rows(), theirs.num_rows(), "{what}: row count");
     for r in 0..ours.num_rows() {
-        assert_eq!(
-            ours.offsets()[r],
-            theirs.offsets()[r],
-            "{what}: offset of row {r}"
-        );
+        assert_eq!(ours.offsets()[r], theirs.offsets()[r], "{what}: offset of row {r}");
         assert_eq!(ours.cdf(r), theirs.cdf(r), "{what}: CDF row {r}");
     }
 }
 
 #[test]
 fn quantized_cdfs_equal_compressai() {
-    for (i, case) in fixture()["pmf_cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .enumerate()
-    {
+    for (i, case) in fixture()["pmf_cases"].as_array().unwrap().iter().enumerate() {
         let cdf = pmf_to_quantized_cdf(&floats(&case["pmf"])).unwrap();
         assert_eq!(cdf, ints::<u32>(&case["cdf"]), "pmf case {i}");
     }
@@ -121,14 +95,8 @@ fn raw_coder_strings_equal_compressai() {
         let symbols: Vec<i32> = ints(&case["symbols"]);
         let indexes: Vec<u32> = ints(&case["indexes"]);
         let expected = hex(&case["string"]);
-        assert_eq!(
-            encode_with_indexes(&symbols, &indexes, &tables).unwrap(),
-            expected
-        );
-        assert_eq!(
-            decode_with_indexes(&expected, &indexes, &tables).unwrap(),
-            symbols
-        );
+        assert_eq!(encode_with_indexes(&symbols, &indexes, &tables).unwrap(), expected);
+        assert_eq!(decode_with_indexes(&expected, &indexes, &tables).unwrap(), symbols);
     }
 }
 
@@ -178,17 +146,10 @@ fn recomputed_tables_match_compressai_up_to_float_ties() {
         let (offsets, our_pmfs) = density.update_pmfs(formula).unwrap();
         assert_eq!(offsets, expected.offsets(), "{tables}: offsets");
         for (c, (ours, theirs)) in our_pmfs.iter().zip(&torch_pmfs).enumerate() {
-            assert_eq!(
-                ours.len(),
-                theirs.len(),
-                "{tables}: pmf length of channel {c}"
-            );
+            assert_eq!(ours.len(), theirs.len(), "{tables}: pmf length of channel {c}");
             for (k, (a, b)) in ours.iter().zip(theirs).enumerate() {
                 // A few ulps of a sigmoid near 0.5, amplified by the difference of two sigmoids.
-                assert!(
-                    (a - b).abs() <= 2.5e-7,
-                    "{tables}: channel {c} bin {k}: {a} vs {b}"
-                );
+                assert!((a - b).abs() <= 2.5e-7, "{tables}: channel {c} bin {k}: {a} vs {b}");
             }
         }
         let ours = density.build_tables(formula).unwrap();
@@ -206,24 +167,17 @@ fn recomputed_tables_match_compressai_up_to_float_ties() {
                 if ours.round() != theirs.round() {
                     let boundary = theirs.floor() + 0.5;
                     assert!(
-                        (ours.round() - theirs.round()).abs() == 1.0
-                            && (ours - boundary) * (theirs - boundary) <= 0.0,
+                        (ours.round() - theirs.round()).abs() == 1.0 && (ours - boundary) * (theirs - boundary) <= 0.0,
                         "{tables}: channel {c} bin {k}: {ours} vs {theirs} is no near-tie"
                     );
                     straddles += 1;
                 }
             }
-            assert!(
-                straddles > 0,
-                "{tables}: channel {c} differs without a near-tie"
-            );
+            assert!(straddles > 0, "{tables}: channel {c} differs without a near-tie");
         }
     }
     // 96 rows in all (48 channels, two formulas); the fixture has one near-tie row.
-    assert!(
-        identical_rows >= 94,
-        "only {identical_rows} of 96 rows identical"
-    );
+    assert!(identical_rows >= 94, "only {identical_rows} of 96 rows identical");
 }
 
 #[test]
@@ -236,9 +190,7 @@ fn both_parameter_namings_load_the_same_density() {
                 .iter()
                 .zip(["_matrix", "_bias", "_factor"])
                 .fold(name.clone(), |n, (new, old)| {
-                    (0..8).fold(n, |n, i| {
-                        n.replace(&format!("{new}.{i}"), &format!("{old}{i}"))
-                    })
+                    (0..8).fold(n, |n, i| n.replace(&format!("{new}.{i}"), &format!("{old}{i}")))
                 });
             (name, t.clone())
         })
@@ -283,16 +235,8 @@ fn entropy_bottleneck_strings_equal_compressai() {
             let latent = floats(&case["latent"]);
             let symbols: Vec<i32> = ints(&case["symbols"]);
             let string = hex(&case["string"]);
-            assert_eq!(
-                eb.quantize(&latent, shape).unwrap(),
-                symbols,
-                "{name}: symbols"
-            );
-            assert_eq!(
-                eb.compress(&latent, shape).unwrap(),
-                string,
-                "{name}: string"
-            );
+            assert_eq!(eb.quantize(&latent, shape).unwrap(), symbols, "{name}: symbols");
+            assert_eq!(eb.compress(&latent, shape).unwrap(), string, "{name}: string");
             let limits = DecodeLimits::default();
             assert_eq!(
                 eb.decompress_symbols(&string, shape, limits).unwrap(),
@@ -326,10 +270,7 @@ fn escape_and_tie_cases_are_exercised() {
             ties += usize::from((latent[i] - medians[c]).fract().abs() == 0.5);
         }
     }
-    assert!(
-        escapes >= 12,
-        "only {escapes} escaped symbols in the fixture"
-    );
+    assert!(escapes >= 12, "only {escapes} escaped symbols in the fixture");
     assert!(ties >= 48, "only {ties} exact ties in the fixture");
 }
 
@@ -360,25 +301,13 @@ fn gaussian_conditional_equals_compressai() {
     assert_eq!(width, expected["width"].as_u64().unwrap() as usize);
     assert_eq!(lengths, ints::<i32>(&expected["cdf_length"]));
     assert_eq!(offsets, ints::<i32>(&expected["offset"]));
-    let narrow: Vec<Vec<u32>> = expected["narrow_rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(ints)
-        .collect();
+    let narrow: Vec<Vec<u32>> = expected["narrow_rows"].as_array().unwrap().iter().map(ints).collect();
     for (r, row) in narrow.iter().enumerate() {
         assert_eq!(gc.tables().cdf(r), row.as_slice(), "row {r}");
     }
     let bytes: Vec<u8> = padded.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let digest: String = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(
-        digest,
-        expected["padded_sha256"].as_str().unwrap(),
-        "wide rows differ"
-    );
+    let digest: String = Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(digest, expected["padded_sha256"].as_str().unwrap(), "wide rows differ");
 
     let scales = floats(&gc_fixture["scales"]);
     let means = floats(&gc_fixture["means"]);
@@ -386,10 +315,7 @@ fn gaussian_conditional_equals_compressai() {
     let indexes = gc.build_indexes(&scales);
     assert_eq!(indexes, ints::<u32>(&gc_fixture["indexes"]));
     let string = hex(&gc_fixture["string"]);
-    assert_eq!(
-        gc.compress(&values, &indexes, Some(&means)).unwrap(),
-        string
-    );
+    assert_eq!(gc.compress(&values, &indexes, Some(&means)).unwrap(), string);
     let decoded = gc
         .decompress(&string, &indexes, Some(&means), DecodeLimits::default())
         .unwrap();

@@ -1,0 +1,79 @@
+//! The `frankensplit` command line. Today it benchmarks the entropy codec and
+//! inspects payloads; model, serving and training subcommands arrive with the
+//! crates that implement them.
+
+mod bench;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use frankensplit_codec::Payload;
+
+#[derive(Parser)]
+#[command(
+    name = "frankensplit",
+    version,
+    about = "FrankenSplit split inference: saliency-guided neural feature compression"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure performance; see `frankensplit bench codec --help`.
+    Bench {
+        #[command(subcommand)]
+        target: bench::Target,
+    },
+    /// Print the header of a FrankenSplit payload file (model fingerprint,
+    /// latent shape, string size and bits per 224×224 input pixel).
+    Inspect {
+        /// Payload files written by the edge encoder.
+        #[arg(required = true)]
+        payloads: Vec<PathBuf>,
+        /// Print one JSON object per payload instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Bench { target } => bench::run(target),
+        Command::Inspect { payloads, json } => {
+            for path in payloads {
+                let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                let payload =
+                    Payload::parse(&bytes).with_context(|| format!("{} is not a valid payload", path.display()))?;
+                let header = bytes.len() - payload.string.len();
+                let bpp = bytes.len() as f64 * 8.0 / (224.0 * 224.0);
+                if json {
+                    let line = serde_json::json!({
+                        "path": path,
+                        "fingerprint": payload.fingerprint.to_string(),
+                        "shape": payload.shape,
+                        "string_bytes": payload.string.len(),
+                        "header_bytes": header,
+                        "total_bytes": bytes.len(),
+                        "bpp_224": bpp,
+                    });
+                    println!("{line}");
+                } else {
+                    println!(
+                        "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at 224×224)",
+                        path.display(),
+                        payload.fingerprint,
+                        payload.shape,
+                        payload.string.len(),
+                        header,
+                        bytes.len()
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
