@@ -4,6 +4,7 @@
 # are given.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/setup-libtorch.sh
 if [ "$#" -eq 0 ]; then
   set -- bench codec
 fi

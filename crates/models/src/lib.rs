@@ -1,0 +1,24 @@
+//! FrankenSplit's networks on libtorch (through `tch`), with the reference's
+//! module and parameter names so PyTorch checkpoints load as they are:
+//!
+//! * [`frankensplit`]: the compressor (edge encoder `g_a`, entropy
+//!   bottleneck, Conv-Swin decoder `g_s` with its `SwinReconLayer`);
+//! * [`swin`]: Swin / Swin-S3 backbones with per-stage windows, buildable for
+//!   a range of stages so the head and tail of a split run separately;
+//! * [`entropy_bottleneck`]: CompressAI's factorized prior as a trainable
+//!   module, whose parameters the codec crate turns into coding tables;
+//! * [`layers`]: the residual block and token helpers they share.
+//!
+//! The edge path does not need this crate: the codec crate codes latents on
+//! its own.
+
+pub mod entropy_bottleneck;
+pub mod error;
+pub mod frankensplit;
+pub mod layers;
+pub mod swin;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use frankensplit::{Compressor, CompressorConfig};
+pub use swin::{SwinConfig, SwinTransformer};
