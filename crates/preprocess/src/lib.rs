@@ -1,0 +1,161 @@
+//! The reference's input pipeline, reproduced exactly, with no tensor
+//! framework so edge devices can run it:
+//!
+//! * decode JPEG, PNG or WebP and convert to RGB (`PIL.Image.convert("RGB")`);
+//! * `Resize(256)`: the short side to 256 with Pillow's antialiased bilinear
+//!   filter in 8-bit fixed point ([`resize_bilinear`]), as torchvision does
+//!   for PIL images;
+//! * `CenterCrop(224)`, `ToTensor`, `Normalize(ImageNet mean, std)` in `f32`.
+//!
+//! The output is a `3 × 224 × 224` CHW buffer ready for the encoder.
+
+mod resize;
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use resize::resize_bilinear;
+
+/// Why an image could not be read or prepared.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// The bytes are not a decodable JPEG, PNG or WebP image.
+    #[error("cannot decode image{context}: {reason} (supported: JPEG, PNG, WebP)")]
+    Decode { context: String, reason: String },
+    /// The image is too small or too large for the pipeline.
+    #[error("image of {width}×{height} pixels is not usable: {why}")]
+    Size { width: u32, height: u32, why: String },
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An 8-bit RGB image, row-major, 3 bytes per pixel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Columns.
+    pub width: u32,
+    /// Rows.
+    pub height: u32,
+    /// `width · height · 3` bytes.
+    pub pixels: Vec<u8>,
+}
+
+/// Largest decoded image accepted (pixels), to bound memory on hostile input.
+pub const MAX_PIXELS: u64 = 1 << 28;
+
+impl RgbImage {
+    /// Decodes JPEG, PNG or WebP bytes and converts them to RGB (alpha dropped,
+    /// grey and palette images expanded), like `PIL.Image.open(…).convert("RGB")`.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let decode_error = |reason: String| Error::Decode { context: String::new(), reason };
+        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| decode_error(e.to_string()))?;
+        let mut reader = reader;
+        let mut limits = image::Limits::default();
+        limits.max_alloc = Some(MAX_PIXELS * 4);
+        reader.limits(limits);
+        let decoded = reader.decode().map_err(|e| decode_error(e.to_string()))?;
+        let rgb = decoded.to_rgb8();
+        Ok(Self {
+            width: rgb.width(),
+            height: rgb.height(),
+            pixels: rgb.into_raw(),
+        })
+    }
+
+    /// Reads and decodes an image file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::decode(&bytes).map_err(|e| match e {
+            Error::Decode { reason, .. } => Error::Decode {
+                context: format!(" {}", path.display()),
+                reason,
+            },
+            other => other,
+        })
+    }
+
+    /// The `width × height` window at `(left, top)`.
+    pub fn crop(&self, left: u32, top: u32, width: u32, height: u32) -> Self {
+        let mut pixels = Vec::with_capacity(width as usize * height as usize * 3);
+        for y in top..top + height {
+            let start = (y as usize * self.width as usize + left as usize) * 3;
+            pixels.extend_from_slice(&self.pixels[start..start + width as usize * 3]);
+        }
+        Self { width, height, pixels }
+    }
+}
+
+/// The evaluation transform of the reference: short side to `resize`, centre
+/// crop `crop`, scale to [0, 1], normalise with `mean` / `std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Short side after resizing (256).
+    pub resize: u32,
+    /// Side of the centre crop (224).
+    pub crop: u32,
+    /// Per-channel mean (ImageNet's).
+    pub mean: [f32; 3],
+    /// Per-channel standard deviation (ImageNet's).
+    pub std: [f32; 3],
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Self {
+            resize: 256,
+            crop: 224,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+}
+
+impl Preprocess {
+    /// `Resize(resize)` (short side, aspect kept, Pillow bilinear) then
+    /// `CenterCrop(crop)`, as torchvision computes the sizes and offsets.
+    pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
+        let (w, h) = (image.width, image.height);
+        if w == 0 || h == 0 || u64::from(w) * u64::from(h) > MAX_PIXELS {
+            return Err(Error::Size { width: w, height: h, why: format!("needs 1 to {MAX_PIXELS} pixels") });
+        }
+        let (short, long) = if w <= h { (w, h) } else { (h, w) };
+        // torchvision: the long side is int(size · long / short), truncated.
+        let new_long = (u64::from(self.resize) * u64::from(long) / u64::from(short)) as u32;
+        let (new_w, new_h) = if w <= h { (self.resize, new_long) } else { (new_long, self.resize) };
+        if new_w < self.crop || new_h < self.crop {
+            return Err(Error::Size { width: w, height: h, why: format!("resized to {new_w}×{new_h}, smaller than the {} crop", self.crop) });
+        }
+        let resized = if (new_w, new_h) == (w, h) { image.clone() } else { resize_bilinear(image, new_w, new_h) };
+        // torchvision: int(round((size - crop) / 2)), Python rounding (half to even).
+        let offset = |size: u32| ((f64::from(size - self.crop)) / 2.0).round_ties_even() as u32;
+        Ok(resized.crop(offset(new_w), offset(new_h), self.crop, self.crop))
+    }
+
+    /// `ToTensor` and `Normalize` of an already cropped image: CHW `f32`.
+    pub fn normalize(&self, image: &RgbImage) -> Vec<f32> {
+        let plane = image.width as usize * image.height as usize;
+        let mut out = vec![0f32; 3 * plane];
+        for (i, px) in image.pixels.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                out[c * plane + i] = (f32::from(px[c]) / 255.0 - self.mean[c]) / self.std[c];
+            }
+        }
+        out
+    }
+
+    /// The whole pipeline: a `3 × crop × crop` CHW buffer.
+    pub fn apply(&self, image: &RgbImage) -> Result<Vec<f32>> {
+        Ok(self.normalize(&self.resize_and_crop(image)?))
+    }
+}
