@@ -1,8 +1,9 @@
-//! The `frankensplit` command line. Today it benchmarks the entropy codec and
-//! inspects payloads; model, serving and training subcommands arrive with the
-//! crates that implement them.
+//! The `frankensplit` command line: model bundles (convert, classify, info),
+//! payload inspection, and benchmarks. Serving and training subcommands
+//! arrive with the crates that implement them.
 
 mod bench;
+mod models;
 
 use std::path::PathBuf;
 
@@ -23,6 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build a model bundle from a reference (PyTorch) checkpoint.
+    Convert(models::ConvertArgs),
+    /// Classify images through the whole split pipeline (encode, entropy-code,
+    /// decode, backbone tail) and print the top classes.
+    Classify(models::ClassifyArgs),
+    /// Describe a model bundle: fingerprint, latent, parameter counts.
+    Info(models::InfoArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -42,6 +50,9 @@ enum Command {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Convert(args) => models::run_convert(args),
+        Command::Classify(args) => models::run_classify(args),
+        Command::Info(args) => models::run_info(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect { payloads, json } => {
             for path in payloads {

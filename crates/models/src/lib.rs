@@ -7,11 +7,15 @@
 //!   a range of stages so the head and tail of a split run separately;
 //! * [`entropy_bottleneck`]: CompressAI's factorized prior as a trainable
 //!   module, whose parameters the codec crate turns into coding tables;
-//! * [`layers`]: the residual block and token helpers they share.
+//! * [`layers`]: the residual block and token helpers they share;
+//! * [`weights`]: checkpoint key mapping (CompressAI and timm namings);
+//! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out.
 //!
 //! The edge path does not need this crate: the codec crate codes latents on
 //! its own.
 
+pub mod bundle;
+pub mod convert;
 pub mod entropy_bottleneck;
 pub mod error;
 pub mod frankensplit;
@@ -19,6 +23,7 @@ pub mod layers;
 pub mod swin;
 pub mod weights;
 
+pub use bundle::{Architecture, Bundle};
 pub use error::{Error, Result};
 pub use frankensplit::{Compressor, CompressorConfig};
 pub use swin::{SwinConfig, SwinTransformer};

@@ -53,7 +53,10 @@ impl RgbImage {
     /// Decodes JPEG, PNG or WebP bytes and converts them to RGB (alpha dropped,
     /// grey and palette images expanded), like `PIL.Image.open(…).convert("RGB")`.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let decode_error = |reason: String| Error::Decode { context: String::new(), reason };
+        let decode_error = |reason: String| Error::Decode {
+            context: String::new(),
+            reason,
+        };
         let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
             .with_guessed_format()
             .map_err(|e| decode_error(e.to_string()))?;
@@ -127,16 +130,32 @@ impl Preprocess {
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
         let (w, h) = (image.width, image.height);
         if w == 0 || h == 0 || u64::from(w) * u64::from(h) > MAX_PIXELS {
-            return Err(Error::Size { width: w, height: h, why: format!("needs 1 to {MAX_PIXELS} pixels") });
+            return Err(Error::Size {
+                width: w,
+                height: h,
+                why: format!("needs 1 to {MAX_PIXELS} pixels"),
+            });
         }
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         // torchvision: the long side is int(size · long / short), truncated.
         let new_long = (u64::from(self.resize) * u64::from(long) / u64::from(short)) as u32;
-        let (new_w, new_h) = if w <= h { (self.resize, new_long) } else { (new_long, self.resize) };
+        let (new_w, new_h) = if w <= h {
+            (self.resize, new_long)
+        } else {
+            (new_long, self.resize)
+        };
         if new_w < self.crop || new_h < self.crop {
-            return Err(Error::Size { width: w, height: h, why: format!("resized to {new_w}×{new_h}, smaller than the {} crop", self.crop) });
+            return Err(Error::Size {
+                width: w,
+                height: h,
+                why: format!("resized to {new_w}×{new_h}, smaller than the {} crop", self.crop),
+            });
         }
-        let resized = if (new_w, new_h) == (w, h) { image.clone() } else { resize_bilinear(image, new_w, new_h) };
+        let resized = if (new_w, new_h) == (w, h) {
+            image.clone()
+        } else {
+            resize_bilinear(image, new_w, new_h)
+        };
         // torchvision: int(round((size - crop) / 2)), Python rounding (half to even).
         let offset = |size: u32| ((f64::from(size - self.crop)) / 2.0).round_ties_even() as u32;
         Ok(resized.crop(offset(new_w), offset(new_h), self.crop, self.crop))

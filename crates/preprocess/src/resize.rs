@@ -51,7 +51,11 @@ fn coefficients(in_size: usize, out_size: usize) -> Coefficients {
         for (x, kx) in k.iter().enumerate().take(xmax) {
             let w = if total != 0.0 { kx / total } else { *kx };
             let fixed = w * f64::from(1u32 << PRECISION_BITS);
-            weights[xx * taps + x] = if w < 0.0 { (fixed - 0.5) as i32 } else { (fixed + 0.5) as i32 };
+            weights[xx * taps + x] = if w < 0.0 {
+                (fixed - 0.5) as i32
+            } else {
+                (fixed + 0.5) as i32
+            };
         }
         bounds.push((xmin, xmax));
     }
@@ -108,7 +112,11 @@ pub fn resize_bilinear(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     };
 
     if !need_vertical {
-        return RgbImage { width, height, pixels: source };
+        return RgbImage {
+            width,
+            height,
+            pixels: source,
+        };
     }
     let mut out = vec![0u8; out_h * src_w * 3];
     for (yy, &(ymin, taps)) in vertical.bounds.iter().enumerate() {
@@ -126,5 +134,9 @@ pub fn resize_bilinear(image: &RgbImage, width: u32, height: u32) -> RgbImage {
             }
         }
     }
-    RgbImage { width, height, pixels: out }
+    RgbImage {
+        width,
+        height,
+        pixels: out,
+    }
 }

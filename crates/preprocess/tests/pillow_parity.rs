@@ -26,11 +26,17 @@ fn bilinear_resize_is_pillows_bit_for_bit() {
     for case in cases() {
         let image = RgbImage::open(&dir().join(case["file"].as_str().unwrap())).unwrap();
         for r in case["resizes"].as_array().unwrap() {
-            let (w, h) = (r["width"].as_u64().unwrap() as u32, r["height"].as_u64().unwrap() as u32);
+            let (w, h) = (
+                r["width"].as_u64().unwrap() as u32,
+                r["height"].as_u64().unwrap() as u32,
+            );
             let ours = resize_bilinear(&image, w, h);
             let what = format!("{} → {w}×{h}", case["file"]);
             if let Some(hex) = r["pixels"].as_str() {
-                let theirs: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+                let theirs: Vec<u8> = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
                 let differing = ours.pixels.iter().zip(&theirs).filter(|(a, b)| a != b).count();
                 assert_eq!(differing, 0, "{what}: {differing} bytes differ");
             }
@@ -46,10 +52,20 @@ fn eval_pipeline_matches_torchvision() {
         let image = RgbImage::open(&dir().join(case["file"].as_str().unwrap())).unwrap();
         let tensor = pipeline.apply(&image).unwrap();
         assert_eq!(tensor.len(), 3 * 224 * 224);
-        let head: Vec<f32> = case["pipeline_head"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let head: Vec<f32> = case["pipeline_head"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(&tensor[..16], head.as_slice(), "{}", case["file"]);
         let bytes: Vec<u8> = tensor.iter().flat_map(|v| v.to_le_bytes()).collect();
-        assert_eq!(sha256(&bytes), case["pipeline_sha256"].as_str().unwrap(), "{}", case["file"]);
+        assert_eq!(
+            sha256(&bytes),
+            case["pipeline_sha256"].as_str().unwrap(),
+            "{}",
+            case["file"]
+        );
     }
 }
 
@@ -60,6 +76,10 @@ fn undecodable_and_degenerate_inputs_are_errors() {
     assert!(RgbImage::decode(&png[..png.len() / 2]).is_err());
     let err = RgbImage::open(&dir().join("missing.png")).unwrap_err();
     assert!(err.to_string().contains("missing.png"), "{err}");
-    let empty = RgbImage { width: 0, height: 5, pixels: vec![] };
+    let empty = RgbImage {
+        width: 0,
+        height: 5,
+        pixels: vec![],
+    };
     assert!(Preprocess::default().apply(&empty).is_err());
 }

@@ -1,0 +1,300 @@
+//! `convert`, `classify` and `info`: model bundles from the command line.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use frankensplit_codec::LikelihoodFormula;
+use frankensplit_models::convert::{convert, ConvertOptions};
+use frankensplit_models::{Architecture, Bundle};
+use frankensplit_preprocess::RgbImage;
+use serde::Serialize;
+use tch::{Device, Kind};
+
+/// Which CompressAI pmf formula rebuilt tables follow.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Formula {
+    /// CompressAI ≥ 1.2.5.
+    Direct,
+    /// CompressAI ≤ 1.2.4 (the reference pins 1.2.2).
+    SignFlipped,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// Reference checkpoint: torch.save file (.pt/.pth/.ckpt; torchdistill's
+    /// `model` entry is used when present) or .safetensors, original key names.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// timm weights of the whole backbone (.pth or .safetensors, timm 0.8 or
+    /// ≥ 0.9 layout), needed when the checkpoint has no backbone.* keys.
+    #[arg(long)]
+    backbone_weights: Option<PathBuf>,
+    /// Architecture file (TOML with [compressor], [backbone] and split_stage);
+    /// default: the reference's compressor with swin_s3_base_224.
+    #[arg(long)]
+    arch: Option<PathBuf>,
+    /// Backbone preset when no --arch is given.
+    #[arg(long, default_value = "swin_s3_base_224")]
+    backbone: String,
+    /// pmf formula for rebuilding the entropy tables when the checkpoint has
+    /// none; default: sign-flipped for CompressAI ≤ 1.2.6 names, else direct.
+    #[arg(long, value_enum)]
+    likelihood_formula: Option<Formula>,
+    /// Class names, one per line, in class-index order.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// Output bundle directory (replaced atomically if it exists).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run_convert(args: ConvertArgs) -> Result<()> {
+    let architecture = match &args.arch {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<Architecture>(&text)
+                .with_context(|| format!("{} is not a valid architecture file", path.display()))?
+        }
+        None => {
+            let backbone = frankensplit_models::SwinConfig::preset(&args.backbone).with_context(|| {
+                format!(
+                    "unknown backbone {:?}; presets: {}",
+                    args.backbone,
+                    frankensplit_models::SwinConfig::PRESETS.join(", ")
+                )
+            })?;
+            Architecture {
+                backbone,
+                ..Architecture::default()
+            }
+        }
+    };
+    let labels = match &args.labels {
+        Some(path) => read_labels(path)?,
+        None => Vec::new(),
+    };
+    let options = ConvertOptions {
+        checkpoint: args.checkpoint.clone(),
+        backbone_weights: args.backbone_weights.clone(),
+        architecture,
+        likelihood_formula: args.likelihood_formula.map(|f| match f {
+            Formula::Direct => LikelihoodFormula::Direct,
+            Formula::SignFlipped => LikelihoodFormula::SignFlipped,
+        }),
+        labels,
+    };
+    let report = convert(&options, &args.output)?;
+    println!(
+        "wrote {} (model {}, {} tensors read, entropy tables {:?}, pmf formula {:?})",
+        args.output.display(),
+        report.fingerprint,
+        report.tensors_read,
+        report.tables,
+        report.likelihood_formula
+    );
+    Ok(())
+}
+
+fn read_labels(path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(text
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .collect())
+}
+
+#[derive(Args)]
+pub struct ClassifyArgs {
+    /// Model bundle directory (from `frankensplit convert` or training).
+    #[arg(long)]
+    model: PathBuf,
+    /// Images (JPEG, PNG or WebP).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Classes to report per image.
+    #[arg(long, default_value_t = 5)]
+    top_k: i64,
+    /// Print one JSON object per image, with the logits.
+    #[arg(long)]
+    json: bool,
+    /// Also write each image's payload to DIR/<image stem>.fsp.
+    #[arg(long, value_name = "DIR")]
+    save_payloads: Option<PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Prediction {
+    class: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    probability: f64,
+    logit: f64,
+}
+
+#[derive(Serialize)]
+struct ClassifyReport {
+    image: PathBuf,
+    model: String,
+    payload_bytes: usize,
+    bpp: f64,
+    encode_ms: f64,
+    decode_and_classify_ms: f64,
+    top_k: Vec<Prediction>,
+    logits: Vec<f32>,
+}
+
+/// Runs the whole split pipeline locally: preprocess, encode, entropy-code
+/// to a payload, decode, restore the features, classify with the backbone tail.
+pub fn run_classify(args: ClassifyArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.model, Device::Cpu)
+        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let pipeline = bundle.manifest.preprocess.clone();
+    let mut failures = 0;
+    for path in &args.images {
+        let result = (|| -> Result<ClassifyReport> {
+            let image = RgbImage::open(path)?;
+            let input = pipeline.apply(&image)?;
+            let start = Instant::now();
+            let payload = bundle.compress(&input)?;
+            let encode_ms = start.elapsed().as_secs_f64() * 1e3;
+            if let Some(dir) = &args.save_payloads {
+                let stem = path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "payload".into());
+                write_atomically(&dir.join(format!("{stem}.fsp")), &payload)?;
+            }
+            let start = Instant::now();
+            let features = bundle.decompress(&payload)?;
+            let logits = bundle.classify_features(&features).to_kind(Kind::Float).view([-1]);
+            let decode_ms = start.elapsed().as_secs_f64() * 1e3;
+            let probabilities = logits.softmax(0, Kind::Float);
+            let k = args.top_k.clamp(1, logits.size()[0]);
+            let (values, indices) = probabilities.topk(k, 0, true, true);
+            let top_k = (0..k)
+                .map(|i| {
+                    let class = indices.int64_value(&[i]);
+                    Prediction {
+                        class,
+                        label: bundle.manifest.labels.get(class as usize).cloned(),
+                        probability: values.double_value(&[i]),
+                        logit: logits.double_value(&[class]),
+                    }
+                })
+                .collect();
+            let crop = f64::from(pipeline.crop);
+            Ok(ClassifyReport {
+                image: path.clone(),
+                model: bundle.fingerprint.to_string(),
+                payload_bytes: payload.len(),
+                bpp: payload.len() as f64 * 8.0 / (crop * crop),
+                encode_ms,
+                decode_and_classify_ms: decode_ms,
+                top_k,
+                logits: Vec::<f32>::try_from(&logits)?,
+            })
+        })();
+        match result {
+            Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
+            Ok(report) => {
+                println!(
+                    "{}: {} bytes ({:.4} bpp)",
+                    report.image.display(),
+                    report.payload_bytes,
+                    report.bpp
+                );
+                for p in &report.top_k {
+                    let name = p.label.clone().unwrap_or_else(|| format!("class {}", p.class));
+                    println!("  {:>6.2}%  {name}", p.probability * 100.0);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                eprintln!("{}: {e:#}", path.display());
+            }
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {} images failed", args.images.len());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary sibling, then renames it over `path`.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("fsp.tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Info {
+    fingerprint: String,
+    latent_shape: String,
+    backbone_split_stage: usize,
+    entropy_tables: String,
+    likelihood_formula: String,
+    parameters: Vec<(String, i64)>,
+}
+
+pub fn run_info(args: InfoArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.model, Device::Cpu)
+        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let count = |vars: &tch::nn::VarStore, prefix: &str| -> i64 {
+        vars.variables()
+            .iter()
+            .filter(|(k, _)| k.starts_with(prefix))
+            .map(|(_, t)| t.numel() as i64)
+            .sum()
+    };
+    let c = &bundle.compressor_vars;
+    let parameters = vec![
+        ("encoder (g_a)".to_string(), count(c, "g_a.")),
+        ("entropy bottleneck".to_string(), count(c, "entropy_bottleneck.")),
+        (
+            "decoder (g_s, without the reconstruction layer)".to_string(),
+            count(c, "g_s.") - count(c, "g_s.final_layer."),
+        ),
+        ("reconstruction layer".to_string(), count(c, "g_s.final_layer.")),
+        ("compression module".to_string(), count(c, "")),
+        ("backbone tail".to_string(), count(&bundle.backbone_vars, "")),
+    ];
+    let info = Info {
+        fingerprint: bundle.fingerprint.to_string(),
+        latent_shape: bundle.latent_shape().to_string(),
+        backbone_split_stage: bundle.manifest.architecture.split_stage,
+        entropy_tables: format!("{:?}", bundle.manifest.tables),
+        likelihood_formula: format!("{:?}", bundle.manifest.likelihood_formula),
+        parameters,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&info)?);
+    } else {
+        println!("model {} ({})", info.fingerprint, args.model.display());
+        println!(
+            "latent {}; backbone tail from stage {}",
+            info.latent_shape, info.backbone_split_stage
+        );
+        println!("entropy tables: {} ({})", info.entropy_tables, info.likelihood_formula);
+        for (name, n) in &info.parameters {
+            println!("  {n:>12}  {name}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Building a bundle from the reference's checkpoints: a torchdistill
+//! checkpoint (`.pt`/`.pth`/`.ckpt`, the state dict under `model`) or a
+//! safetensors file with the original key names, plus, when the checkpoint
+//! lacks the backbone tail, timm weights for the backbone.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use frankensplit_checkpoint::{Checkpoint, DType, NamedTensor};
+use frankensplit_codec::{CdfTables, LikelihoodFormula, ModelFingerprint};
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+use crate::bundle::{write_bundle, Architecture, BundleContents, TableSource};
+use crate::error::{Error, Result};
+use crate::frankensplit::Compressor;
+use crate::swin::SwinTransformer;
+use crate::weights::{is_derived_buffer, load_into, select};
+
+/// What to convert.
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// The reference checkpoint.
+    pub checkpoint: PathBuf,
+    /// timm weights of the whole backbone, when the checkpoint has no `backbone.*`.
+    pub backbone_weights: Option<PathBuf>,
+    /// The networks; the reference's main configuration by default.
+    pub architecture: Architecture,
+    /// pmf formula for rebuilding tables; by default `SignFlipped` for
+    /// checkpoints with CompressAI ≤ 1.2.6 parameter names (the reference pins
+    /// 1.2.2), `Direct` otherwise.
+    pub likelihood_formula: Option<LikelihoodFormula>,
+    /// Class names.
+    pub labels: Vec<String>,
+}
+
+/// What a conversion produced.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    /// Fingerprint of the new bundle.
+    pub fingerprint: ModelFingerprint,
+    /// Whether the tables came from the checkpoint or were rebuilt.
+    pub tables: TableSource,
+    /// Formula recorded for the tables.
+    pub likelihood_formula: LikelihoodFormula,
+    /// Tensors read from the checkpoint.
+    pub tensors_read: usize,
+}
+
+/// Reads every tensor of a checkpoint file: safetensors by extension,
+/// otherwise a `torch.save` zip whose state dict sits under `model` (or at the root).
+pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(Tensor::read_safetensors(path)?.into_iter().collect());
+    }
+    let ckpt = Checkpoint::open(path).map_err(|e| Error::Invalid(e.to_string()))?;
+    let tensors = match ckpt.root().get("model") {
+        Some(_) => ckpt.tensors_under(&["model"]),
+        None => ckpt.tensors_under(&[]),
+    }
+    .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+    tensors
+        .into_iter()
+        .map(|t| Ok((t.name.clone(), to_tensor(&t)?)))
+        .collect()
+}
+
+fn to_tensor(t: &NamedTensor) -> Result<Tensor> {
+    let kind = match t.dtype {
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        DType::I64 => Kind::Int64,
+        DType::I32 => Kind::Int,
+        DType::I16 => Kind::Int16,
+        DType::I8 => Kind::Int8,
+        DType::U8 => Kind::Uint8,
+        DType::Bool => Kind::Bool,
+    };
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    Ok(Tensor::f_from_data_size(&t.data, &shape, kind)?)
+}
+
+/// Splits a reference state dict into compressor and backbone parts (our
+/// names), checking the duplicated `reconstruction_layer.*` against the
+/// decoder's copy and refusing anything else.
+fn partition(state: BTreeMap<String, Tensor>) -> Result<(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)> {
+    let mut compressor = Vec::new();
+    let mut backbone = Vec::new();
+    let mut recon = BTreeMap::new();
+    let mut stray = Vec::new();
+    for (key, t) in state {
+        if let Some(k) = key.strip_prefix("compression_module.") {
+            compressor.push((k.to_string(), t));
+        } else if let Some(k) = key.strip_prefix("backbone.") {
+            backbone.push((k.to_string(), t));
+        } else if let Some(k) = key.strip_prefix("reconstruction_layer.") {
+            recon.insert(k.to_string(), t);
+        } else if !is_derived_buffer(&key) {
+            stray.push(key);
+        }
+    }
+    if !stray.is_empty() {
+        return Err(Error::WeightMismatch(format!(
+            "  keys outside compression_module., backbone. and reconstruction_layer. ({}): {}\n",
+            stray.len(),
+            stray.join(", ")
+        )));
+    }
+    let compressor = select(compressor, "", None);
+    for (k, t) in &recon {
+        if is_derived_buffer(k) {
+            continue;
+        }
+        let twin = compressor.get(&format!("g_s.final_layer.{k}"));
+        if !twin.is_some_and(|c| c.size() == t.size() && c.to_kind(Kind::Double).equal(&t.to_kind(Kind::Double))) {
+            return Err(Error::WeightMismatch(format!(
+                "  reconstruction_layer.{k} differs from compression_module.g_s.final_layer.{k}\n"
+            )));
+        }
+    }
+    Ok((compressor, select(backbone, "", None)))
+}
+
+/// Converts a reference checkpoint into a bundle at `out`.
+pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
+    let arch = &options.architecture;
+    arch.validate()?;
+    let state = read_state_dict(&options.checkpoint)?;
+    let tensors_read = state.len();
+    let legacy_names = state.keys().any(|k| k.contains("entropy_bottleneck._matrix"));
+    let (mut compressor_tensors, mut backbone_tensors) = partition(state)?;
+
+    if backbone_tensors.is_empty() {
+        let path = options.backbone_weights.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "{} has no backbone.* weights; pass the backbone's timm weights (--backbone-weights)",
+                options.checkpoint.display()
+            ))
+        })?;
+        let all = select(read_state_dict(path)?, "", None);
+        let split = arch.split_stage;
+        backbone_tensors = all
+            .into_iter()
+            .filter(|(k, _)| {
+                let stage = k
+                    .strip_prefix("layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|s| s.parse::<usize>().ok());
+                match stage {
+                    Some(stage) => stage >= split,
+                    None => k.starts_with("norm.") || k.starts_with("head."),
+                }
+            })
+            .collect();
+    }
+
+    let formula = options.likelihood_formula.unwrap_or(if legacy_names {
+        LikelihoodFormula::SignFlipped
+    } else {
+        LikelihoodFormula::Direct
+    });
+    let stored = ["_quantized_cdf", "_cdf_length", "_offset"].map(|n| {
+        compressor_tensors
+            .remove(&format!("entropy_bottleneck.{n}"))
+            .filter(|t| t.numel() > 0)
+    });
+
+    let mut compressor_vars = VarStore::new(Device::Cpu);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    load_into(&mut compressor_vars, compressor_tensors)?;
+    let mut backbone_vars = VarStore::new(Device::Cpu);
+    let _backbone = SwinTransformer::new(
+        &backbone_vars.root(),
+        &arch.backbone,
+        arch.split_stage..arch.backbone.num_stages(),
+    );
+    load_into(&mut backbone_vars, backbone_tensors)?;
+
+    let (tables, source) = match stored {
+        [Some(cdf), Some(lengths), Some(offsets)] => {
+            let ints = |t: &Tensor| -> Result<Vec<i32>> { Ok(Vec::<i32>::try_from(t.to_kind(Kind::Int).view([-1]))?) };
+            let width = *cdf.size().last().unwrap_or(&0) as usize;
+            (
+                CdfTables::from_compressai(&ints(&cdf)?, width, &ints(&lengths)?, &ints(&offsets)?)?,
+                TableSource::Checkpoint,
+            )
+        }
+        _ => (
+            compressor.entropy_bottleneck.density()?.build_tables(formula)?,
+            TableSource::Recomputed,
+        ),
+    };
+    if tables.num_rows() as i64 != arch.compressor.latent_channels {
+        return Err(Error::Invalid(format!(
+            "entropy tables have {} rows for {} latent channels",
+            tables.num_rows(),
+            arch.compressor.latent_channels
+        )));
+    }
+
+    let fingerprint = write_bundle(
+        out,
+        BundleContents {
+            architecture: arch,
+            compressor_vars: &compressor_vars,
+            backbone_vars: &backbone_vars,
+            tables: &tables,
+            likelihood_formula: formula,
+            table_source: source.clone(),
+            labels: options.labels.clone(),
+            source: format!("converted from {}", options.checkpoint.display()),
+        },
+    )?;
+    Ok(ConvertReport {
+        fingerprint,
+        tables: source,
+        likelihood_formula: formula,
+        tensors_read,
+    })
+}
