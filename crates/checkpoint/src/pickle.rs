@@ -75,6 +75,7 @@ impl Value {
 const MAX_STACK: usize = 1 << 20;
 const MAX_MEMO: usize = 1 << 22;
 const MAX_DEPTH: usize = 256;
+const MAX_COPIED_NODES: usize = 1 << 21;
 
 /// Interprets a pickle.
 pub fn load(bytes: &[u8]) -> Result<Value> {
@@ -84,6 +85,7 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: Vec::new(),
+        copied_nodes: 0,
     };
     vm.run()
 }
@@ -121,12 +123,17 @@ fn visit(value: &Value, f: &mut impl FnMut(&Value)) {
     }
 }
 
+/// A value with its nesting depth, tracked so that hostile pickles cannot
+/// build structures deep enough to overflow the stack when cloned or dropped.
+type Slot = (Value, usize);
+
 struct Machine<'a> {
     input: &'a [u8],
     pos: usize,
-    stack: Vec<Value>,
+    stack: Vec<Slot>,
     marks: Vec<usize>,
-    memo: Vec<Option<Value>>,
+    memo: Vec<Option<Slot>>,
+    copied_nodes: usize,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T> {
@@ -184,62 +191,91 @@ impl Machine<'_> {
             .map_err(|_| Error::Pickle("string is not UTF-8".into()))
     }
 
+    /// Pushes a leaf value.
     fn push(&mut self, v: Value) -> Result<()> {
+        self.push_slot((v, 1))
+    }
+
+    /// Pushes a value whose deepest child has depth `child_depth`.
+    fn push_parent(&mut self, v: Value, child_depth: usize) -> Result<()> {
+        self.push_slot((v, child_depth + 1))
+    }
+
+    fn push_slot(&mut self, slot: Slot) -> Result<()> {
         if self.stack.len() >= MAX_STACK {
             return err("stack too deep");
         }
-        self.stack.push(v);
+        if slot.1 > MAX_DEPTH {
+            return err("value nested too deeply");
+        }
+        self.stack.push(slot);
         Ok(())
     }
 
-    fn pop(&mut self) -> Result<Value> {
+    fn pop_slot(&mut self) -> Result<Slot> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return err("pop across a mark");
         }
         self.stack.pop().ok_or_else(|| Error::Pickle("stack underflow".into()))
     }
 
-    fn top(&mut self) -> Result<&mut Value> {
-        self.stack
-            .last_mut()
-            .ok_or_else(|| Error::Pickle("stack underflow".into()))
+    fn pop(&mut self) -> Result<Value> {
+        Ok(self.pop_slot()?.0)
     }
 
-    fn pop_mark(&mut self) -> Result<Vec<Value>> {
+    /// The value on top of the stack, about to receive a child of depth `child_depth`.
+    fn top_with_child(&mut self, child_depth: usize) -> Result<&mut Value> {
+        if child_depth + 1 > MAX_DEPTH {
+            return err("value nested too deeply");
+        }
+        let slot = self
+            .stack
+            .last_mut()
+            .ok_or_else(|| Error::Pickle("stack underflow".into()))?;
+        slot.1 = slot.1.max(child_depth + 1);
+        Ok(&mut slot.0)
+    }
+
+    fn pop_mark(&mut self) -> Result<(Vec<Value>, usize)> {
         let mark = self.marks.pop().ok_or_else(|| Error::Pickle("no mark".into()))?;
         if mark > self.stack.len() {
             return err("mark above the stack");
         }
-        Ok(self.stack.split_off(mark))
+        let slots = self.stack.split_off(mark);
+        let depth = slots.iter().map(|s| s.1).max().unwrap_or(0);
+        Ok((slots.into_iter().map(|s| s.0).collect(), depth))
     }
 
     fn memo_put(&mut self, index: usize) -> Result<()> {
         if index >= MAX_MEMO {
             return err("memo index too large");
         }
-        let v = self
+        let slot = self
             .stack
             .last()
             .cloned()
             .ok_or_else(|| Error::Pickle("memoize on an empty stack".into()))?;
-        if depth(&v) > MAX_DEPTH {
-            return err("value nested too deeply");
-        }
         if self.memo.len() <= index {
             self.memo.resize(index + 1, None);
         }
-        self.memo[index] = Some(v);
+        self.memo[index] = Some(slot);
         Ok(())
     }
 
     fn memo_get(&mut self, index: usize) -> Result<()> {
-        let v = self
-            .memo
-            .get(index)
-            .cloned()
-            .flatten()
-            .ok_or_else(|| Error::Pickle(format!("memo {index} is empty")))?;
-        self.push(v)
+        let Some(Some(slot)) = self.memo.get(index) else {
+            return err(format!("memo {index} is empty"));
+        };
+        // Each fetch copies the value: bound the total so that repeated
+        // fetches of ever larger values cannot exhaust memory.
+        let budget = MAX_COPIED_NODES.saturating_sub(self.copied_nodes);
+        let size = node_count(&slot.0, budget);
+        if size >= budget {
+            return err("memoised values are copied too often");
+        }
+        self.copied_nodes += size;
+        let slot = slot.clone();
+        self.push_slot(slot)
     }
 
     fn run(&mut self) -> Result<Value> {
@@ -324,16 +360,17 @@ impl Machine<'_> {
                 b']' => self.push(Value::List(Vec::new()))?,
                 b')' => self.push(Value::Tuple(Vec::new()))?,
                 b't' => {
-                    let items = self.pop_mark()?;
-                    self.push(Value::Tuple(items))?
+                    let (items, depth) = self.pop_mark()?;
+                    self.push_parent(Value::Tuple(items), depth)?
                 }
                 0x85..=0x87 => {
                     let n = (op - 0x84) as usize;
                     if self.stack.len() < n || self.marks.last().is_some_and(|&m| m > self.stack.len() - n) {
                         return err("tuple across a mark");
                     }
-                    let items = self.stack.split_off(self.stack.len() - n);
-                    self.push(Value::Tuple(items))?
+                    let slots = self.stack.split_off(self.stack.len() - n);
+                    let depth = slots.iter().map(|s| s.1).max().unwrap_or(0);
+                    self.push_parent(Value::Tuple(slots.into_iter().map(|s| s.0).collect()), depth)?
                 }
                 b'q' => {
                     let i = self.u8()? as usize;
@@ -362,8 +399,12 @@ impl Machine<'_> {
                     self.pop_mark()?;
                 }
                 b'2' => {
-                    let v = self.top()?.clone();
-                    self.push(v)?
+                    let slot = self
+                        .stack
+                        .last()
+                        .cloned()
+                        .ok_or_else(|| Error::Pickle("stack underflow".into()))?;
+                    self.push_slot(slot)?
                 }
                 b'c' => {
                     let module = self.line()?;
@@ -379,29 +420,26 @@ impl Machine<'_> {
                     }
                 }
                 b'Q' => {
-                    let id = self.pop()?;
-                    self.push(Value::PersistentId(Box::new(id)))?
+                    let (id, depth) = self.pop_slot()?;
+                    self.push_parent(Value::PersistentId(Box::new(id)), depth)?
                 }
                 b'R' => {
-                    let args = self.pop()?;
-                    let callable = self.pop()?;
+                    let (args, a) = self.pop_slot()?;
+                    let (callable, c) = self.pop_slot()?;
                     let v = reduce(callable, args)?;
-                    self.push(v)?
+                    self.push_parent(v, a.max(c))?
                 }
-                0x81 => {
-                    let args = self.pop()?;
-                    let class = self.pop()?;
-                    self.push(Value::Object(Box::new(class), Box::new(args), None))?
-                }
-                0x92 => {
-                    let _kwargs = self.pop()?;
-                    let args = self.pop()?;
-                    let class = self.pop()?;
-                    self.push(Value::Object(Box::new(class), Box::new(args), None))?
+                0x81 | 0x92 => {
+                    if op == 0x92 {
+                        self.pop()?;
+                    }
+                    let (args, a) = self.pop_slot()?;
+                    let (class, c) = self.pop_slot()?;
+                    self.push_parent(Value::Object(Box::new(class), Box::new(args), None), a.max(c))?
                 }
                 b'b' => {
-                    let state = self.pop()?;
-                    match self.top()? {
+                    let (state, depth) = self.pop_slot()?;
+                    match self.top_with_child(depth)? {
                         Value::Object(_, _, slot) => *slot = Some(Box::new(state)),
                         // OrderedDict's instance dict (`_metadata`) and other states on
                         // dicts carry no tensors we need.
@@ -410,15 +448,15 @@ impl Machine<'_> {
                     }
                 }
                 b's' => {
-                    let v = self.pop()?;
-                    let k = self.pop()?;
-                    match self.top()? {
+                    let (v, dv) = self.pop_slot()?;
+                    let (k, dk) = self.pop_slot()?;
+                    match self.top_with_child(dv.max(dk))? {
                         Value::Dict(items) => items.push((k, v)),
                         _ => return err("SETITEM on a non-dict"),
                     }
                 }
                 b'u' => {
-                    let items = self.pop_mark()?;
+                    let (items, depth) = self.pop_mark()?;
                     if items.len() % 2 != 0 {
                         return err("SETITEMS with an odd number of items");
                     }
@@ -427,36 +465,36 @@ impl Machine<'_> {
                     while let (Some(k), Some(v)) = (it.next(), it.next()) {
                         pairs.push((k, v));
                     }
-                    match self.top()? {
+                    match self.top_with_child(depth)? {
                         Value::Dict(d) => d.extend(pairs),
                         _ => return err("SETITEMS on a non-dict"),
                     }
                 }
                 b'a' => {
-                    let v = self.pop()?;
-                    match self.top()? {
+                    let (v, depth) = self.pop_slot()?;
+                    match self.top_with_child(depth)? {
                         Value::List(l) => l.push(v),
                         _ => return err("APPEND on a non-list"),
                     }
                 }
                 b'e' => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
+                    let (items, depth) = self.pop_mark()?;
+                    match self.top_with_child(depth)? {
                         Value::List(l) => l.extend(items),
                         _ => return err("APPENDS on a non-list"),
                     }
                 }
                 0x8f => self.push(Value::List(Vec::new()))?,
                 0x90 => {
-                    let items = self.pop_mark()?;
-                    match self.top()? {
+                    let (items, depth) = self.pop_mark()?;
+                    match self.top_with_child(depth)? {
                         Value::List(l) => l.extend(items),
                         _ => return err("ADDITEMS on a non-set"),
                     }
                 }
                 0x91 => {
-                    let items = self.pop_mark()?;
-                    self.push(Value::List(items))?
+                    let (items, depth) = self.pop_mark()?;
+                    self.push_parent(Value::List(items), depth)?
                 }
                 other => return err(format!("unsupported opcode 0x{other:02x} at offset {}", self.pos - 1)),
             }
@@ -464,29 +502,30 @@ impl Machine<'_> {
     }
 }
 
-fn depth(v: &Value) -> usize {
-    let mut max = 0;
-    let mut todo = vec![(v, 1usize)];
-    while let Some((v, d)) = todo.pop() {
-        max = max.max(d);
-        if d > MAX_DEPTH {
+/// Number of nodes in `value`, counting no further than `cap`.
+fn node_count(value: &Value, cap: usize) -> usize {
+    let mut count = 0;
+    let mut todo = vec![value];
+    while let Some(v) = todo.pop() {
+        count += 1;
+        if count >= cap {
             break;
         }
         match v {
-            Value::List(items) | Value::Tuple(items) => todo.extend(items.iter().map(|i| (i, d + 1))),
-            Value::Dict(items) => todo.extend(items.iter().flat_map(|(k, v)| [(k, d + 1), (v, d + 1)])),
-            Value::PersistentId(inner) => todo.push((inner, d + 1)),
+            Value::List(items) | Value::Tuple(items) => todo.extend(items),
+            Value::Dict(items) => todo.extend(items.iter().flat_map(|(k, v)| [k, v])),
+            Value::PersistentId(inner) => todo.push(inner),
             Value::Object(a, b, c) => {
-                todo.push((a, d + 1));
-                todo.push((b, d + 1));
+                todo.push(a);
+                todo.push(b);
                 if let Some(c) = c {
-                    todo.push((c, d + 1));
+                    todo.push(c);
                 }
             }
             _ => {}
         }
     }
-    max
+    count
 }
 
 fn reduce(callable: Value, args: Value) -> Result<Value> {
