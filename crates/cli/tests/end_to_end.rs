@@ -364,3 +364,78 @@ fn conversion_errors_name_what_to_fix() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a PyTorch zip checkpoint"));
     let _ = std::fs::remove_dir_all(&work);
 }
+
+/// A checkpoint without `backbone.*` plus timm weights of the whole backbone
+/// (here in timm ≥ 0.9's layout) gives the same bundle weights as a checkpoint
+/// that carries the backbone tail itself.
+#[test]
+fn backbone_from_separate_timm_weights() {
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures");
+    let arch = models.join("small_arch.toml");
+    let work = temp_dir("backbone");
+    let full = work.join("full");
+    run(&[
+        "convert",
+        "--checkpoint",
+        path_str(&models.join("reference_checkpoint.pt")),
+        "--arch",
+        path_str(&arch),
+        "-o",
+        path_str(&full),
+    ]);
+
+    let state: Vec<(String, Tensor)> =
+        frankensplit_models::convert::read_state_dict(&models.join("reference_checkpoint.pt"))
+            .unwrap()
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with("backbone."))
+            .collect();
+    let headless = work.join("headless.safetensors");
+    Tensor::write_safetensors(&state, &headless).unwrap();
+    let timm: Vec<(String, Tensor)> = Tensor::read_safetensors(models.join("swin_timm10.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, t)| k.strip_prefix("weights.").map(|k| (k.to_string(), t)))
+        .collect();
+    let timm_file = work.join("timm10.safetensors");
+    Tensor::write_safetensors(&timm, &timm_file).unwrap();
+
+    let missing = Command::new(env!("CARGO_BIN_EXE_frankensplit"))
+        .args([
+            "convert",
+            "--checkpoint",
+            path_str(&headless),
+            "--arch",
+            path_str(&arch),
+            "-o",
+            path_str(&work.join("x")),
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--backbone-weights"));
+
+    let split = work.join("split");
+    run(&[
+        "convert",
+        "--checkpoint",
+        path_str(&headless),
+        "--backbone-weights",
+        path_str(&timm_file),
+        "--arch",
+        path_str(&arch),
+        "-o",
+        path_str(&split),
+    ]);
+    let load = |dir: &Path| -> BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(dir.join("weights.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (a, b) = (load(&full), load(&split));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k} differs");
+    }
+    let _ = std::fs::remove_dir_all(&work);
+}
