@@ -99,14 +99,18 @@ pub fn storage_keys(value: &Value) -> Vec<String> {
                 keys.push(t.storage.key.clone());
             }
         }
+        true
     });
     keys
 }
 
-fn visit(value: &Value, f: &mut impl FnMut(&Value)) {
+/// Calls `f` on every node of `value` until it returns `false`, without recursion.
+fn visit(value: &Value, f: &mut impl FnMut(&Value) -> bool) {
     let mut todo = vec![value];
     while let Some(v) = todo.pop() {
-        f(v);
+        if !f(v) {
+            return;
+        }
         match v {
             Value::List(items) | Value::Tuple(items) => todo.extend(items),
             Value::Dict(items) => todo.extend(items.iter().flat_map(|(k, v)| [k, v])),
@@ -114,9 +118,7 @@ fn visit(value: &Value, f: &mut impl FnMut(&Value)) {
             Value::Object(a, b, c) => {
                 todo.push(a);
                 todo.push(b);
-                if let Some(c) = c {
-                    todo.push(c);
-                }
+                todo.extend(c.as_deref());
             }
             _ => {}
         }
@@ -505,26 +507,10 @@ impl Machine<'_> {
 /// Number of nodes in `value`, counting no further than `cap`.
 fn node_count(value: &Value, cap: usize) -> usize {
     let mut count = 0;
-    let mut todo = vec![value];
-    while let Some(v) = todo.pop() {
+    visit(value, &mut |_| {
         count += 1;
-        if count >= cap {
-            break;
-        }
-        match v {
-            Value::List(items) | Value::Tuple(items) => todo.extend(items),
-            Value::Dict(items) => todo.extend(items.iter().flat_map(|(k, v)| [k, v])),
-            Value::PersistentId(inner) => todo.push(inner),
-            Value::Object(a, b, c) => {
-                todo.push(a);
-                todo.push(b);
-                if let Some(c) = c {
-                    todo.push(c);
-                }
-            }
-            _ => {}
-        }
-    }
+        count < cap
+    });
     count
 }
 

@@ -57,6 +57,10 @@ fn architecture(depths: &[i64]) -> Architecture {
 
 /// The reference checkpoint's state dict, with the duplicated reconstruction layer.
 fn reference_state_dict(arch: &Architecture, seed: i64) -> Vec<(String, Tensor)> {
+    // libtorch's generator is global and model construction draws from it
+    // too: tests running in parallel must not interleave with the draws below.
+    static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = DRAWING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let compressor_vars = VarStore::new(Device::Cpu);
     let _compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
     let backbone_vars = VarStore::new(Device::Cpu);
@@ -105,6 +109,19 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+fn int_list(v: &Value) -> Vec<i64> {
+    v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
+}
+
+fn top5_classes(report: &Value) -> Vec<i64> {
+    report["top_k"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["class"].as_i64().unwrap())
+        .collect()
+}
+
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("e2e_expected.json")).unwrap()).unwrap()
 }
@@ -147,26 +164,27 @@ fn update_buffers(expected: &Value) -> Vec<(String, Tensor)> {
     ]
 }
 
-#[test]
-fn converted_reference_checkpoint_classifies_like_pytorch() {
-    let expected = expected();
-    let depths: Vec<i64> = expected["tail_depths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    let arch = architecture(&depths);
-    let work = temp_dir("convert");
+/// Draws the reference model, writes it as a checkpoint (with CompressAI's
+/// `update()` buffers when asked) and converts it; returns the work
+/// directory, the bundle and `convert`'s output.
+fn convert_reference(
+    expected: &Value,
+    name: &str,
+    with_update_buffers: bool,
+    extra: &[&str],
+) -> (PathBuf, PathBuf, String) {
+    let arch = architecture(&int_list(&expected["tail_depths"]));
+    let work = temp_dir(name);
     let mut state = reference_state_dict(&arch, expected["seed"].as_i64().unwrap());
-    state.extend(update_buffers(&expected));
+    if with_update_buffers {
+        state.extend(update_buffers(expected));
+    }
     let checkpoint = work.join("reference.safetensors");
     Tensor::write_safetensors(&state, &checkpoint).unwrap();
     let arch_file = work.join("arch.toml");
     std::fs::write(&arch_file, toml::to_string(&arch).unwrap()).unwrap();
     let bundle = work.join("bundle");
-
-    let converted = run(&[
+    let mut args = vec![
         "convert",
         "--checkpoint",
         path_str(&checkpoint),
@@ -174,7 +192,16 @@ fn converted_reference_checkpoint_classifies_like_pytorch() {
         path_str(&arch_file),
         "-o",
         path_str(&bundle),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let output = run(&args);
+    (work, bundle, output)
+}
+
+#[test]
+fn converted_reference_checkpoint_classifies_like_pytorch() {
+    let expected = expected();
+    let (work, bundle, converted) = convert_reference(&expected, "convert", true, &[]);
     assert!(converted.contains("entropy tables Checkpoint"), "{converted}");
     let payloads = work.join("payloads");
     let image = fixtures().join("e2e_input.png");
@@ -210,19 +237,7 @@ fn converted_reference_checkpoint_classifies_like_pytorch() {
         / theirs.iter().map(|b| b * b).sum::<f64>().sqrt();
     println!("logits relative L2 error {err:e}");
     assert!(err <= 1e-4, "logits differ: relative L2 {err:e}");
-    let top5: Vec<i64> = report["top_k"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["class"].as_i64().unwrap())
-        .collect();
-    let expected_top5: Vec<i64> = expected["top5"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    assert_eq!(top5, expected_top5);
+    assert_eq!(top5_classes(&report), int_list(&expected["top5"]));
 
     let payload = std::fs::read(payloads.join("e2e_input.fsp")).unwrap();
     let parsed = frankensplit_codec::Payload::parse(&payload).unwrap();
@@ -252,34 +267,8 @@ fn converted_reference_checkpoint_classifies_like_pytorch() {
 #[test]
 fn recomputed_tables_match_compressai_but_for_near_ties() {
     let expected = expected();
-    let depths: Vec<i64> = expected["tail_depths"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    let arch = architecture(&depths);
-    let work = temp_dir("recompute");
-    let checkpoint = work.join("reference.safetensors");
-    Tensor::write_safetensors(
-        &reference_state_dict(&arch, expected["seed"].as_i64().unwrap()),
-        &checkpoint,
-    )
-    .unwrap();
-    let arch_file = work.join("arch.toml");
-    std::fs::write(&arch_file, toml::to_string(&arch).unwrap()).unwrap();
-    let bundle = work.join("bundle");
-    let converted = run(&[
-        "convert",
-        "--checkpoint",
-        path_str(&checkpoint),
-        "--arch",
-        path_str(&arch_file),
-        "--likelihood-formula",
-        "direct",
-        "-o",
-        path_str(&bundle),
-    ]);
+    let (work, bundle, converted) =
+        convert_reference(&expected, "recompute", false, &["--likelihood-formula", "direct"]);
     assert!(converted.contains("entropy tables Recomputed"), "{converted}");
 
     let weights: BTreeMap<String, Tensor> = Tensor::read_safetensors(bundle.join("weights.safetensors"))
@@ -310,19 +299,7 @@ fn recomputed_tables_match_compressai_but_for_near_ties() {
         path_str(&fixtures().join("e2e_input.png")),
     ]);
     let report: Value = serde_json::from_str(out.trim()).unwrap();
-    let top5: Vec<i64> = report["top_k"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| p["class"].as_i64().unwrap())
-        .collect();
-    let expected_top5: Vec<i64> = expected["top5"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_i64().unwrap())
-        .collect();
-    assert_eq!(top5, expected_top5);
+    assert_eq!(top5_classes(&report), int_list(&expected["top5"]));
     let _ = std::fs::remove_dir_all(&work);
 }
 

@@ -9,7 +9,7 @@ use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
 use crate::entropy_bottleneck::EntropyBottleneck;
-use crate::layers::{detokenize, tokenize, Activation, ResidualBlockWithStride};
+use crate::layers::{detokenize, drop_path_rates, tokenize, Activation, ResidualBlockWithStride};
 use crate::swin::{BlockSpec, PatchMerging, SwinBlock};
 
 /// Architecture of the compressor; the default is the reference's
@@ -177,15 +177,7 @@ impl Decoder {
         };
         let stage = p / "hybrid_stages" / 0;
         let depth = config.decoder_depth;
-        let rates: Vec<f64> = (0..depth)
-            .map(|i| {
-                if depth > 1 {
-                    config.decoder_drop_path * i as f64 / (depth - 1) as f64
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let rates = drop_path_rates(config.decoder_drop_path, depth);
         Self {
             deconv_embed: rb(p / "deconv_embed" / 0, config.latent_channels, config.decoder_dim),
             blocks: SwinBlock::stage(

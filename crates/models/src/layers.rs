@@ -101,6 +101,19 @@ pub fn drop_path(x: Tensor, rate: f64, train: bool) -> Tensor {
     x * mask
 }
 
+/// timm's stochastic-depth schedule: `count` rates rising linearly from 0 to `max`.
+pub fn drop_path_rates(max: f64, count: usize) -> Vec<f64> {
+    (0..count)
+        .map(|i| {
+            if count > 1 {
+                max * i as f64 / (count - 1) as f64
+            } else {
+                0.0
+            }
+        })
+        .collect()
+}
+
 /// `(B, C, H, W)` → `(B, H·W, C)`, row-major tokens.
 pub fn tokenize(x: &Tensor) -> Tensor {
     x.flatten(2, -1).transpose(1, 2)

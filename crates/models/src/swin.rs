@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
-use crate::layers::drop_path;
+use crate::layers::{drop_path, drop_path_rates};
 
 /// Architecture of a Swin Transformer, named after timm's presets.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -459,15 +459,7 @@ impl SwinTransformer {
             "stage range {stages:?} outside 0..{n}"
         );
         let total: i64 = config.depths.iter().sum();
-        let rates: Vec<f64> = (0..total)
-            .map(|i| {
-                if total > 1 {
-                    config.drop_path_rate * i as f64 / (total - 1) as f64
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let rates = drop_path_rates(config.drop_path_rate, total as usize);
         let ln = nn::LayerNormConfig {
             eps: 1e-5,
             ..Default::default()
