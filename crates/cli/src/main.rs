@@ -1,9 +1,9 @@
 //! The `frankensplit` command line: model bundles (convert, classify, info),
-//! payload inspection, and benchmarks. Serving and training subcommands
-//! arrive with the crates that implement them.
+//! the inference server, payload inspection, and benchmarks.
 
 mod bench;
 mod models;
+mod serve;
 
 use std::path::PathBuf;
 
@@ -31,6 +31,8 @@ enum Command {
     Classify(models::ClassifyArgs),
     /// Describe a model bundle: fingerprint, latent, parameter counts.
     Info(models::InfoArgs),
+    /// Serve split inference over HTTP: POST payloads to /v1/classify.
+    Serve(serve::ServeArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -53,6 +55,7 @@ fn main() -> Result<()> {
         Command::Convert(args) => models::run_convert(args),
         Command::Classify(args) => models::run_classify(args),
         Command::Info(args) => models::run_info(args),
+        Command::Serve(args) => serve::run(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect { payloads, json } => {
             for path in payloads {

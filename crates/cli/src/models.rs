@@ -54,7 +54,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     let architecture = match &args.arch {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-            toml::from_str::<Architecture>(&text)
+            Architecture::from_toml(&text)
                 .with_context(|| format!("{} is not a valid architecture file", path.display()))?
         }
         None => {

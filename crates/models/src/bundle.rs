@@ -52,6 +52,13 @@ impl Default for Architecture {
 }
 
 impl Architecture {
+    /// Reads an architecture file (`[compressor]`, `[backbone]`, `split_stage`) and validates it.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let arch: Self = toml::from_str(text).map_err(|e| Error::Invalid(format!("invalid architecture: {e}")))?;
+        arch.validate()?;
+        Ok(arch)
+    }
+
     /// Checks that the decoder's output fits the backbone at the split point.
     pub fn validate(&self) -> Result<()> {
         let stages = self.backbone.num_stages();
@@ -137,6 +144,34 @@ pub struct Bundle {
     pub backbone: SwinTransformer,
     /// The entropy coder with the bundle's tables.
     pub coder: EntropyCoder,
+}
+
+/// Checks and entropy-decodes payloads for one model; cheap to clone and
+/// thread-safe, unlike the networks.
+#[derive(Debug, Clone)]
+pub struct PayloadDecoder {
+    /// The model's fingerprint; payloads of other models are refused.
+    pub fingerprint: ModelFingerprint,
+    /// The latent shape every payload must declare.
+    pub shape: LatentShape,
+    coder: EntropyCoder,
+}
+
+impl PayloadDecoder {
+    /// Parses `payload`, refuses other models' payloads and other shapes,
+    /// and decodes the dequantised latent (CHW).
+    pub fn decode(&self, payload: &[u8]) -> Result<Vec<f32>> {
+        let parsed = frankensplit_codec::Payload::parse_for(payload, self.fingerprint)?;
+        if parsed.shape != self.shape {
+            return Err(Error::Invalid(format!(
+                "payload declares a {} latent, this model uses {}",
+                parsed.shape, self.shape
+            )));
+        }
+        Ok(self
+            .coder
+            .decompress(parsed.string, parsed.shape, frankensplit_codec::DecodeLimits::default())?)
+    }
 }
 
 /// Everything [`write_bundle`] stores.
@@ -344,22 +379,36 @@ impl Bundle {
         .to_bytes())
     }
 
+    /// The payload-decoding half of the server, free of libtorch so it can
+    /// run on any thread.
+    pub fn payload_decoder(&self) -> PayloadDecoder {
+        PayloadDecoder {
+            fingerprint: self.fingerprint,
+            shape: self.latent_shape(),
+            coder: self.coder.clone(),
+        }
+    }
+
     /// Server side: payload → restored features `(1, tokens, width)`.
     pub fn decompress(&self, payload: &[u8]) -> Result<Tensor> {
-        let parsed = frankensplit_codec::Payload::parse_for(payload, self.fingerprint)?;
-        let expected = self.latent_shape();
-        if parsed.shape != expected {
+        let latent = self.payload_decoder().decode(payload)?;
+        self.restore_features(&[latent])
+    }
+
+    /// Runs the decoder on a batch of dequantised latents (CHW each):
+    /// restored features `(B, tokens, width)`.
+    pub fn restore_features(&self, latents: &[Vec<f32>]) -> Result<Tensor> {
+        let shape = self.latent_shape();
+        if let Some(bad) = latents.iter().find(|l| l.len() != shape.len()) {
             return Err(Error::Invalid(format!(
-                "payload declares a {} latent, this model uses {expected}",
-                parsed.shape
+                "latent of {} values, expected {shape}",
+                bad.len()
             )));
         }
-        let latent = self
-            .coder
-            .decompress(parsed.string, parsed.shape, frankensplit_codec::DecodeLimits::default())?;
-        let side = i64::from(expected.height);
-        let y_hat = Tensor::from_slice(&latent)
-            .view([1, i64::from(expected.channels), side, side])
+        let side = i64::from(shape.height);
+        let flat: Vec<f32> = latents.concat();
+        let y_hat = Tensor::from_slice(&flat)
+            .view([latents.len() as i64, i64::from(shape.channels), side, side])
             .to_device(self.compressor_vars.device());
         Ok(tch::no_grad(|| self.compressor.g_s.forward_t(&y_hat, false)))
     }

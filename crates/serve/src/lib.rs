@@ -1,0 +1,244 @@
+//! The FrankenSplit inference server. Edge devices POST payloads (the
+//! container of `docs/format.md`); the server entropy-decodes them on the
+//! blocking pool, a single inference thread runs the decoder and the backbone
+//! tail on dynamically formed batches, and the answer is the top classes with
+//! server-side timings.
+//!
+//! Back-pressure is explicit: a bounded queue (503 with `Retry-After` when
+//! full), a body-size limit (413), a per-request timeout (504); payloads of
+//! another model are refused with 409 and malformed ones with 400. `/metrics`
+//! exposes Prometheus counters and histograms; shutdown on SIGINT/SIGTERM
+//! finishes the requests in flight.
+
+mod metrics;
+mod worker;
+
+use std::net::SocketAddr;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use frankensplit_codec::CodecError;
+use frankensplit_models::{Bundle, PayloadDecoder};
+use serde::Serialize;
+
+pub use metrics::Metrics;
+use worker::{Job, Prediction};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Largest batch the inference thread forms.
+    pub max_batch: usize,
+    /// How long the inference thread waits for more requests once one arrived.
+    pub batch_wait: Duration,
+    /// Requests waiting for inference before new ones get 503.
+    pub queue_capacity: usize,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Time a request may take in the server before it gets 504.
+    pub request_timeout: Duration,
+    /// Classes reported per request.
+    pub top_k: usize,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            batch_wait: Duration::from_millis(5),
+            queue_capacity: 64,
+            max_body_bytes: 1 << 20,
+            request_timeout: Duration::from_secs(10),
+            top_k: 5,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    decoder: Arc<PayloadDecoder>,
+    queue: SyncSender<Job>,
+    config: Arc<ServeConfig>,
+    metrics: Arc<Metrics>,
+    model: Arc<str>,
+}
+
+/// A running server: its address and a handle that ends when it has shut down.
+pub struct RunningServer {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Completes once the server has stopped and the inference thread has finished.
+    pub done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `listen` and serves `bundle` until `shutdown` completes; requests in
+/// flight are finished first.
+pub async fn start(
+    bundle: Bundle,
+    listen: SocketAddr,
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<RunningServer> {
+    let metrics = Arc::new(Metrics::new());
+    let decoder = Arc::new(bundle.payload_decoder());
+    let model: Arc<str> = bundle.fingerprint.to_string().into();
+    let (queue, worker) = worker::spawn(bundle, &config, metrics.clone());
+    let state = AppState {
+        decoder,
+        queue,
+        config: Arc::new(config.clone()),
+        metrics,
+        model,
+    };
+    let app = router(state);
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let done = tokio::spawn(async move {
+        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        // The router (and with it the queue's sender) is gone: the worker drains and exits.
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        served
+    });
+    Ok(RunningServer { addr, done })
+}
+
+fn router(state: AppState) -> Router {
+    let limit = state.config.max_body_bytes;
+    Router::new()
+        .route("/v1/classify", post(classify))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics_text))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate => {}
+    }
+}
+
+#[derive(Serialize)]
+struct ClassifyResponse {
+    model: String,
+    top_k: Vec<Prediction>,
+    batch_size: usize,
+    timings_ms: Timings,
+}
+
+#[derive(Serialize)]
+struct Timings {
+    decode: f64,
+    queue: f64,
+    inference: f64,
+    total: f64,
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(ErrorBody { error: message.into() })).into_response()
+}
+
+async fn classify(State(state): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let response = classify_inner(&state, body, started).await;
+    state
+        .metrics
+        .observe_request("classify", response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn classify_inner(state: &AppState, body: Bytes, started: Instant) -> Response {
+    let decoder = state.decoder.clone();
+    let decoded = tokio::task::spawn_blocking(move || decoder.decode(&body)).await;
+    let latent = match decoded {
+        Ok(Ok(latent)) => latent,
+        Ok(Err(frankensplit_models::Error::Codec(e @ CodecError::FingerprintMismatch { .. }))) => {
+            return error(StatusCode::CONFLICT, e.to_string())
+        }
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("malformed payload: {e}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder task failed: {e}")),
+    };
+    let decode_ms = started.elapsed().as_secs_f64() * 1e3;
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let job = Job {
+        latent,
+        enqueued: Instant::now(),
+        reply,
+    };
+    match state.queue.try_send(job) {
+        Ok(()) => {
+            state.metrics.queue_depth.inc();
+        }
+        Err(TrySendError::Full(_)) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "1")],
+                Json(ErrorBody {
+                    error: "inference queue is full; retry shortly".into(),
+                }),
+            )
+                .into_response()
+        }
+        Err(TrySendError::Disconnected(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+    }
+    let remaining = state.config.request_timeout.saturating_sub(started.elapsed());
+    match tokio::time::timeout(remaining, answer).await {
+        Ok(Ok(Ok(result))) => Json(ClassifyResponse {
+            model: state.model.to_string(),
+            top_k: result.top_k(state.config.top_k),
+            batch_size: result.batch_size,
+            timings_ms: Timings {
+                decode: decode_ms,
+                queue: result.queue_ms,
+                inference: result.inference_ms,
+                total: started.elapsed().as_secs_f64() * 1e3,
+            },
+        })
+        .into_response(),
+        Ok(Ok(Err(message))) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
+        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server"),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}

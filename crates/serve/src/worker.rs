@@ -1,0 +1,116 @@
+//! The inference thread: it owns the networks (libtorch state stays on one
+//! thread), forms batches of up to `max_batch` requests arriving within
+//! `batch_wait` of the first, and answers each request's channel.
+
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use frankensplit_models::Bundle;
+use serde::Serialize;
+use tch::Kind;
+use tokio::sync::oneshot;
+
+use crate::{Metrics, ServeConfig};
+
+/// A decoded latent waiting for inference.
+pub(crate) struct Job {
+    pub latent: Vec<f32>,
+    pub enqueued: Instant,
+    pub reply: oneshot::Sender<Result<JobResult, String>>,
+}
+
+/// Logits of one request and how it was served.
+pub(crate) struct JobResult {
+    pub logits: Vec<f32>,
+    pub labels: Arc<Vec<String>>,
+    pub batch_size: usize,
+    pub queue_ms: f64,
+    pub inference_ms: f64,
+}
+
+/// One class of the answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct Prediction {
+    class: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    label: Option<String>,
+    probability: f64,
+    logit: f32,
+}
+
+impl JobResult {
+    /// The `k` most probable classes (softmax over the logits).
+    pub fn top_k(&self, k: usize) -> Vec<Prediction> {
+        let max = self.logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = self.logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+        let total: f64 = exp.iter().sum();
+        let mut order: Vec<usize> = (0..self.logits.len()).collect();
+        order.sort_by(|&a, &b| self.logits[b].total_cmp(&self.logits[a]));
+        order
+            .into_iter()
+            .take(k)
+            .map(|class| Prediction {
+                class,
+                label: self.labels.get(class).cloned(),
+                probability: exp[class] / total,
+                logit: self.logits[class],
+            })
+            .collect()
+    }
+}
+
+pub(crate) fn spawn(bundle: Bundle, config: &ServeConfig, metrics: Arc<Metrics>) -> (SyncSender<Job>, JoinHandle<()>) {
+    let (tx, rx) = sync_channel(config.queue_capacity.max(1));
+    let max_batch = config.max_batch.max(1);
+    let wait = config.batch_wait;
+    let handle = std::thread::Builder::new()
+        .name("frankensplit-inference".into())
+        .spawn(move || run(bundle, rx, max_batch, wait, metrics))
+        .expect("the inference thread starts");
+    (tx, handle)
+}
+
+fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metrics: Arc<Metrics>) {
+    let labels = Arc::new(bundle.manifest.labels.clone());
+    while let Ok(first) = rx.recv() {
+        let deadline = Instant::now() + wait;
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(job) => batch.push(job),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        metrics.queue_depth.dec_by(batch.len() as i64);
+        metrics.batch_size.observe(batch.len() as f64);
+        let started = Instant::now();
+        let latents: Vec<Vec<f32>> = batch.iter_mut().map(|j| std::mem::take(&mut j.latent)).collect();
+        let outcome = bundle
+            .restore_features(&latents)
+            .map(|features| bundle.classify_features(&features).to_kind(Kind::Float))
+            .and_then(|logits| Ok(Vec::<Vec<f32>>::try_from(&logits)?));
+        let inference_ms = started.elapsed().as_secs_f64() * 1e3;
+        let size = batch.len();
+        match outcome {
+            Ok(rows) => {
+                for (job, logits) in batch.into_iter().zip(rows) {
+                    let queue_ms = (started - job.enqueued).as_secs_f64() * 1e3;
+                    let _ = job.reply.send(Ok(JobResult {
+                        logits,
+                        labels: labels.clone(),
+                        batch_size: size,
+                        queue_ms,
+                        inference_ms,
+                    }));
+                }
+            }
+            Err(e) => {
+                for job in batch {
+                    let _ = job.reply.send(Err(format!("inference failed: {e}")));
+                }
+            }
+        }
+    }
+}

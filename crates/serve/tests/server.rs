@@ -1,0 +1,209 @@
+//! The server on a loopback port, with the small fixture model: good
+//! payloads (200, same top-k as local inference), another model's payload
+//! (409), truncated and random bytes (400), an oversized body (413), a flood
+//! beyond the queue (503 with Retry-After), and it still answers afterwards.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use frankensplit_models::convert::{convert, ConvertOptions};
+use frankensplit_models::{Architecture, Bundle};
+use frankensplit_serve::{start, ServeConfig};
+use serde_json::Value;
+use tch::{Device, Kind};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures")
+}
+
+/// Converts the small reference checkpoint into a bundle in a fresh directory.
+fn small_bundle(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let arch: Architecture = toml_arch();
+    let options = ConvertOptions {
+        checkpoint: fixtures().join("reference_checkpoint.pt"),
+        backbone_weights: None,
+        architecture: arch,
+        likelihood_formula: None,
+        labels: (0..10).map(|i| format!("class-{i}")).collect(),
+    };
+    convert(&options, &dir).unwrap();
+    dir
+}
+
+fn toml_arch() -> Architecture {
+    let text = std::fs::read_to_string(fixtures().join("small_arch.toml")).unwrap();
+    Architecture::from_toml(&text).unwrap()
+}
+
+/// A deterministic "image" in the model's input range.
+fn input(seed: u64, size: usize) -> Vec<f32> {
+    let mut state = seed;
+    (0..3 * size * size)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+        })
+        .collect()
+}
+
+async fn post(client: &reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> (u16, Option<String>, Value) {
+    let response = client
+        .post(format!("http://{addr}/v1/classify"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    let retry = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let json = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, retry, json)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_good_payloads_and_refuses_bad_ones() {
+    let dir = small_bundle("answers");
+    let local = Bundle::open(&dir, Device::Cpu).unwrap();
+    let images: Vec<Vec<f32>> = (0..4).map(|s| input(s, 64)).collect();
+    let payloads: Vec<Vec<u8>> = images.iter().map(|x| local.compress(x).unwrap()).collect();
+    let expected_top: Vec<i64> = payloads
+        .iter()
+        .map(|p| {
+            let logits = local
+                .classify_features(&local.decompress(p).unwrap())
+                .to_kind(Kind::Float);
+            logits.argmax(-1, false).int64_value(&[0])
+        })
+        .collect();
+
+    let config = ServeConfig {
+        max_body_bytes: 64 << 10,
+        ..ServeConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = start(
+        Bundle::open(&dir, Device::Cpu).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let addr = server.addr;
+    let client = reqwest::Client::new();
+
+    for (payload, top) in payloads.iter().zip(&expected_top) {
+        let (status, _, json) = post(&client, addr, payload.clone()).await;
+        assert_eq!(status, 200, "{json}");
+        assert_eq!(json["top_k"][0]["class"].as_i64().unwrap(), *top);
+        assert_eq!(json["top_k"][0]["label"].as_str().unwrap(), format!("class-{top}"));
+        assert_eq!(json["model"].as_str().unwrap(), local.fingerprint.to_string());
+    }
+
+    let mut other_model = payloads[0].clone();
+    other_model[1] ^= 0xFF;
+    assert_eq!(post(&client, addr, other_model).await.0, 409);
+    assert_eq!(
+        post(&client, addr, payloads[0][..payloads[0].len() - 4].to_vec())
+            .await
+            .0,
+        400
+    );
+    assert_eq!(post(&client, addr, payloads[0][..3].to_vec()).await.0, 400);
+    let random: Vec<u8> = input(9, 40).iter().map(|v| v.to_bits() as u8).collect();
+    let (status, _, json) = post(&client, addr, random).await;
+    assert_eq!(status, 400, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("payload"));
+    assert_eq!(post(&client, addr, vec![0xF1; 65 << 10]).await.0, 413);
+
+    let (status, _, _) = post(&client, addr, payloads[1].clone()).await;
+    assert_eq!(status, 200, "the server stopped answering after bad requests");
+    let health = client.get(format!("http://{addr}/healthz")).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let metrics = client
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("frankensplit_requests_total{endpoint=\"classify\",status=\"409\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("frankensplit_batch_size"), "{metrics}");
+
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
+    let dir = small_bundle("flood");
+    let local = Bundle::open(&dir, Device::Cpu).unwrap();
+    let payload = local.compress(&input(1, 64)).unwrap();
+    // One request per batch and a one-slot queue: 400 simultaneous requests
+    // cannot all fit.
+    let config = ServeConfig {
+        max_batch: 1,
+        queue_capacity: 1,
+        ..ServeConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = start(local, "127.0.0.1:0".parse().unwrap(), config, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let addr = server.addr;
+    let client = reqwest::Client::new();
+    let flood: Vec<_> = (0..400)
+        .map(|_| tokio::spawn(post_owned(client.clone(), addr, payload.clone())))
+        .collect();
+    let mut ok = 0;
+    let mut busy = 0;
+    for task in flood {
+        let (status, retry, _) = task.await.unwrap();
+        match status {
+            200 => ok += 1,
+            503 => {
+                busy += 1;
+                assert_eq!(retry.as_deref(), Some("1"));
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!(busy > 0, "no request was refused ({ok} answered)");
+    assert!(ok > 0, "no request was answered");
+    assert_eq!(
+        post(&client, addr, payload.clone()).await.0,
+        200,
+        "the server did not recover"
+    );
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), server.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+async fn post_owned(client: reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> (u16, Option<String>, Value) {
+    post(&client, addr, body).await
+}
