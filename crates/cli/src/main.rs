@@ -2,6 +2,7 @@
 //! the inference server, payload inspection, and benchmarks.
 
 mod bench;
+mod edge;
 mod models;
 mod serve;
 
@@ -31,8 +32,13 @@ enum Command {
     Classify(models::ClassifyArgs),
     /// Describe a model bundle: fingerprint, latent, parameter counts.
     Info(models::InfoArgs),
+    /// Edge side: encode images into payload files.
+    Encode(edge::EncodeArgs),
     /// Serve split inference over HTTP: POST payloads to /v1/classify.
     Serve(serve::ServeArgs),
+    /// Edge side against a server: encode, send, print predictions and a
+    /// latency breakdown (edge, network, server); --repeat/--concurrency for load runs.
+    Client(edge::ClientArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -55,7 +61,9 @@ fn main() -> Result<()> {
         Command::Convert(args) => models::run_convert(args),
         Command::Classify(args) => models::run_classify(args),
         Command::Info(args) => models::run_info(args),
+        Command::Encode(args) => edge::run_encode(args),
         Command::Serve(args) => serve::run(args),
+        Command::Client(args) => edge::run_client(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect { payloads, json } => {
             for path in payloads {

@@ -224,7 +224,7 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
 }
 
 /// Writes `bytes` to a temporary sibling, then renames it over `path`.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }

@@ -239,7 +239,7 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>) -> Result<ModelFin
             format: BUNDLE_FORMAT,
             fingerprint: fingerprint.to_string(),
             architecture: contents.architecture.clone(),
-            preprocess: Preprocess::default(),
+            preprocess: Preprocess::for_input(contents.architecture.compressor.input_size as u32),
             likelihood_formula: contents.likelihood_formula,
             tables: contents.table_source,
             labels: contents.labels,

@@ -125,6 +125,16 @@ impl Default for Preprocess {
 }
 
 impl Preprocess {
+    /// The ImageNet evaluation transform for a `size × size` network input:
+    /// resize the short side to `size / 0.875` (256 for 224), crop `size`.
+    pub fn for_input(size: u32) -> Self {
+        Self {
+            resize: (f64::from(size) / 0.875) as u32,
+            crop: size,
+            ..Self::default()
+        }
+    }
+
     /// `Resize(resize)` (short side, aspect kept, Pillow bilinear) then
     /// `CenterCrop(crop)`, as torchvision computes the sizes and offsets.
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
