@@ -7,10 +7,11 @@
 //! Back-pressure is explicit: a bounded queue (503 with `Retry-After` when
 //! full), a body-size limit (413), a per-request timeout (504); payloads of
 //! another model are refused with 409 and malformed ones with 400. `/metrics`
-//! exposes Prometheus counters and histograms; shutdown on SIGINT/SIGTERM
-//! finishes the requests in flight.
+//! exposes Prometheus counters and histograms, `/openapi.json` describes the
+//! API; shutdown on SIGINT/SIGTERM finishes the requests in flight.
 
 mod metrics;
+mod openapi;
 mod worker;
 
 use std::net::SocketAddr;
@@ -115,6 +116,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/classify", post(classify))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
