@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tch::Device;
 
-use crate::models::write_atomically;
+use crate::models::{for_each_image, write_atomically};
 
 #[derive(Args)]
 pub struct EncodeArgs {
@@ -58,9 +58,8 @@ fn bpp(bundle: &Bundle, bytes: usize) -> f64 {
 pub fn run_encode(args: EncodeArgs) -> Result<()> {
     let bundle = Bundle::open(&args.model, Device::Cpu)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
-    let mut failures = 0;
-    for path in &args.images {
-        let result = encode_image(&bundle, path).and_then(|(payload, encode_ms)| {
+    for_each_image(&args.images, |path| {
+        let encoded = encode_image(&bundle, path).and_then(|(payload, encode_ms)| {
             let stem = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -68,33 +67,28 @@ pub fn run_encode(args: EncodeArgs) -> Result<()> {
             let target = args.output.join(format!("{stem}.fsp"));
             write_atomically(&target, &payload)?;
             Ok(Encoded {
-                image: path.clone(),
+                image: path.to_path_buf(),
                 payload: target,
                 bytes: payload.len(),
                 bpp: bpp(&bundle, payload.len()),
                 encode_ms,
             })
-        });
-        match result {
-            Ok(e) if args.json => println!("{}", serde_json::to_string(&e)?),
-            Ok(e) => println!(
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&encoded)?);
+        } else {
+            let e = &encoded;
+            println!(
                 "{} -> {}: {} bytes, {:.4} bpp, {:.1} ms",
                 e.image.display(),
                 e.payload.display(),
                 e.bytes,
                 e.bpp,
                 e.encode_ms
-            ),
-            Err(e) => {
-                failures += 1;
-                eprintln!("{}: {e:#}", path.display());
-            }
+            );
         }
-    }
-    if failures > 0 {
-        bail!("{failures} of {} images failed", args.images.len());
-    }
-    Ok(())
+        Ok(())
+    })
 }
 
 #[derive(Args)]

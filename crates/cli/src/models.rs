@@ -152,9 +152,8 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
     let bundle = Bundle::open(&args.model, Device::Cpu)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let pipeline = bundle.manifest.preprocess.clone();
-    let mut failures = 0;
-    for path in &args.images {
-        let result = (|| -> Result<ClassifyReport> {
+    for_each_image(&args.images, |path| {
+        let report = (|| -> Result<ClassifyReport> {
             let image = RgbImage::open(path)?;
             let input = pipeline.apply(&image)?;
             let start = Instant::now();
@@ -187,7 +186,7 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
                 .collect();
             let crop = f64::from(pipeline.crop);
             Ok(ClassifyReport {
-                image: path.clone(),
+                image: path.to_path_buf(),
                 model: bundle.fingerprint.to_string(),
                 payload_bytes: payload.len(),
                 bpp: payload.len() as f64 * 8.0 / (crop * crop),
@@ -196,29 +195,37 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
                 top_k,
                 logits: Vec::<f32>::try_from(&logits)?,
             })
-        })();
-        match result {
-            Ok(report) if args.json => println!("{}", serde_json::to_string(&report)?),
-            Ok(report) => {
-                println!(
-                    "{}: {} bytes ({:.4} bpp)",
-                    report.image.display(),
-                    report.payload_bytes,
-                    report.bpp
-                );
-                for p in &report.top_k {
-                    let name = p.label.clone().unwrap_or_else(|| format!("class {}", p.class));
-                    println!("  {:>6.2}%  {name}", p.probability * 100.0);
-                }
+        })()?;
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            println!(
+                "{}: {} bytes ({:.4} bpp)",
+                report.image.display(),
+                report.payload_bytes,
+                report.bpp
+            );
+            for p in &report.top_k {
+                let name = p.label.clone().unwrap_or_else(|| format!("class {}", p.class));
+                println!("  {:>6.2}%  {name}", p.probability * 100.0);
             }
-            Err(e) => {
-                failures += 1;
-                eprintln!("{}: {e:#}", path.display());
-            }
+        }
+        Ok(())
+    })
+}
+
+/// Runs `each` on every image, reporting failures on stderr and going on;
+/// fails at the end if any image failed.
+pub fn for_each_image(images: &[PathBuf], mut each: impl FnMut(&Path) -> Result<()>) -> Result<()> {
+    let mut failures = 0;
+    for path in images {
+        if let Err(e) = each(path) {
+            failures += 1;
+            eprintln!("{}: {e:#}", path.display());
         }
     }
     if failures > 0 {
-        bail!("{failures} of {} images failed", args.images.len());
+        bail!("{failures} of {} images failed", images.len());
     }
     Ok(())
 }

@@ -144,12 +144,7 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
     assert!(metrics.contains("frankensplit_batch_size"), "{metrics}");
 
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(10), server.done)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    finish(server, &dir).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,12 +191,17 @@ async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
         "the server did not recover"
     );
     stop.send(()).unwrap();
+    finish(server, &dir).await;
+}
+
+/// Waits for a stopped server to finish, then removes its bundle.
+async fn finish(server: frankensplit_serve::RunningServer, dir: &std::path::Path) {
     tokio::time::timeout(Duration::from_secs(10), server.done)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 async fn post_owned(client: reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> (u16, Option<String>, Value) {
