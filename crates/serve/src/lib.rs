@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -168,52 +168,123 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: message.into() })).into_response()
 }
 
-async fn classify(State(state): State<AppState>, body: Bytes) -> Response {
+/// Content type of a body holding several payloads, each preceded by its
+/// length as a little-endian `u32`.
+pub const FRAMED_PAYLOADS: &str = "application/vnd.frankensplit.payloads";
+/// Most payloads one framed request may carry.
+const MAX_FRAMES: usize = 256;
+
+async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let response = classify_inner(&state, body, started).await;
+    let framed = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(FRAMED_PAYLOADS.as_bytes()));
+    let response = classify_inner(&state, body, framed, started).await;
     state
         .metrics
         .observe_request("classify", response.status().as_u16(), started.elapsed());
     response
 }
 
-async fn classify_inner(state: &AppState, body: Bytes, started: Instant) -> Response {
-    let decoder = state.decoder.clone();
-    let decoded = tokio::task::spawn_blocking(move || decoder.decode(&body)).await;
-    let latent = match decoded {
-        Ok(Ok(latent)) => latent,
-        Ok(Err(frankensplit_models::Error::Codec(e @ CodecError::FingerprintMismatch { .. }))) => {
-            return error(StatusCode::CONFLICT, e.to_string())
+/// Splits a framed body into its payloads.
+fn frames(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut rest = body;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() == MAX_FRAMES {
+            return Err(format!("more than {MAX_FRAMES} payloads in one request"));
         }
-        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("malformed payload: {e}")),
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or("framed body ends inside a length prefix")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(format!(
+                "payload {} declares {len} bytes, {} remain",
+                out.len(),
+                tail.len()
+            ));
+        }
+        out.push(&tail[..len]);
+        rest = &tail[len..];
+    }
+    if out.is_empty() {
+        return Err("framed body holds no payload".into());
+    }
+    Ok(out)
+}
+
+/// Entropy-decodes the body's payloads, or the status and message to answer with.
+fn decode_body(decoder: &PayloadDecoder, body: &[u8], framed: bool) -> Result<Vec<Vec<f32>>, (StatusCode, String)> {
+    let payloads = if framed {
+        frames(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?
+    } else {
+        vec![body]
+    };
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(i, payload)| {
+            let which = if framed {
+                format!("payload {i}: ")
+            } else {
+                String::new()
+            };
+            decoder.decode(payload).map_err(|e| match e {
+                frankensplit_models::Error::Codec(e @ CodecError::FingerprintMismatch { .. }) => {
+                    (StatusCode::CONFLICT, format!("{which}{e}"))
+                }
+                e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
+            })
+        })
+        .collect()
+}
+
+async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: Instant) -> Response {
+    let decoder = state.decoder.clone();
+    let latents = match tokio::task::spawn_blocking(move || decode_body(&decoder, &body, framed)).await {
+        Ok(Ok(latents)) => latents,
+        Ok(Err((status, message))) => return error(status, message),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder task failed: {e}")),
     };
     let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    let job = Job {
-        latent,
-        enqueued: Instant::now(),
-        reply,
-    };
-    match state.queue.try_send(job) {
-        Ok(()) => {
-            state.metrics.queue_depth.inc();
+    let mut answers = Vec::with_capacity(latents.len());
+    for latent in latents {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        match state.queue.try_send(Job {
+            latent,
+            enqueued: Instant::now(),
+            reply,
+        }) {
+            Ok(()) => {
+                state.metrics.queue_depth.inc();
+            }
+            Err(TrySendError::Full(_)) => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, "1")],
+                    Json(ErrorBody {
+                        error: "inference queue is full; retry shortly".into(),
+                    }),
+                )
+                    .into_response()
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")
+            }
         }
-        Err(TrySendError::Full(_)) => {
-            return (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, "1")],
-                Json(ErrorBody {
-                    error: "inference queue is full; retry shortly".into(),
-                }),
-            )
-                .into_response()
-        }
-        Err(TrySendError::Disconnected(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+        answers.push(answer);
     }
-    let remaining = state.config.request_timeout.saturating_sub(started.elapsed());
-    match tokio::time::timeout(remaining, answer).await {
-        Ok(Ok(Ok(result))) => Json(ClassifyResponse {
+    let deadline = tokio::time::Instant::from_std(started + state.config.request_timeout);
+    let mut results = Vec::with_capacity(answers.len());
+    for answer in answers {
+        let result = match tokio::time::timeout_at(deadline, answer).await {
+            Ok(Ok(Ok(result))) => result,
+            Ok(Ok(Err(message))) => return error(StatusCode::INTERNAL_SERVER_ERROR, message),
+            Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
+            Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server"),
+        };
+        results.push(ClassifyResponse {
             model: state.model.to_string(),
             top_k: result.top_k(state.config.top_k),
             batch_size: result.batch_size,
@@ -223,12 +294,18 @@ async fn classify_inner(state: &AppState, body: Bytes, started: Instant) -> Resp
                 inference: result.inference_ms,
                 total: started.elapsed().as_secs_f64() * 1e3,
             },
-        })
-        .into_response(),
-        Ok(Ok(Err(message))) => error(StatusCode::INTERNAL_SERVER_ERROR, message),
-        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
-        Err(_) => error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server"),
+        });
     }
+    if framed {
+        Json(FramedResponse { results }).into_response()
+    } else {
+        Json(results.pop().expect("one payload, one result")).into_response()
+    }
+}
+
+#[derive(Serialize)]
+struct FramedResponse {
+    results: Vec<ClassifyResponse>,
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -20,8 +20,12 @@ pub fn document() -> Value {
                     "summary": "Classify one payload",
                     "requestBody": {
                         "required": true,
-                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"},
-                            "description": "A FrankenSplit payload: 1 byte magic/version, 4-byte model fingerprint, LEB128 latent shape, CompressAI rANS string."}}
+                        "content": {
+                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"},
+                                "description": "A FrankenSplit payload: 1 byte magic/version, 4-byte model fingerprint, LEB128 latent shape, CompressAI rANS string."},
+                            "application/vnd.frankensplit.payloads": {"schema": {"type": "string", "format": "binary"},
+                                "description": "Up to 256 payloads, each preceded by its length as a little-endian u32; the answer is {\"results\": [...]} in the same order."}
+                        }
                     },
                     "responses": {
                         "200": {"description": "Top classes and server-side timings", "content": {"application/json": {"schema": {

@@ -109,6 +109,39 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
         assert_eq!(json["model"].as_str().unwrap(), local.fingerprint.to_string());
     }
 
+    // Several payloads in one framed request answer in order, as singly.
+    let mut framed = Vec::new();
+    for p in &payloads[..3] {
+        framed.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        framed.extend_from_slice(p);
+    }
+    let send_framed = |body: Vec<u8>| {
+        client
+            .post(format!("http://{addr}/v1/classify"))
+            .header("content-type", frankensplit_serve::FRAMED_PAYLOADS)
+            .body(body)
+            .send()
+    };
+    let response = send_framed(framed.clone()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let json: Value = response.json().await.unwrap();
+    let classes: Vec<i64> = json["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["top_k"][0]["class"].as_i64().unwrap())
+        .collect();
+    assert_eq!(classes, expected_top[..3]);
+    assert_eq!(
+        send_framed(framed[..framed.len() - 1].to_vec())
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        400
+    );
+    assert_eq!(send_framed(Vec::new()).await.unwrap().status().as_u16(), 400);
+
     let mut other_model = payloads[0].clone();
     other_model[1] ^= 0xFF;
     assert_eq!(post(&client, addr, other_model).await.0, 409);
