@@ -229,11 +229,6 @@ impl CdfTables {
         &self.offsets
     }
 
-    /// Per-row CDF lengths (`_cdf_length`).
-    pub fn cdf_lengths(&self) -> impl ExactSizeIterator<Item = usize> + '_ {
-        self.row_starts.windows(2).map(|w| w[1] - w[0])
-    }
-
     /// Row `r`'s CDF entries.
     pub fn cdf(&self, r: usize) -> &[u32] {
         self.row(r).cdf

@@ -284,11 +284,6 @@ impl FactorizedDensity {
             .collect();
         Ok((ranges.iter().map(|&(minima, _)| -minima).collect(), pmfs))
     }
-
-    /// The likelihood of `x` in channel `c` (`EntropyBottleneck._likelihood`).
-    pub fn likelihood(&self, c: usize, x: f32, formula: LikelihoodFormula) -> f32 {
-        formula.pmf(self.logits_cumulative(c, x - 0.5), self.logits_cumulative(c, x + 0.5))
-    }
 }
 
 impl LikelihoodFormula {

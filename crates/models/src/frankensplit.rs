@@ -107,11 +107,6 @@ impl Encoder {
             ],
         }
     }
-
-    /// The residual blocks in order.
-    pub fn blocks(&self) -> &[ResidualBlockWithStride; 3] {
-        &self.blocks
-    }
 }
 
 impl Module for Encoder {

@@ -67,11 +67,6 @@ impl ResidualBlockWithStride {
             act_after_conv1,
         }
     }
-
-    /// The convolutions `(conv1, conv2, skip)`, e.g. for export to the edge runtime.
-    pub fn convs(&self) -> (&nn::Conv2D, &nn::Conv2D, Option<&nn::Conv2D>) {
-        (&self.conv1, &self.conv2, self.skip.as_ref())
-    }
 }
 
 impl nn::Module for ResidualBlockWithStride {
