@@ -109,6 +109,10 @@ fn path_str(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+fn float_list(v: &Value) -> Vec<f64> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+}
+
 fn int_list(v: &Value) -> Vec<i64> {
     v.as_array().unwrap().iter().map(|x| x.as_i64().unwrap()).collect()
 }
@@ -216,18 +220,7 @@ fn converted_reference_checkpoint_classifies_like_pytorch() {
     ]);
     let report: Value = serde_json::from_str(out.trim()).unwrap();
 
-    let ours: Vec<f64> = report["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let theirs: Vec<f64> = expected["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
+    let (ours, theirs) = (float_list(&report["logits"]), float_list(&expected["logits"]));
     let err = ours
         .iter()
         .zip(&theirs)
