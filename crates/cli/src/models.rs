@@ -28,9 +28,15 @@ pub struct ConvertArgs {
     #[arg(long)]
     checkpoint: PathBuf,
     /// timm weights of the whole backbone (.pth or .safetensors, timm 0.8 or
-    /// ≥ 0.9 layout), needed when the checkpoint has no backbone.* keys.
+    /// ≥ 0.9 layout): needed when the checkpoint has no backbone.* keys, and
+    /// the source of the stages before the split, which let the server
+    /// classify whole images (/v1/classify-image, the offloading baseline).
     #[arg(long)]
     backbone_weights: Option<PathBuf>,
+    /// Store only the backbone after the split, even when the whole backbone
+    /// is at hand (smaller bundle; no image classification).
+    #[arg(long)]
+    tail_only: bool,
     /// Architecture file (TOML with [compressor], [backbone] and split_stage);
     /// default: the reference's compressor with swin_s3_base_224.
     #[arg(long)]
@@ -78,6 +84,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     let options = ConvertOptions {
         checkpoint: args.checkpoint.clone(),
         backbone_weights: args.backbone_weights.clone(),
+        tail_only: args.tail_only,
         architecture,
         likelihood_formula: args.likelihood_formula.map(|f| match f {
             Formula::Direct => LikelihoodFormula::Direct,
@@ -87,12 +94,17 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
     };
     let report = convert(&options, &args.output)?;
     println!(
-        "wrote {} (model {}, {} tensors read, entropy tables {:?}, pmf formula {:?})",
+        "wrote {} (model {}, {} tensors read, entropy tables {:?}, pmf formula {:?}, {})",
         args.output.display(),
         report.fingerprint,
         report.tensors_read,
         report.tables,
-        report.likelihood_formula
+        report.likelihood_formula,
+        if report.backbone_head {
+            "whole backbone: images can be classified too"
+        } else {
+            "backbone after the split only"
+        }
     );
     Ok(())
 }
@@ -271,7 +283,7 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
             .sum()
     };
     let c = &bundle.compressor_vars;
-    let parameters = vec![
+    let mut parameters = vec![
         ("encoder (g_a)".to_string(), count(c, "g_a.")),
         ("entropy bottleneck".to_string(), count(c, "entropy_bottleneck.")),
         (
@@ -280,8 +292,14 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
         ),
         ("reconstruction layer".to_string(), count(c, "g_s.final_layer.")),
         ("compression module".to_string(), count(c, "")),
-        ("backbone tail".to_string(), count(&bundle.backbone_vars, "")),
     ];
+    let backbone = &bundle.backbone_vars;
+    let split = bundle.manifest.architecture.split_stage;
+    let head = count(backbone, "patch_embed.") + (0..split).map(|i| count(backbone, &format!("layers.{i}."))).sum::<i64>();
+    parameters.push(("backbone tail".to_string(), count(backbone, "") - head));
+    if bundle.backbone_head.is_some() {
+        parameters.push(("backbone head (image offloading)".to_string(), head));
+    }
     let info = Info {
         fingerprint: bundle.fingerprint.to_string(),
         latent_shape: bundle.latent_shape().to_string(),

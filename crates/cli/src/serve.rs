@@ -36,12 +36,20 @@ pub struct ServeArgs {
     /// Classes per answer.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
+    /// Largest image /v1/classify-image decodes, in pixels; beyond, 400.
+    #[arg(long, default_value_t = 4096 * 4096)]
+    max_image_pixels: u64,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let bundle = Bundle::open(&args.model, Device::Cpu)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
     let model = bundle.fingerprint;
+    let endpoints = if bundle.backbone_head.is_some() {
+        "POST payloads to /v1/classify, images to /v1/classify-image"
+    } else {
+        "POST payloads to /v1/classify"
+    };
     let config = ServeConfig {
         max_batch: args.max_batch,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
@@ -49,6 +57,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_millis(args.timeout_ms),
         top_k: args.top_k,
+        max_image_pixels: args.max_image_pixels,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -56,7 +65,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         eprintln!(
-            "serving model {model} on http://{} (POST /v1/classify; Ctrl-C stops after the requests in flight)",
+            "serving model {model} on http://{} ({endpoints}; Ctrl-C stops after the requests in flight)",
             server.addr
         );
         server.done.await.context("server task failed")??;

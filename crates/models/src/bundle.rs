@@ -1,7 +1,9 @@
 //! Model bundles: a directory users pass around with everything the split
 //! pipeline needs, `model.toml` (architecture, preprocessing, entropy-table
 //! provenance, fingerprint, optional labels) and `weights.safetensors`
-//! (compressor, backbone tail, and the entropy coder's CDF tables).
+//! (compressor, backbone tail, and the entropy coder's CDF tables). A bundle
+//! may also hold the backbone's first stages (`backbone_head`), which lets a
+//! server classify whole images: the image-offloading baseline.
 //!
 //! The fingerprint is derived from the weights file, so payloads carry the
 //! identity of the exact weights and tables that produced them.
@@ -117,6 +119,11 @@ pub struct Manifest {
     pub likelihood_formula: LikelihoodFormula,
     /// Provenance of the tables.
     pub tables: TableSource,
+    /// Whether the weights include the backbone before the split
+    /// (`patch_embed` and stages `0..split_stage`), so that whole images can
+    /// be classified too.
+    #[serde(default)]
+    pub backbone_head: bool,
     /// Class names, index order, when known.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
@@ -142,6 +149,8 @@ pub struct Bundle {
     pub backbone_vars: nn::VarStore,
     /// The backbone tail (stages `split_stage..`).
     pub backbone: SwinTransformer,
+    /// The backbone before the split (stages `..split_stage`), when the bundle has it.
+    pub backbone_head: Option<SwinTransformer>,
     /// The entropy coder with the bundle's tables.
     pub coder: EntropyCoder,
 }
@@ -180,8 +189,10 @@ pub struct BundleContents<'a> {
     pub architecture: &'a Architecture,
     /// Compressor variables (names as `Compressor::new` registers them).
     pub compressor_vars: &'a nn::VarStore,
-    /// Backbone-tail variables.
+    /// Backbone variables: the tail, and the head when `backbone_head`.
     pub backbone_vars: &'a nn::VarStore,
+    /// Whether `backbone_vars` holds the head too.
+    pub backbone_head: bool,
     /// Entropy tables.
     pub tables: &'a CdfTables,
     /// pmf formula of the tables.
@@ -242,6 +253,7 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>) -> Result<ModelFin
             preprocess: Preprocess::for_input(contents.architecture.compressor.input_size as u32),
             likelihood_formula: contents.likelihood_formula,
             tables: contents.table_source,
+            backbone_head: contents.backbone_head,
             labels: contents.labels,
             source: contents.source,
         };
@@ -311,6 +323,9 @@ impl Bundle {
             &arch.backbone,
             arch.split_stage..arch.backbone.num_stages(),
         );
+        let backbone_head = manifest
+            .backbone_head
+            .then(|| SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage));
         load_into(&mut backbone_vars, take_prefix(&mut tensors, "backbone."))?;
         let tables = take_prefix(&mut tensors, "entropy_tables.");
         let get = |name: &str| -> Result<Vec<i32>> {
@@ -341,6 +356,7 @@ impl Bundle {
             compressor,
             backbone_vars,
             backbone,
+            backbone_head,
             coder,
         })
     }
@@ -416,5 +432,30 @@ impl Bundle {
     /// Server side: restored features → logits `(B, classes)`.
     pub fn classify_features(&self, features: &Tensor) -> Tensor {
         tch::no_grad(|| self.backbone.forward_t(features, false))
+    }
+
+    /// The image-offloading path: a batch of preprocessed `3 × S × S` images
+    /// (CHW each) through the whole backbone → logits `(B, classes)`. Fails
+    /// when the bundle has no backbone head.
+    pub fn classify_images(&self, images_chw: &[Vec<f32>]) -> Result<Tensor> {
+        let head = self.backbone_head.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "bundle {} holds only the backbone after the split; convert it with the whole backbone's weights to classify images",
+                self.dir.display()
+            ))
+        })?;
+        let size = self.manifest.architecture.backbone.img_size;
+        if let Some(bad) = images_chw.iter().find(|i| i.len() as i64 != 3 * size * size) {
+            return Err(Error::Invalid(format!(
+                "expected 3×{size}×{size} inputs, got {} values",
+                bad.len()
+            )));
+        }
+        let x = Tensor::from_slice(&images_chw.concat())
+            .view([images_chw.len() as i64, 3, size, size])
+            .to_device(self.backbone_vars.device());
+        Ok(tch::no_grad(|| {
+            self.backbone.forward_t(&head.forward_t(&x, false), false)
+        }))
     }
 }

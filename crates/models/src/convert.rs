@@ -22,8 +22,13 @@ use crate::weights::{is_derived_buffer, load_into, select};
 pub struct ConvertOptions {
     /// The reference checkpoint.
     pub checkpoint: PathBuf,
-    /// timm weights of the whole backbone, when the checkpoint has no `backbone.*`.
+    /// timm weights of the whole backbone: needed when the checkpoint has no
+    /// `backbone.*`, and the source of the backbone head (the stages before
+    /// the split, which reference checkpoints drop).
     pub backbone_weights: Option<PathBuf>,
+    /// Leave the backbone head out even when its weights are at hand: a
+    /// smaller bundle that cannot classify whole images.
+    pub tail_only: bool,
     /// The networks; the reference's main configuration by default.
     pub architecture: Architecture,
     /// pmf formula for rebuilding tables; by default `SignFlipped` for
@@ -45,6 +50,24 @@ pub struct ConvertReport {
     pub likelihood_formula: LikelihoodFormula,
     /// Tensors read from the checkpoint.
     pub tensors_read: usize,
+    /// Whether the bundle holds the backbone head (image classification).
+    pub backbone_head: bool,
+}
+
+fn same_values(a: &Tensor, b: &Tensor) -> bool {
+    a.size() == b.size() && a.to_kind(Kind::Double).equal(&b.to_kind(Kind::Double))
+}
+
+/// Whether a backbone key (our names) belongs to the stages before `split`.
+fn is_head_key(key: &str, split: usize) -> bool {
+    match key
+        .strip_prefix("layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|s| s.parse::<usize>().ok())
+    {
+        Some(stage) => stage < split,
+        None => key.starts_with("patch_embed."),
+    }
 }
 
 /// Reads every tensor of a checkpoint file: safetensors by extension,
@@ -114,7 +137,7 @@ fn partition(state: BTreeMap<String, Tensor>) -> Result<(BTreeMap<String, Tensor
             continue;
         }
         let twin = compressor.get(&format!("g_s.final_layer.{k}"));
-        if !twin.is_some_and(|c| c.size() == t.size() && c.to_kind(Kind::Double).equal(&t.to_kind(Kind::Double))) {
+        if !twin.is_some_and(|c| same_values(c, t)) {
             return Err(Error::WeightMismatch(format!(
                 "  reconstruction_layer.{k} differs from compression_module.g_s.final_layer.{k}\n"
             )));
@@ -132,28 +155,43 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
     let legacy_names = state.keys().any(|k| k.contains("entropy_bottleneck._matrix"));
     let (mut compressor_tensors, mut backbone_tensors) = partition(state)?;
 
-    if backbone_tensors.is_empty() {
-        let path = options.backbone_weights.as_ref().ok_or_else(|| {
-            Error::Invalid(format!(
+    match &options.backbone_weights {
+        Some(path) => {
+            // The checkpoint's tail is what the compressor was trained
+            // against; the file must be the same backbone, or the head and
+            // tail of the image path would come from different models.
+            let mut differing = Vec::new();
+            for (key, t) in select(read_state_dict(path)?, "", None) {
+                match backbone_tensors.get(&key) {
+                    Some(ours) if !same_values(ours, &t) => differing.push(key),
+                    Some(_) => {}
+                    None => {
+                        backbone_tensors.insert(key, t);
+                    }
+                }
+            }
+            if !differing.is_empty() {
+                return Err(Error::WeightMismatch(format!(
+                    "  {} holds a different backbone than {} ({} tensors differ, e.g. {})\n",
+                    path.display(),
+                    options.checkpoint.display(),
+                    differing.len(),
+                    differing[0]
+                )));
+            }
+        }
+        None if backbone_tensors.is_empty() => {
+            return Err(Error::Invalid(format!(
                 "{} has no backbone.* weights; pass the backbone's timm weights (--backbone-weights)",
                 options.checkpoint.display()
-            ))
-        })?;
-        let all = select(read_state_dict(path)?, "", None);
-        let split = arch.split_stage;
-        backbone_tensors = all
-            .into_iter()
-            .filter(|(k, _)| {
-                let stage = k
-                    .strip_prefix("layers.")
-                    .and_then(|r| r.split('.').next())
-                    .and_then(|s| s.parse::<usize>().ok());
-                match stage {
-                    Some(stage) => stage >= split,
-                    None => k.starts_with("norm.") || k.starts_with("head."),
-                }
-            })
-            .collect();
+            )))
+        }
+        None => {}
+    }
+    let split = arch.split_stage;
+    let backbone_head = !options.tail_only && backbone_tensors.contains_key("patch_embed.proj.weight");
+    if !backbone_head {
+        backbone_tensors.retain(|k, _| !is_head_key(k, split));
     }
 
     let formula = options.likelihood_formula.unwrap_or(if legacy_names {
@@ -174,8 +212,9 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
     let _backbone = SwinTransformer::new(
         &backbone_vars.root(),
         &arch.backbone,
-        arch.split_stage..arch.backbone.num_stages(),
+        split..arch.backbone.num_stages(),
     );
+    let _head = backbone_head.then(|| SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..split));
     load_into(&mut backbone_vars, backbone_tensors)?;
 
     let (tables, source) = match stored {
@@ -206,6 +245,7 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
             architecture: arch,
             compressor_vars: &compressor_vars,
             backbone_vars: &backbone_vars,
+            backbone_head,
             tables: &tables,
             likelihood_formula: formula,
             table_source: source.clone(),
@@ -218,5 +258,6 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
         tables: source,
         likelihood_formula: formula,
         tensors_read,
+        backbone_head,
     })
 }

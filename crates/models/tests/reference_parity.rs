@@ -7,10 +7,12 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use frankensplit_models::convert::{convert, ConvertOptions};
 use frankensplit_models::frankensplit::{Compressor, CompressorConfig, SwinReconLayer};
 use frankensplit_models::layers::{Activation, ResidualBlockWithStride};
 use frankensplit_models::swin::{BlockSpec, SwinBlock, SwinConfig, SwinTransformer};
 use frankensplit_models::weights::{load_into, select, SwinLayout};
+use frankensplit_models::{Architecture, Bundle};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
@@ -268,4 +270,61 @@ fn swin_s3_base_parameter_counts_equal_timm() {
     };
     assert_eq!(numel(0..4), 71_125_762);
     assert_eq!(numel(2..4), 69_633_472);
+}
+
+/// The reference checkpoint (tail only, as the release saves it) plus the
+/// timm weights of the whole backbone: the bundle classifies whole images
+/// exactly as timm does, and refuses a backbone file that is another model.
+#[test]
+fn bundles_with_the_backbone_head_classify_images_like_timm() {
+    let f = fixture("swin_timm06");
+    let dir = std::env::temp_dir().join(format!("frankensplit-head-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let timm: Vec<(String, Tensor)> = weights(&f, "weights.").into_iter().collect();
+    let timm_file = dir.join("timm.safetensors");
+    Tensor::write_safetensors(&timm, &timm_file).unwrap();
+    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let arch = Architecture::from_toml(&std::fs::read_to_string(fixtures.join("small_arch.toml")).unwrap()).unwrap();
+    let options = ConvertOptions {
+        checkpoint: fixtures.join("reference_checkpoint.pt"),
+        backbone_weights: Some(timm_file.clone()),
+        tail_only: false,
+        architecture: arch,
+        likelihood_formula: None,
+        labels: Vec::new(),
+    };
+    let report = convert(&options, &dir.join("whole")).unwrap();
+    assert!(report.backbone_head);
+    let bundle = Bundle::open(&dir.join("whole"), Device::Cpu).unwrap();
+    let images: Vec<Vec<f32>> = (0..2)
+        .map(|i| Vec::<f32>::try_from(f["input"].get(i).reshape([-1])).unwrap())
+        .collect();
+    assert_close(&bundle.classify_images(&images).unwrap(), &f["logits"], "whole-image path");
+
+    let report = convert(
+        &ConvertOptions {
+            tail_only: true,
+            ..options.clone()
+        },
+        &dir.join("tail"),
+    )
+    .unwrap();
+    assert!(!report.backbone_head);
+    let tail = Bundle::open(&dir.join("tail"), Device::Cpu).unwrap();
+    assert!(tail.classify_images(&images).is_err());
+    assert!(tail.backbone_vars.variables().len() < bundle.backbone_vars.variables().len());
+
+    let other: Vec<(String, Tensor)> = timm
+        .iter()
+        .map(|(k, t)| {
+            let t = if k == "layers.3.blocks.1.mlp.fc2.bias" { t + 1.0 } else { t.shallow_clone() };
+            (k.clone(), t)
+        })
+        .collect();
+    Tensor::write_safetensors(&other, &timm_file).unwrap();
+    let err = convert(&options, &dir.join("mixed")).unwrap_err().to_string();
+    assert!(err.contains("layers.3.blocks.1.mlp.fc2.bias"), "{err}");
+    assert!(!dir.join("mixed").exists());
+    let _ = std::fs::remove_dir_all(&dir);
 }

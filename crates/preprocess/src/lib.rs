@@ -53,16 +53,32 @@ impl RgbImage {
     /// Decodes JPEG, PNG or WebP bytes and converts them to RGB (alpha dropped,
     /// grey and palette images expanded), like `PIL.Image.open(…).convert("RGB")`.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
+        Self::decode_limited(bytes, MAX_PIXELS)
+    }
+
+    /// [`RgbImage::decode`] refusing images of more than `max_pixels` pixels
+    /// before decoding them, for servers that bound memory per request.
+    pub fn decode_limited(bytes: &[u8], max_pixels: u64) -> Result<Self> {
         let decode_error = |reason: String| Error::Decode {
             context: String::new(),
             reason,
         };
-        let reader = image::ImageReader::new(std::io::Cursor::new(bytes))
-            .with_guessed_format()
-            .map_err(|e| decode_error(e.to_string()))?;
-        let mut reader = reader;
+        let reader = || {
+            image::ImageReader::new(std::io::Cursor::new(bytes))
+                .with_guessed_format()
+                .map_err(|e| decode_error(e.to_string()))
+        };
+        let (width, height) = reader()?.into_dimensions().map_err(|e| decode_error(e.to_string()))?;
+        if u64::from(width) * u64::from(height) > max_pixels.min(MAX_PIXELS) {
+            return Err(Error::Size {
+                width,
+                height,
+                why: format!("more than {} pixels", max_pixels.min(MAX_PIXELS)),
+            });
+        }
+        let mut reader = reader()?;
         let mut limits = image::Limits::default();
-        limits.max_alloc = Some(MAX_PIXELS * 4);
+        limits.max_alloc = Some(max_pixels.min(MAX_PIXELS) * 8);
         reader.limits(limits);
         let decoded = reader.decode().map_err(|e| decode_error(e.to_string()))?;
         let rgb = decoded.to_rgb8();

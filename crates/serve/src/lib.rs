@@ -2,7 +2,8 @@
 //! container of `docs/format.md`); the server entropy-decodes them on the
 //! blocking pool, a single inference thread runs the decoder and the backbone
 //! tail on dynamically formed batches, and the answer is the top classes with
-//! server-side timings.
+//! server-side timings. Bundles that hold the whole backbone also classify
+//! whole images (`/v1/classify-image`), the offloading baseline.
 //!
 //! Back-pressure is explicit: a bounded queue (503 with `Retry-After` when
 //! full), a body-size limit (413), a per-request timeout (504); payloads of
@@ -20,17 +21,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use frankensplit_codec::CodecError;
 use frankensplit_models::{Bundle, PayloadDecoder};
-use serde::Serialize;
+use frankensplit_preprocess::{Preprocess, RgbImage};
+use serde::{Deserialize, Serialize};
 
 pub use metrics::Metrics;
-use worker::{Job, Prediction};
+use worker::{Input, Job, Prediction};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -47,6 +50,9 @@ pub struct ServeConfig {
     pub request_timeout: Duration,
     /// Classes reported per request.
     pub top_k: usize,
+    /// Largest image (pixels) `/v1/classify-image` decodes; bounds memory
+    /// per request, since a small PNG can declare a huge canvas.
+    pub max_image_pixels: u64,
 }
 
 impl Default for ServeConfig {
@@ -58,6 +64,7 @@ impl Default for ServeConfig {
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(10),
             top_k: 5,
+            max_image_pixels: 4096 * 4096,
         }
     }
 }
@@ -69,6 +76,8 @@ struct AppState {
     config: Arc<ServeConfig>,
     metrics: Arc<Metrics>,
     model: Arc<str>,
+    /// The input pipeline, when the bundle can classify whole images.
+    images: Option<Arc<Preprocess>>,
 }
 
 /// A running server: its address and a handle that ends when it has shut down.
@@ -90,6 +99,10 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let decoder = Arc::new(bundle.payload_decoder());
     let model: Arc<str> = bundle.fingerprint.to_string().into();
+    let images = bundle
+        .backbone_head
+        .is_some()
+        .then(|| Arc::new(bundle.manifest.preprocess.clone()));
     let (queue, worker) = worker::spawn(bundle, &config, metrics.clone());
     let state = AppState {
         decoder,
@@ -97,6 +110,7 @@ pub async fn start(
         config: Arc::new(config.clone()),
         metrics,
         model,
+        images,
     };
     let app = router(state);
     let listener = tokio::net::TcpListener::bind(listen).await?;
@@ -114,6 +128,7 @@ fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     Router::new()
         .route("/v1/classify", post(classify))
+        .route("/v1/classify-image", post(classify_image))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
@@ -146,6 +161,8 @@ pub async fn shutdown_signal() {
 #[derive(Serialize)]
 struct ClassifyResponse {
     model: String,
+    /// Bytes of the payload or image this answer is for.
+    input_bytes: usize,
     top_k: Vec<Prediction>,
     batch_size: usize,
     timings_ms: Timings,
@@ -153,6 +170,7 @@ struct ClassifyResponse {
 
 #[derive(Serialize)]
 struct Timings {
+    /// Entropy decoding, or image decoding and preprocessing.
     decode: f64,
     queue: f64,
     inference: f64,
@@ -214,8 +232,13 @@ fn frames(body: &[u8]) -> Result<Vec<&[u8]>, String> {
     Ok(out)
 }
 
-/// Entropy-decodes the body's payloads, or the status and message to answer with.
-fn decode_body(decoder: &PayloadDecoder, body: &[u8], framed: bool) -> Result<Vec<Vec<f32>>, (StatusCode, String)> {
+/// Entropy-decodes the body's payloads (each with its size), or the status
+/// and message to answer with.
+fn decode_body(
+    decoder: &PayloadDecoder,
+    body: &[u8],
+    framed: bool,
+) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
     let payloads = if framed {
         frames(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?
     } else {
@@ -230,29 +253,100 @@ fn decode_body(decoder: &PayloadDecoder, body: &[u8], framed: bool) -> Result<Ve
             } else {
                 String::new()
             };
-            decoder.decode(payload).map_err(|e| match e {
+            let latent = decoder.decode(payload).map_err(|e| match e {
                 frankensplit_models::Error::Codec(e @ CodecError::FingerprintMismatch { .. }) => {
                     (StatusCode::CONFLICT, format!("{which}{e}"))
                 }
                 e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
-            })
+            })?;
+            Ok((Input::Latent(latent), payload.len()))
         })
         .collect()
 }
 
 async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: Instant) -> Response {
     let decoder = state.decoder.clone();
-    let latents = match tokio::task::spawn_blocking(move || decode_body(&decoder, &body, framed)).await {
-        Ok(Ok(latents)) => latents,
+    let inputs = match tokio::task::spawn_blocking(move || decode_body(&decoder, &body, framed)).await {
+        Ok(Ok(inputs)) => inputs,
         Ok(Err((status, message))) => return error(status, message),
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder task failed: {e}")),
     };
+    match infer(state, inputs, started).await {
+        Ok(results) if framed => Json(FramedResponse { results }).into_response(),
+        Ok(mut results) => Json(results.pop().expect("one payload, one result")).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Options of `/v1/classify-image`.
+#[derive(Deserialize)]
+struct ImageOptions {
+    /// The image is already the model's centre crop (e.g. 224×224, as
+    /// `frankensplit client --mode jpeg` sends it): only normalise it.
+    #[serde(default)]
+    cropped: bool,
+}
+
+async fn classify_image(
+    State(state): State<AppState>,
+    options: Result<Query<ImageOptions>, QueryRejection>,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let response = match options {
+        Ok(Query(options)) => classify_image_inner(&state, body, options, started).await,
+        Err(e) => error(StatusCode::BAD_REQUEST, e.body_text()),
+    };
+    state
+        .metrics
+        .observe_request("classify_image", response.status().as_u16(), started.elapsed());
+    response
+}
+
+async fn classify_image_inner(state: &AppState, body: Bytes, options: ImageOptions, started: Instant) -> Response {
+    let Some(preprocess) = state.images.clone() else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this model bundle holds only the backbone after the split; convert it with the whole backbone (--backbone-weights) to classify images",
+        );
+    };
+    let max_pixels = state.config.max_image_pixels;
+    let prepared = tokio::task::spawn_blocking(move || -> Result<(Input, usize), String> {
+        let image = RgbImage::decode_limited(&body, max_pixels).map_err(|e| e.to_string())?;
+        let input = if options.cropped {
+            if (image.width, image.height) != (preprocess.crop, preprocess.crop) {
+                return Err(format!(
+                    "cropped=true needs a {0}×{0} image, got {1}×{2}",
+                    preprocess.crop, image.width, image.height
+                ));
+            }
+            preprocess.normalize(&image)
+        } else {
+            preprocess.apply(&image).map_err(|e| e.to_string())?
+        };
+        Ok((Input::Image(input), body.len()))
+    })
+    .await;
+    let input = match prepared {
+        Ok(Ok(input)) => input,
+        Ok(Err(message)) => return error(StatusCode::BAD_REQUEST, message),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("image task failed: {e}")),
+    };
+    match infer(state, vec![input], started).await {
+        Ok(mut results) => Json(results.pop().expect("one image, one result")).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Queues decoded inputs for the inference thread and waits for their
+/// answers, or the error response to give.
+async fn infer(state: &AppState, inputs: Vec<(Input, usize)>, started: Instant) -> Result<Vec<ClassifyResponse>, Response> {
     let decode_ms = started.elapsed().as_secs_f64() * 1e3;
-    let mut answers = Vec::with_capacity(latents.len());
-    for latent in latents {
+    let mut answers = Vec::with_capacity(inputs.len());
+    for (input, input_bytes) in inputs {
         let (reply, answer) = tokio::sync::oneshot::channel();
         match state.queue.try_send(Job {
-            latent,
+            input,
             enqueued: Instant::now(),
             reply,
         }) {
@@ -260,32 +354,33 @@ async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: In
                 state.metrics.queue_depth.inc();
             }
             Err(TrySendError::Full(_)) => {
-                return (
+                return Err((
                     StatusCode::SERVICE_UNAVAILABLE,
                     [(header::RETRY_AFTER, "1")],
                     Json(ErrorBody {
                         error: "inference queue is full; retry shortly".into(),
                     }),
                 )
-                    .into_response()
+                    .into_response())
             }
             Err(TrySendError::Disconnected(_)) => {
-                return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")
+                return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
             }
         }
-        answers.push(answer);
+        answers.push((answer, input_bytes));
     }
     let deadline = tokio::time::Instant::from_std(started + state.config.request_timeout);
     let mut results = Vec::with_capacity(answers.len());
-    for answer in answers {
+    for (answer, input_bytes) in answers {
         let result = match tokio::time::timeout_at(deadline, answer).await {
             Ok(Ok(Ok(result))) => result,
-            Ok(Ok(Err(message))) => return error(StatusCode::INTERNAL_SERVER_ERROR, message),
-            Ok(Err(_)) => return error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"),
-            Err(_) => return error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server"),
+            Ok(Ok(Err(message))) => return Err(error(StatusCode::INTERNAL_SERVER_ERROR, message)),
+            Ok(Err(_)) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
+            Err(_) => return Err(error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server")),
         };
         results.push(ClassifyResponse {
             model: state.model.to_string(),
+            input_bytes,
             top_k: result.top_k(state.config.top_k),
             batch_size: result.batch_size,
             timings_ms: Timings {
@@ -296,11 +391,7 @@ async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: In
             },
         });
     }
-    if framed {
-        Json(FramedResponse { results }).into_response()
-    } else {
-        Json(results.pop().expect("one payload, one result")).into_response()
-    }
+    Ok(results)
 }
 
 #[derive(Serialize)]

@@ -1,6 +1,7 @@
 //! The inference thread: it owns the networks (libtorch state stays on one
 //! thread), forms batches of up to `max_batch` requests arriving within
-//! `batch_wait` of the first, and answers each request's channel.
+//! `batch_wait` of the first, runs latents and whole images of a batch as
+//! one forward pass each, and answers each request's channel.
 
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::Arc;
@@ -14,9 +15,17 @@ use tokio::sync::oneshot;
 
 use crate::{Metrics, ServeConfig};
 
-/// A decoded latent waiting for inference.
+/// What a request asks the networks to classify.
+pub(crate) enum Input {
+    /// A dequantised latent (CHW): decoder, then the backbone tail.
+    Latent(Vec<f32>),
+    /// A preprocessed image (CHW): the whole backbone.
+    Image(Vec<f32>),
+}
+
+/// A decoded request waiting for inference.
 pub(crate) struct Job {
-    pub latent: Vec<f32>,
+    pub input: Input,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<JobResult, String>>,
 }
@@ -86,11 +95,7 @@ fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metr
         metrics.queue_depth.dec_by(batch.len() as i64);
         metrics.batch_size.observe(batch.len() as f64);
         let started = Instant::now();
-        let latents: Vec<Vec<f32>> = batch.iter_mut().map(|j| std::mem::take(&mut j.latent)).collect();
-        let outcome = bundle
-            .restore_features(&latents)
-            .map(|features| bundle.classify_features(&features).to_kind(Kind::Float))
-            .and_then(|logits| Ok(Vec::<Vec<f32>>::try_from(&logits)?));
+        let outcome = infer(&bundle, &mut batch);
         let inference_ms = started.elapsed().as_secs_f64() * 1e3;
         let size = batch.len();
         match outcome {
@@ -113,4 +118,34 @@ fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metr
             }
         }
     }
+}
+
+/// Logits for every job of `batch`, in order: latents and images each go
+/// through the networks as one batch.
+fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<Vec<f32>>> {
+    let mut latents = Vec::new();
+    let mut images = Vec::new();
+    for (i, job) in batch.iter_mut().enumerate() {
+        match &mut job.input {
+            Input::Latent(l) => latents.push((i, std::mem::take(l))),
+            Input::Image(x) => images.push((i, std::mem::take(x))),
+        }
+    }
+    let mut rows = vec![Vec::new(); batch.len()];
+    if !latents.is_empty() {
+        let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = latents.into_iter().unzip();
+        let features = bundle.restore_features(&inputs)?;
+        let logits = Vec::<Vec<f32>>::try_from(bundle.classify_features(&features).to_kind(Kind::Float))?;
+        for (i, row) in index.into_iter().zip(logits) {
+            rows[i] = row;
+        }
+    }
+    if !images.is_empty() {
+        let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = images.into_iter().unzip();
+        let logits = Vec::<Vec<f32>>::try_from(bundle.classify_images(&inputs)?.to_kind(Kind::Float))?;
+        for (i, row) in index.into_iter().zip(logits) {
+            rows[i] = row;
+        }
+    }
+    Ok(rows)
 }

@@ -25,6 +25,7 @@ fn small_bundle(name: &str) -> PathBuf {
     let options = ConvertOptions {
         checkpoint: fixtures().join("reference_checkpoint.pt"),
         backbone_weights: None,
+        tail_only: false,
         architecture: arch,
         likelihood_formula: None,
         labels: (0..10).map(|i| format!("class-{i}")).collect(),
