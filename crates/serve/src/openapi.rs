@@ -7,6 +7,23 @@ pub fn document() -> Value {
     let error = json!({"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}});
     let error_response =
         |description: &str| json!({"description": description, "content": {"application/json": {"schema": error}}});
+    let prediction = json!({
+        "type": "object",
+        "required": ["model", "input_bytes", "top_k", "batch_size", "timings_ms"],
+        "properties": {
+            "model": {"type": "string", "description": "Fingerprint of the model that answered"},
+            "input_bytes": {"type": "integer", "description": "Size of the payload or image this answer is for"},
+            "top_k": {"type": "array", "items": {"type": "object", "required": ["class", "probability", "logit"], "properties": {
+                "class": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}, "logit": {"type": "number"}}}},
+            "batch_size": {"type": "integer", "description": "Requests in the inference batch this one ran in"},
+            "timings_ms": {"type": "object", "properties": {
+                "decode": {"type": "number", "description": "Entropy decoding, or image decoding and preprocessing"},
+                "queue": {"type": "number"}, "inference": {"type": "number"}, "total": {"type": "number"}}}
+        }
+    });
+    let busy = json!({"description": "Inference queue full (retry after the Retry-After seconds) or shutting down",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        "content": {"application/json": {"schema": error}}});
     json!({
         "openapi": "3.1.0",
         "info": {
@@ -28,23 +45,31 @@ pub fn document() -> Value {
                         }
                     },
                     "responses": {
-                        "200": {"description": "Top classes and server-side timings", "content": {"application/json": {"schema": {
-                            "type": "object",
-                            "required": ["model", "top_k", "batch_size", "timings_ms"],
-                            "properties": {
-                                "model": {"type": "string", "description": "Fingerprint of the model that answered"},
-                                "top_k": {"type": "array", "items": {"type": "object", "required": ["class", "probability", "logit"], "properties": {
-                                    "class": {"type": "integer"}, "label": {"type": "string"}, "probability": {"type": "number"}, "logit": {"type": "number"}}}},
-                                "batch_size": {"type": "integer", "description": "Requests in the inference batch this one ran in"},
-                                "timings_ms": {"type": "object", "properties": {
-                                    "decode": {"type": "number"}, "queue": {"type": "number"}, "inference": {"type": "number"}, "total": {"type": "number"}}}
-                            }}}}},
+                        "200": {"description": "Top classes and server-side timings; a framed request gets {\"results\": [...]}",
+                                "content": {"application/json": {"schema": prediction}}},
                         "400": error_response("Malformed payload (bad header, truncated or corrupt string, wrong latent shape)"),
                         "409": error_response("Payload produced by another model (fingerprint mismatch)"),
                         "413": {"description": "Body larger than the server's limit"},
-                        "503": {"description": "Inference queue full (retry after the Retry-After seconds) or shutting down",
-                                "headers": {"Retry-After": {"schema": {"type": "integer"}}},
-                                "content": {"application/json": {"schema": error}}},
+                        "503": busy,
+                        "504": error_response("The request exceeded the server's timeout")
+                    }
+                }
+            },
+            "/v1/classify-image": {
+                "post": {
+                    "summary": "Classify a whole image with the whole backbone: the image-offloading baseline",
+                    "parameters": [{"name": "cropped", "in": "query", "required": false, "schema": {"type": "boolean", "default": false},
+                        "description": "The image is already the model's centre crop (e.g. 224×224): only normalise it. Otherwise it is resized and centre-cropped as the bundle's preprocessing says."}],
+                    "requestBody": {
+                        "required": true,
+                        "content": {"image/*": {"schema": {"type": "string", "format": "binary"}, "description": "JPEG, PNG or WebP (the format is detected from the bytes)."}}
+                    },
+                    "responses": {
+                        "200": {"description": "Top classes and server-side timings", "content": {"application/json": {"schema": prediction}}},
+                        "400": error_response("Not a decodable JPEG/PNG/WebP image, too many pixels, or a cropped image of the wrong size"),
+                        "413": {"description": "Body larger than the server's limit"},
+                        "501": error_response("The model bundle holds only the backbone after the split"),
+                        "503": busy,
                         "504": error_response("The request exceeded the server's timeout")
                     }
                 }

@@ -17,20 +17,35 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures")
 }
 
-/// Converts the small reference checkpoint into a bundle in a fresh directory.
-fn small_bundle(name: &str) -> PathBuf {
+/// Converts the small reference checkpoint into a bundle in a fresh
+/// directory; with `whole_backbone`, adds the fixture's timm backbone so that
+/// the bundle classifies images too.
+fn small_bundle(name: &str, whole_backbone: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let backbone_weights = whole_backbone.then(|| {
+        let timm: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(fixtures().join("swin_timm06.safetensors"))
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix("weights.")?.to_string(), t)))
+            .collect();
+        let path = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}.safetensors", std::process::id()));
+        tch::Tensor::write_safetensors(&timm, &path).unwrap();
+        path
+    });
     let arch: Architecture = toml_arch();
     let options = ConvertOptions {
         checkpoint: fixtures().join("reference_checkpoint.pt"),
-        backbone_weights: None,
+        backbone_weights: backbone_weights.clone(),
         tail_only: false,
         architecture: arch,
         likelihood_formula: None,
         labels: (0..10).map(|i| format!("class-{i}")).collect(),
     };
     convert(&options, &dir).unwrap();
+    if let Some(path) = backbone_weights {
+        let _ = std::fs::remove_file(path);
+    }
     dir
 }
 
@@ -70,7 +85,7 @@ async fn post(client: &reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> (u16
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_good_payloads_and_refuses_bad_ones() {
-    let dir = small_bundle("answers");
+    let dir = small_bundle("answers", false);
     let local = Bundle::open(&dir, Device::Cpu).unwrap();
     let images: Vec<Vec<f32>> = (0..4).map(|s| input(s, 64)).collect();
     let payloads: Vec<Vec<u8>> = images.iter().map(|x| local.compress(x).unwrap()).collect();
@@ -183,7 +198,7 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
-    let dir = small_bundle("flood");
+    let dir = small_bundle("flood", false);
     let local = Bundle::open(&dir, Device::Cpu).unwrap();
     let payload = local.compress(&input(1, 64)).unwrap();
     // One request per batch and a one-slot queue: 400 simultaneous requests
@@ -226,6 +241,117 @@ async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
     );
     stop.send(()).unwrap();
     finish(server, &dir).await;
+}
+
+/// A PNG of `side × side` pixels with a smooth pattern.
+fn png(side: u32, seed: u32) -> Vec<u8> {
+    let image = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([(x * 3 + seed) as u8, (y * 5) as u8, ((x + y) * 2 + seed * 7) as u8])
+    });
+    let mut bytes = Vec::new();
+    image
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
+async fn post_image(client: &reqwest::Client, addr: SocketAddr, query: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = client
+        .post(format!("http://{addr}/v1/classify-image{query}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
+    let whole = small_bundle("images", true);
+    let local = Bundle::open(&whole, Device::Cpu).unwrap();
+    let preprocess = local.manifest.preprocess.clone();
+    let pictures: Vec<Vec<u8>> = (0..3).map(|i| png(80 + 13 * i, i)).collect();
+    let expected: Vec<i64> = pictures
+        .iter()
+        .map(|bytes| {
+            let input = preprocess
+                .apply(&frankensplit_preprocess::RgbImage::decode(bytes).unwrap())
+                .unwrap();
+            local
+                .classify_images(&[input])
+                .unwrap()
+                .argmax(-1, false)
+                .int64_value(&[0])
+        })
+        .collect();
+    let config = ServeConfig {
+        max_image_pixels: 200 * 200,
+        ..ServeConfig::default()
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = start(local, "127.0.0.1:0".parse().unwrap(), config, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    let addr = server.addr;
+    let client = reqwest::Client::new();
+    for (bytes, top) in pictures.iter().zip(&expected) {
+        let (status, json) = post_image(&client, addr, "", bytes.clone()).await;
+        assert_eq!(status, 200, "{json}");
+        assert_eq!(json["top_k"][0]["class"].as_i64().unwrap(), *top);
+        assert_eq!(json["input_bytes"].as_u64().unwrap(), bytes.len() as u64);
+    }
+    // An image already cropped on the device is only normalised.
+    let crop = preprocess.resize_and_crop(&frankensplit_preprocess::RgbImage::decode(&pictures[1]).unwrap()).unwrap();
+    let cropped_png = {
+        let image = image::RgbImage::from_raw(crop.width, crop.height, crop.pixels.clone()).unwrap();
+        let mut bytes = Vec::new();
+        image
+            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .unwrap();
+        bytes
+    };
+    let (status, json) = post_image(&client, addr, "?cropped=true", cropped_png).await;
+    assert_eq!(status, 200, "{json}");
+    assert_eq!(json["top_k"][0]["class"].as_i64().unwrap(), expected[1]);
+
+    let (status, json) = post_image(&client, addr, "?cropped=true", pictures[0].clone()).await;
+    assert_eq!(status, 400);
+    assert!(json["error"].as_str().unwrap().contains("cropped"), "{json}");
+    let (status, json) = post_image(&client, addr, "", pictures[0][..pictures[0].len() / 2].to_vec()).await;
+    assert_eq!(status, 400, "{json}");
+    let (status, json) = post_image(&client, addr, "", b"GIF89a not an image".to_vec()).await;
+    assert_eq!(status, 400, "{json}");
+    let (status, json) = post_image(&client, addr, "", png(300, 0)).await;
+    assert_eq!(status, 400, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("pixels"), "{json}");
+    let (status, _) = post_image(&client, addr, "?cropped=maybe", pictures[0].clone()).await;
+    assert_eq!(status, 400);
+    let (status, json) = post_image(&client, addr, "", pictures[2].clone()).await;
+    assert_eq!(status, 200, "the server stopped answering after bad images: {json}");
+    stop.send(()).unwrap();
+    finish(server, &whole).await;
+
+    // A bundle with only the tail says what is missing.
+    let tail = small_bundle("tail-only", false);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = start(
+        Bundle::open(&tail, Device::Cpu).unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        ServeConfig::default(),
+        async {
+            let _ = stopped.await;
+        },
+    )
+    .await
+    .unwrap();
+    let (status, json) = post_image(&client, server.addr, "", pictures[0].clone()).await;
+    assert_eq!(status, 501);
+    assert!(json["error"].as_str().unwrap().contains("backbone"), "{json}");
+    stop.send(()).unwrap();
+    finish(server, &tail).await;
 }
 
 /// Waits for a stopped server to finish, then removes its bundle.
