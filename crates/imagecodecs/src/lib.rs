@@ -1,0 +1,279 @@
+//! The image codecs FrankenSplit is measured against: what "offload the
+//! image" costs in bytes. JPEG is libjpeg-turbo's encoder with its v6
+//! defaults (the same library and settings as Pillow's `save(…, "JPEG",
+//! quality=q)`: baseline, Huffman tables from the standard, 4:2:0 chroma),
+//! WebP is libwebp's lossy encoder with its default configuration at the
+//! given quality (method 4, as Pillow's default), PNG is lossless.
+//!
+//! Decoding goes through [`RgbImage::decode`], as the server does.
+
+use std::fmt;
+use std::str::FromStr;
+
+use frankensplit_preprocess::RgbImage;
+use image::ImageEncoder;
+use serde::{Deserialize, Serialize};
+
+/// Why an image could not be encoded or a codec name not parsed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The codec description is not understood.
+    #[error("unknown image codec {0:?}: expected jpeg[:q=1..100], webp[:q=0..100] or png")]
+    Spec(String),
+    /// The encoder failed.
+    #[error("{codec} encoding failed: {reason}")]
+    Encode {
+        /// The codec.
+        codec: &'static str,
+        /// The library's message.
+        reason: String,
+    },
+}
+
+/// Result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An image codec and its setting.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "codec", rename_all = "lowercase")]
+pub enum ImageCodec {
+    /// Baseline JPEG, 4:2:0, standard Huffman tables (libjpeg-turbo).
+    Jpeg {
+        /// IJG quality 1–100 (Pillow's default: 75).
+        quality: u8,
+    },
+    /// Lossy WebP (libwebp).
+    Webp {
+        /// libwebp quality 0–100 (Pillow's default: 80).
+        quality: f32,
+    },
+    /// Lossless PNG (default compression).
+    Png,
+}
+
+impl ImageCodec {
+    /// Short name: `jpeg`, `webp`, `png`.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Jpeg { .. } => "jpeg",
+            Self::Webp { .. } => "webp",
+            Self::Png => "png",
+        }
+    }
+
+    /// Compresses an RGB image.
+    pub fn encode(&self, image: &RgbImage) -> Result<Vec<u8>> {
+        match *self {
+            Self::Jpeg { quality } => encode_jpeg(image, quality),
+            Self::Webp { quality } => encode_webp(image, quality),
+            Self::Png => encode_png(image),
+        }
+    }
+}
+
+impl fmt::Display for ImageCodec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Jpeg { quality } => write!(f, "jpeg:q={quality}"),
+            Self::Webp { quality } => write!(f, "webp:q={quality}"),
+            Self::Png => f.write_str("png"),
+        }
+    }
+}
+
+impl FromStr for ImageCodec {
+    type Err = Error;
+
+    /// `jpeg`, `jpeg:q=90`, `webp`, `webp:q=50`, `png`; quality defaults are Pillow's.
+    fn from_str(spec: &str) -> Result<Self> {
+        let bad = || Error::Spec(spec.to_string());
+        let (family, setting) = match spec.trim().split_once(':') {
+            Some((family, setting)) => (family, Some(setting)),
+            None => (spec.trim(), None),
+        };
+        let quality = |default: f32, max: f32| -> Result<f32> {
+            match setting {
+                None => Ok(default),
+                Some(s) => {
+                    let q: f32 = s
+                        .strip_prefix("q=")
+                        .or_else(|| s.strip_prefix("quality="))
+                        .ok_or_else(bad)?
+                        .parse()
+                        .map_err(|_| bad())?;
+                    if (0.0..=max).contains(&q) {
+                        Ok(q)
+                    } else {
+                        Err(bad())
+                    }
+                }
+            }
+        };
+        match family.to_ascii_lowercase().as_str() {
+            "jpeg" | "jpg" => {
+                let q = quality(75.0, 100.0)?;
+                if q < 1.0 || q.fract() != 0.0 {
+                    return Err(bad());
+                }
+                Ok(Self::Jpeg { quality: q as u8 })
+            }
+            "webp" => Ok(Self::Webp {
+                quality: quality(80.0, 100.0)?,
+            }),
+            "png" if setting.is_none() => Ok(Self::Png),
+            _ => Err(bad()),
+        }
+    }
+}
+
+fn check_size(image: &RgbImage) -> Result<(), String> {
+    if image.width == 0 || image.height == 0 {
+        return Err("empty image".into());
+    }
+    if image.pixels.len() != image.width as usize * image.height as usize * 3 {
+        return Err("pixel buffer does not match the image size".into());
+    }
+    Ok(())
+}
+
+fn encode_jpeg(image: &RgbImage, quality: u8) -> Result<Vec<u8>> {
+    let fail = |reason: String| Error::Encode { codec: "jpeg", reason };
+    check_size(image).map_err(fail)?;
+    if image.width > 65_500 || image.height > 65_500 {
+        return Err(fail("JPEG images are at most 65,500 pixels on a side".into()));
+    }
+    // libjpeg reports errors by unwinding out of its error handler.
+    std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
+        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
+        compress.set_fastest_defaults();
+        compress.set_size(image.width as usize, image.height as usize);
+        compress.set_quality(f32::from(quality));
+        compress.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
+        let mut started = compress.start_compress(Vec::new())?;
+        started.write_scanlines(&image.pixels)?;
+        started.finish()
+    })
+    .map_err(|_| fail("libjpeg error".into()))?
+    .map_err(|e| fail(e.to_string()))
+}
+
+fn encode_webp(image: &RgbImage, quality: f32) -> Result<Vec<u8>> {
+    let fail = |reason: String| Error::Encode { codec: "webp", reason };
+    check_size(image).map_err(fail)?;
+    if image.width > 16_383 || image.height > 16_383 {
+        return Err(fail("WebP images are at most 16,383 pixels on a side".into()));
+    }
+    let encoder = webp::Encoder::from_rgb(&image.pixels, image.width, image.height);
+    encoder
+        .encode_simple(false, quality)
+        .map(|memory| memory.to_vec())
+        .map_err(|e| fail(format!("{e:?}")))
+}
+
+fn encode_png(image: &RgbImage) -> Result<Vec<u8>> {
+    let fail = |reason: String| Error::Encode { codec: "png", reason };
+    check_size(image).map_err(fail)?;
+    let mut out = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut out)
+        .write_image(&image.pixels, image.width, image.height, image::ExtendedColorType::Rgb8)
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A smooth gradient with a sharp-edged square: compressible, but not trivially.
+    fn picture(width: u32, height: u32) -> RgbImage {
+        let mut pixels = Vec::with_capacity((width * height * 3) as usize);
+        for y in 0..height {
+            for x in 0..width {
+                let inside = (width / 4..3 * width / 4).contains(&x) && (height / 4..3 * height / 4).contains(&y);
+                pixels.extend_from_slice(&[
+                    (x * 255 / width) as u8,
+                    (y * 255 / height) as u8,
+                    if inside { 230 } else { 20 },
+                ]);
+            }
+        }
+        RgbImage { width, height, pixels }
+    }
+
+    fn mean_abs_error(a: &RgbImage, b: &RgbImage) -> f64 {
+        let total: u64 = a
+            .pixels
+            .iter()
+            .zip(&b.pixels)
+            .map(|(&x, &y)| u64::from(x.abs_diff(y)))
+            .sum();
+        total as f64 / a.pixels.len() as f64
+    }
+
+    #[test]
+    fn every_codec_round_trips_through_the_servers_decoder() {
+        let original = picture(97, 64);
+        for codec in ["png", "jpeg:q=90", "webp:q=90"] {
+            let codec: ImageCodec = codec.parse().unwrap();
+            let bytes = codec.encode(&original).unwrap();
+            let decoded = RgbImage::decode(&bytes).unwrap();
+            assert_eq!((decoded.width, decoded.height), (97, 64), "{codec}");
+            let error = mean_abs_error(&original, &decoded);
+            match codec {
+                ImageCodec::Png => assert_eq!(decoded, original),
+                _ => assert!(error < 6.0, "{codec}: mean error {error}"),
+            }
+        }
+    }
+
+    #[test]
+    fn lower_quality_means_fewer_bytes_and_more_error() {
+        let original = picture(128, 128);
+        for family in ["jpeg", "webp"] {
+            let low: ImageCodec = format!("{family}:q=10").parse().unwrap();
+            let high: ImageCodec = format!("{family}:q=95").parse().unwrap();
+            let (low_bytes, high_bytes) = (low.encode(&original).unwrap(), high.encode(&original).unwrap());
+            assert!(low_bytes.len() < high_bytes.len(), "{family}");
+            let low_error = mean_abs_error(&original, &RgbImage::decode(&low_bytes).unwrap());
+            let high_error = mean_abs_error(&original, &RgbImage::decode(&high_bytes).unwrap());
+            assert!(low_error > high_error, "{family}: {low_error} vs {high_error}");
+        }
+    }
+
+    #[test]
+    fn jpeg_is_baseline_with_standard_tables_and_420_chroma() {
+        let bytes = ImageCodec::Jpeg { quality: 75 }.encode(&picture(64, 48)).unwrap();
+        let markers: Vec<u8> = bytes
+            .windows(2)
+            .filter(|w| w[0] == 0xFF && (0xC0..=0xCF).contains(&w[1]))
+            .map(|w| w[1])
+            .collect();
+        // SOF0 (baseline), never SOF2 (progressive).
+        assert!(markers.contains(&0xC0) && !markers.contains(&0xC2), "{markers:x?}");
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).unwrap();
+        // Component 1 (luma) sampled 2×2, the chroma components 1×1.
+        assert_eq!(bytes[sof + 11], 0x22);
+        assert_eq!(bytes[sof + 14], 0x11);
+        // IJG quality 75 scales the standard luminance table's first entry 16 to 16·50/100·… = 8.
+        let dqt = bytes.windows(2).position(|w| w == [0xFF, 0xDB]).unwrap();
+        assert_eq!(bytes[dqt + 5], 8);
+    }
+
+    #[test]
+    fn specs_parse_and_print_back() {
+        for (spec, codec) in [
+            ("jpeg", ImageCodec::Jpeg { quality: 75 }),
+            ("JPG:q=30", ImageCodec::Jpeg { quality: 30 }),
+            ("webp", ImageCodec::Webp { quality: 80.0 }),
+            ("webp:quality=12.5", ImageCodec::Webp { quality: 12.5 }),
+            ("png", ImageCodec::Png),
+        ] {
+            let parsed: ImageCodec = spec.parse().unwrap();
+            assert_eq!(parsed, codec, "{spec}");
+            assert_eq!(parsed.to_string().parse::<ImageCodec>().unwrap(), codec);
+        }
+        for bad in ["gif", "jpeg:q=0", "jpeg:q=101", "jpeg:q=7.5", "webp:q=-1", "png:q=3", "jpeg:x=3", ""] {
+            assert!(bad.parse::<ImageCodec>().is_err(), "{bad}");
+        }
+    }
+}
