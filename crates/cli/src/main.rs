@@ -2,15 +2,15 @@
 //! the inference server, payload inspection, and benchmarks.
 
 mod bench;
-mod edge;
+mod client;
+mod latency;
 mod models;
+mod plot;
 mod serve;
+mod units;
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
-use frankensplit_codec::Payload;
 
 #[derive(Parser)]
 #[command(
@@ -33,12 +33,16 @@ enum Command {
     /// Describe a model bundle: fingerprint, latent, parameter counts.
     Info(models::InfoArgs),
     /// Edge side: encode images into payload files.
-    Encode(edge::EncodeArgs),
+    Encode(frankensplit_edge::EncodeArgs),
     /// Serve split inference over HTTP: POST payloads to /v1/classify.
     Serve(serve::ServeArgs),
     /// Edge side against a server: encode, send, print predictions and a
     /// latency breakdown (edge, network, server); --repeat/--concurrency for load runs.
-    Client(edge::ClientArgs),
+    Client(client::ClientArgs),
+    /// End-to-end latency of split inference vs offloading the image, per
+    /// network link (BLE, 3G, LTE, 5G, Wi-Fi or --bandwidth/--rtt), from
+    /// edge and server times measured here; --plot draws it against bandwidth.
+    Latency(latency::LatencyArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -46,14 +50,7 @@ enum Command {
     },
     /// Print the header of a FrankenSplit payload file (model fingerprint,
     /// latent shape, string size and bits per 224×224 input pixel).
-    Inspect {
-        /// Payload files written by the edge encoder.
-        #[arg(required = true)]
-        payloads: Vec<PathBuf>,
-        /// Print one JSON object per payload instead of text.
-        #[arg(long)]
-        json: bool,
-    },
+    Inspect(frankensplit_edge::InspectArgs),
 }
 
 fn main() -> Result<()> {
@@ -61,41 +58,11 @@ fn main() -> Result<()> {
         Command::Convert(args) => models::run_convert(args),
         Command::Classify(args) => models::run_classify(args),
         Command::Info(args) => models::run_info(args),
-        Command::Encode(args) => edge::run_encode(args),
+        Command::Encode(args) => frankensplit_edge::run_encode(args),
         Command::Serve(args) => serve::run(args),
-        Command::Client(args) => edge::run_client(args),
+        Command::Client(args) => client::run_client(args),
+        Command::Latency(args) => latency::run(args),
         Command::Bench { target } => bench::run(target),
-        Command::Inspect { payloads, json } => {
-            for path in payloads {
-                let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                let payload =
-                    Payload::parse(&bytes).with_context(|| format!("{} is not a valid payload", path.display()))?;
-                let header = bytes.len() - payload.string.len();
-                let bpp = bytes.len() as f64 * 8.0 / (224.0 * 224.0);
-                if json {
-                    let line = serde_json::json!({
-                        "path": path,
-                        "fingerprint": payload.fingerprint.to_string(),
-                        "shape": payload.shape,
-                        "string_bytes": payload.string.len(),
-                        "header_bytes": header,
-                        "total_bytes": bytes.len(),
-                        "bpp_224": bpp,
-                    });
-                    println!("{line}");
-                } else {
-                    println!(
-                        "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at 224×224)",
-                        path.display(),
-                        payload.fingerprint,
-                        payload.shape,
-                        payload.string.len(),
-                        header,
-                        bytes.len()
-                    );
-                }
-            }
-            Ok(())
-        }
+        Command::Inspect(args) => frankensplit_edge::run_inspect(args),
     }
 }

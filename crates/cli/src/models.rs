@@ -3,9 +3,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use frankensplit_codec::LikelihoodFormula;
+use frankensplit_edge::{for_each_image, write_atomically};
 use frankensplit_models::convert::{convert, ConvertOptions};
 use frankensplit_models::{Architecture, Bundle};
 use frankensplit_preprocess::RgbImage;
@@ -226,32 +227,6 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
     })
 }
 
-/// Runs `each` on every image, reporting failures on stderr and going on;
-/// fails at the end if any image failed.
-pub fn for_each_image(images: &[PathBuf], mut each: impl FnMut(&Path) -> Result<()>) -> Result<()> {
-    let mut failures = 0;
-    for path in images {
-        if let Err(e) = each(path) {
-            failures += 1;
-            eprintln!("{}: {e:#}", path.display());
-        }
-    }
-    if failures > 0 {
-        bail!("{failures} of {} images failed", images.len());
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to a temporary sibling, then renames it over `path`.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let tmp = path.with_extension("fsp.tmp");
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
-}
-
 #[derive(Args)]
 pub struct InfoArgs {
     /// Model bundle directory.
@@ -295,7 +270,10 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
     ];
     let backbone = &bundle.backbone_vars;
     let split = bundle.manifest.architecture.split_stage;
-    let head = count(backbone, "patch_embed.") + (0..split).map(|i| count(backbone, &format!("layers.{i}."))).sum::<i64>();
+    let head = count(backbone, "patch_embed.")
+        + (0..split)
+            .map(|i| count(backbone, &format!("layers.{i}.")))
+            .sum::<i64>();
     parameters.push(("backbone tail".to_string(), count(backbone, "") - head));
     if bundle.backbone_head.is_some() {
         parameters.push(("backbone head (image offloading)".to_string(), head));

@@ -393,8 +393,21 @@ fn backbone_from_separate_timm_weights() {
         path_str(&timm_file),
         "--arch",
         path_str(&arch),
+        "--tail-only",
         "-o",
         path_str(&split),
+    ]);
+    let whole = work.join("whole");
+    run(&[
+        "convert",
+        "--checkpoint",
+        path_str(&headless),
+        "--backbone-weights",
+        path_str(&timm_file),
+        "--arch",
+        path_str(&arch),
+        "-o",
+        path_str(&whole),
     ]);
     let load = |dir: &Path| -> BTreeMap<String, Tensor> {
         Tensor::read_safetensors(dir.join("weights.safetensors"))
@@ -407,5 +420,18 @@ fn backbone_from_separate_timm_weights() {
     for (k, t) in &a {
         assert!(t.equal(&b[k]), "{k} differs");
     }
+    // Without --tail-only the stages before the split come along, for image classification.
+    let c = load(&whole);
+    let extra: Vec<&String> = c.keys().filter(|k| !a.contains_key(*k)).collect();
+    assert!(a.keys().all(|k| c[k].equal(&a[k])));
+    assert!(extra.iter().any(|k| k.starts_with("backbone.patch_embed.")));
+    assert!(
+        extra
+            .iter()
+            .all(|k| ["backbone.patch_embed.", "backbone.layers.0.", "backbone.layers.1."]
+                .iter()
+                .any(|p| k.starts_with(p))),
+        "{extra:?}"
+    );
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -272,7 +272,16 @@ mod tests {
             assert_eq!(parsed, codec, "{spec}");
             assert_eq!(parsed.to_string().parse::<ImageCodec>().unwrap(), codec);
         }
-        for bad in ["gif", "jpeg:q=0", "jpeg:q=101", "jpeg:q=7.5", "webp:q=-1", "png:q=3", "jpeg:x=3", ""] {
+        for bad in [
+            "gif",
+            "jpeg:q=0",
+            "jpeg:q=101",
+            "jpeg:q=7.5",
+            "webp:q=-1",
+            "png:q=3",
+            "jpeg:x=3",
+            "",
+        ] {
             assert!(bad.parse::<ImageCodec>().is_err(), "{bad}");
         }
     }

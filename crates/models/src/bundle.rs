@@ -132,6 +132,24 @@ pub struct Manifest {
     pub source: String,
 }
 
+impl Manifest {
+    /// Reads and validates a bundle's `model.toml` without loading weights.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(dir.join(MANIFEST))
+            .map_err(|e| Error::Invalid(format!("{} is not a model bundle ({MANIFEST}: {e})", dir.display())))?;
+        let manifest: Manifest =
+            toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(MANIFEST).display())))?;
+        if manifest.format != BUNDLE_FORMAT {
+            return Err(Error::Invalid(format!(
+                "bundle format {} is not supported (this build reads {BUNDLE_FORMAT})",
+                manifest.format
+            )));
+        }
+        manifest.architecture.validate()?;
+        Ok(manifest)
+    }
+}
+
 /// A loaded bundle: models on a device plus the entropy coder.
 #[derive(Debug)]
 pub struct Bundle {
@@ -285,17 +303,7 @@ impl Bundle {
     /// Reads a bundle directory onto `device`, checking the fingerprint and
     /// that every weight fits the declared architecture.
     pub fn open(dir: &Path, device: Device) -> Result<Self> {
-        let text = std::fs::read_to_string(dir.join(MANIFEST))
-            .map_err(|e| Error::Invalid(format!("{} is not a model bundle ({MANIFEST}: {e})", dir.display())))?;
-        let manifest: Manifest =
-            toml::from_str(&text).map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(MANIFEST).display())))?;
-        if manifest.format != BUNDLE_FORMAT {
-            return Err(Error::Invalid(format!(
-                "bundle format {} is not supported (this build reads {BUNDLE_FORMAT})",
-                manifest.format
-            )));
-        }
-        manifest.architecture.validate()?;
+        let manifest = Manifest::read(dir)?;
         let weights_path = dir.join(WEIGHTS);
         let bytes = std::fs::read(&weights_path).map_err(|e| io_error(&weights_path, e))?;
         let fingerprint = ModelFingerprint::of_parts([bytes.as_slice()]);

@@ -209,11 +209,7 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
     let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
     load_into(&mut compressor_vars, compressor_tensors)?;
     let mut backbone_vars = VarStore::new(Device::Cpu);
-    let _backbone = SwinTransformer::new(
-        &backbone_vars.root(),
-        &arch.backbone,
-        split..arch.backbone.num_stages(),
-    );
+    let _backbone = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, split..arch.backbone.num_stages());
     let _head = backbone_head.then(|| SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..split));
     load_into(&mut backbone_vars, backbone_tensors)?;
 

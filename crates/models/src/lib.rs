@@ -23,7 +23,7 @@ pub mod layers;
 pub mod swin;
 pub mod weights;
 
-pub use bundle::{Architecture, Bundle, PayloadDecoder};
+pub use bundle::{Architecture, Bundle, Manifest, PayloadDecoder};
 pub use error::{Error, Result};
 pub use frankensplit::{Compressor, CompressorConfig};
 pub use swin::{SwinConfig, SwinTransformer};

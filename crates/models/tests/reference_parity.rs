@@ -300,7 +300,11 @@ fn bundles_with_the_backbone_head_classify_images_like_timm() {
     let images: Vec<Vec<f32>> = (0..2)
         .map(|i| Vec::<f32>::try_from(f["input"].get(i).reshape([-1])).unwrap())
         .collect();
-    assert_close(&bundle.classify_images(&images).unwrap(), &f["logits"], "whole-image path");
+    assert_close(
+        &bundle.classify_images(&images).unwrap(),
+        &f["logits"],
+        "whole-image path",
+    );
 
     let report = convert(
         &ConvertOptions {
@@ -318,7 +322,11 @@ fn bundles_with_the_backbone_head_classify_images_like_timm() {
     let other: Vec<(String, Tensor)> = timm
         .iter()
         .map(|(k, t)| {
-            let t = if k == "layers.3.blocks.1.mlp.fc2.bias" { t + 1.0 } else { t.shallow_clone() };
+            let t = if k == "layers.3.blocks.1.mlp.fc2.bias" {
+                t + 1.0
+            } else {
+                t.shallow_clone()
+            };
             (k.clone(), t)
         })
         .collect();

@@ -340,7 +340,11 @@ async fn classify_image_inner(state: &AppState, body: Bytes, options: ImageOptio
 
 /// Queues decoded inputs for the inference thread and waits for their
 /// answers, or the error response to give.
-async fn infer(state: &AppState, inputs: Vec<(Input, usize)>, started: Instant) -> Result<Vec<ClassifyResponse>, Response> {
+async fn infer(
+    state: &AppState,
+    inputs: Vec<(Input, usize)>,
+    started: Instant,
+) -> Result<Vec<ClassifyResponse>, Response> {
     let decode_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut answers = Vec::with_capacity(inputs.len());
     for (input, input_bytes) in inputs {

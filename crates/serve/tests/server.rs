@@ -24,11 +24,12 @@ fn small_bundle(name: &str, whole_backbone: bool) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let backbone_weights = whole_backbone.then(|| {
-        let timm: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(fixtures().join("swin_timm06.safetensors"))
-            .unwrap()
-            .into_iter()
-            .filter_map(|(k, t)| Some((k.strip_prefix("weights.")?.to_string(), t)))
-            .collect();
+        let timm: Vec<(String, tch::Tensor)> =
+            tch::Tensor::read_safetensors(fixtures().join("swin_timm06.safetensors"))
+                .unwrap()
+                .into_iter()
+                .filter_map(|(k, t)| Some((k.strip_prefix("weights.")?.to_string(), t)))
+                .collect();
         let path = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}.safetensors", std::process::id()));
         tch::Tensor::write_safetensors(&timm, &path).unwrap();
         path
@@ -304,7 +305,9 @@ async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
         assert_eq!(json["input_bytes"].as_u64().unwrap(), bytes.len() as u64);
     }
     // An image already cropped on the device is only normalised.
-    let crop = preprocess.resize_and_crop(&frankensplit_preprocess::RgbImage::decode(&pictures[1]).unwrap()).unwrap();
+    let crop = preprocess
+        .resize_and_crop(&frankensplit_preprocess::RgbImage::decode(&pictures[1]).unwrap())
+        .unwrap();
     let cropped_png = {
         let image = image::RgbImage::from_raw(crop.width, crop.height, crop.pixels.clone()).unwrap();
         let mut bytes = Vec::new();

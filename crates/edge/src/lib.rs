@@ -1,0 +1,162 @@
+//! The edge side of FrankenSplit: what runs on the device. Images are
+//! decoded and preprocessed, the encoder g_a runs, and the latent is
+//! entropy-coded into a payload (docs/format.md). This crate and its binary
+//! `frankensplit-edge` carry no server, HTTP or training code.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use frankensplit_codec::Payload;
+use frankensplit_models::Bundle;
+use frankensplit_preprocess::RgbImage;
+use serde::Serialize;
+use tch::Device;
+
+#[derive(Args)]
+pub struct EncodeArgs {
+    /// Model bundle directory (only the encoder and entropy tables are used).
+    #[arg(long)]
+    model: PathBuf,
+    /// Images (JPEG, PNG or WebP).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Directory for the payloads (`<image stem>.fsp`).
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Print one JSON object per image.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Encoded {
+    image: PathBuf,
+    payload: PathBuf,
+    bytes: usize,
+    bpp: f64,
+    encode_ms: f64,
+}
+
+/// Preprocesses and encodes one image: the payload and the edge compute time.
+pub fn encode_image(bundle: &Bundle, path: &Path) -> Result<(Vec<u8>, f64)> {
+    let image = RgbImage::open(path)?;
+    let start = Instant::now();
+    let input = bundle.manifest.preprocess.apply(&image)?;
+    let payload = bundle.compress(&input)?;
+    Ok((payload, start.elapsed().as_secs_f64() * 1e3))
+}
+
+pub fn bpp(bundle: &Bundle, bytes: usize) -> f64 {
+    let crop = f64::from(bundle.manifest.preprocess.crop);
+    bytes as f64 * 8.0 / (crop * crop)
+}
+
+/// `encode`: one payload file per image.
+pub fn run_encode(args: EncodeArgs) -> Result<()> {
+    let bundle = Bundle::open(&args.model, Device::Cpu)
+        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    for_each_image(&args.images, |path| {
+        let encoded = encode_image(&bundle, path).and_then(|(payload, encode_ms)| {
+            let stem = path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "payload".into());
+            let target = args.output.join(format!("{stem}.fsp"));
+            write_atomically(&target, &payload)?;
+            Ok(Encoded {
+                image: path.to_path_buf(),
+                payload: target,
+                bytes: payload.len(),
+                bpp: bpp(&bundle, payload.len()),
+                encode_ms,
+            })
+        })?;
+        if args.json {
+            println!("{}", serde_json::to_string(&encoded)?);
+        } else {
+            let e = &encoded;
+            println!(
+                "{} -> {}: {} bytes, {:.4} bpp, {:.1} ms",
+                e.image.display(),
+                e.payload.display(),
+                e.bytes,
+                e.bpp,
+                e.encode_ms
+            );
+        }
+        Ok(())
+    })
+}
+
+/// Runs `each` on every image, reporting failures on stderr and going on;
+/// fails at the end if any image failed.
+pub fn for_each_image(images: &[PathBuf], mut each: impl FnMut(&Path) -> Result<()>) -> Result<()> {
+    let mut failures = 0;
+    for path in images {
+        if let Err(e) = each(path) {
+            failures += 1;
+            eprintln!("{}: {e:#}", path.display());
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {} images failed", images.len());
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a temporary sibling, then renames it over `path`.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// Payload files written by the edge encoder.
+    #[arg(required = true)]
+    payloads: Vec<PathBuf>,
+    /// Print one JSON object per payload instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `inspect`: payload headers.
+pub fn run_inspect(args: InspectArgs) -> Result<()> {
+    for path in args.payloads {
+        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let payload = Payload::parse(&bytes).with_context(|| format!("{} is not a valid payload", path.display()))?;
+        let header = bytes.len() - payload.string.len();
+        let bpp = bytes.len() as f64 * 8.0 / (224.0 * 224.0);
+        if args.json {
+            let line = serde_json::json!({
+                "path": path,
+                "fingerprint": payload.fingerprint.to_string(),
+                "shape": payload.shape,
+                "string_bytes": payload.string.len(),
+                "header_bytes": header,
+                "total_bytes": bytes.len(),
+                "bpp_224": bpp,
+            });
+            println!("{line}");
+        } else {
+            println!(
+                "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at 224×224)",
+                path.display(),
+                payload.fingerprint,
+                payload.shape,
+                payload.string.len(),
+                header,
+                bytes.len()
+            );
+        }
+    }
+    Ok(())
+}

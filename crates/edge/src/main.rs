@@ -1,0 +1,30 @@
+//! `frankensplit-edge`: the device-side program, encode and inspect only.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "frankensplit-edge",
+    version,
+    about = "FrankenSplit on the device: images to compact payloads for a frankensplit server"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode images into payload files and report bytes, bpp and encode time.
+    Encode(frankensplit_edge::EncodeArgs),
+    /// Print the header of payload files.
+    Inspect(frankensplit_edge::InspectArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Encode(args) => frankensplit_edge::run_encode(args),
+        Command::Inspect(args) => frankensplit_edge::run_inspect(args),
+    }
+}
