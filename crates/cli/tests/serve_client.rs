@@ -1,6 +1,8 @@
 //! The edge and server commands together over loopback: `encode` writes
 //! payloads, `serve` answers `client` with the same top-1 as local
-//! `classify`, and SIGINT stops the server cleanly.
+//! `classify`, image offloading answers the same whether the device or the
+//! server crops, a paced upload takes at least the link model's time, and
+//! SIGINT stops the server cleanly.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -30,10 +32,22 @@ fn encode_serve_and_client_agree_with_local_classification() {
     let _ = std::fs::remove_dir_all(&work);
     let bundle = work.join("bundle");
     let s = |p: &PathBuf| p.to_str().unwrap().to_string();
+    // The fixture checkpoint's tail comes from this timm backbone, whose
+    // first stages let the server classify whole images too.
+    let timm: Vec<(String, tch::Tensor)> = tch::Tensor::read_safetensors(models.join("swin_timm06.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix("weights.")?.to_string(), t)))
+        .collect();
+    std::fs::create_dir_all(&work).unwrap();
+    let timm_file = work.join("timm.safetensors");
+    tch::Tensor::write_safetensors(&timm, &timm_file).unwrap();
     run(&[
         "convert",
         "--checkpoint",
         &s(&models.join("reference_checkpoint.pt")),
+        "--backbone-weights",
+        &s(&timm_file),
         "--arch",
         &s(&models.join("small_arch.toml")),
         "-o",
@@ -109,6 +123,35 @@ fn encode_serve_and_client_agree_with_local_classification() {
         assert!(r["server_ms"].as_f64().unwrap() > 0.0);
     }
     assert_eq!(summary[0]["ok"], 6);
+
+    // Image offloading: cropping on the device and sending lossless PNG
+    // gives the server the same pixels as sending the file for it to crop.
+    let offload = |extra: &[&str]| -> Vec<Value> {
+        let mut args = vec!["client", "--json", "--server", &url, "--model"];
+        let model = s(&bundle);
+        let files = [s(&pictures[0]), s(&pictures[1])];
+        args.push(&model);
+        args.extend_from_slice(extra);
+        args.extend(files.iter().map(String::as_str));
+        run(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    };
+    let png = offload(&["--mode", "png"]);
+    let original = offload(&["--mode", "png", "--original"]);
+    let jpeg = offload(&["--mode", "jpeg", "--quality", "50"]);
+    for i in 0..2 {
+        assert_eq!(png[i]["status"], 200, "{}", png[i]);
+        assert_eq!(png[i]["top1"], original[i]["top1"]);
+        assert_eq!(jpeg[i]["status"], 200, "{}", jpeg[i]);
+        assert!(jpeg[i]["payload_bytes"].as_u64() < png[i]["payload_bytes"].as_u64());
+    }
+    // A paced upload: the body's last byte cannot leave before bytes · 8 / rate.
+    let paced = offload(&["--mode", "jpeg", "--throttle", "100kbit"]);
+    for r in &paced[..2] {
+        let bytes = r["payload_bytes"].as_f64().unwrap();
+        let modelled = r["modelled_transfer_ms"].as_f64().unwrap();
+        assert!((modelled - bytes * 8.0 / 100e3 * 1e3).abs() < 1e-6, "{r}");
+        assert!(r["network_ms"].as_f64().unwrap() >= modelled, "{r}");
+    }
 
     let pid = server.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
