@@ -57,7 +57,8 @@ pub struct ClientArgs {
     #[arg(long)]
     original: bool,
     /// Send request bodies at this rate (e.g. 2mbit, 500kbit, 1MB/s) to
-    /// check the latency model against a real, paced transfer.
+    /// check the latency model against a real, paced transfer; each request
+    /// is paced on its own (concurrent requests do not share the rate).
     #[arg(long, value_name = "RATE")]
     throttle: Option<String>,
     /// Send every image this many times (a load run).
@@ -192,6 +193,15 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     let started = Instant::now();
     let reports: Vec<RequestReport> = runtime.block_on(async {
         let client = reqwest::Client::new();
+        // The link model's RTT term for this connection: the median of a few
+        // empty round trips.
+        let link = match throttle {
+            Some(rate) => Some(PacedLink {
+                bits_per_s: rate,
+                rtt_ms: round_trip_ms(&client, &args.server).await?,
+            }),
+            None => None,
+        };
         let limit = Arc::new(tokio::sync::Semaphore::new(args.concurrency.max(1)));
         let tasks: Vec<_> = jobs
             .into_iter()
@@ -200,7 +210,7 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
                 let (image, body, edge_ms) = (job.image.clone(), job.body.clone(), job.edge_ms);
                 tokio::spawn(async move {
                     let _permit = limit.acquire_owned().await;
-                    send(&client, &url, image, body, edge_ms, throttle).await
+                    send(&client, &url, image, body, edge_ms, link).await
                 })
             })
             .collect();
@@ -208,8 +218,8 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         for task in tasks {
             out.push(task.await.expect("request task"));
         }
-        out
-    });
+        Ok::<_, anyhow::Error>(out)
+    })?;
     let seconds = started.elapsed().as_secs_f64();
     for r in &reports {
         if args.json {
@@ -265,7 +275,7 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         );
         if let (Some(measured), Some(modelled)) = (summary.mean_network_ms, summary.mean_modelled_transfer_ms) {
             println!(
-                "paced at {}: mean network {measured:.1} ms vs link model {modelled:.1} ms ({:+.1} %)",
+                "paced at {}: mean network {measured:.1} ms vs link model (RTT from /healthz + bytes · 8 / rate) {modelled:.1} ms ({:+.1} %)",
                 format_rate(throttle.unwrap_or_default()),
                 (measured / modelled - 1.0) * 100.0
             );
@@ -275,6 +285,32 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
         bail!("{} of {} requests failed", summary.failed, summary.requests);
     }
     Ok(())
+}
+
+/// A paced upload's link: the rate bodies are sent at and the connection's
+/// own round-trip time.
+#[derive(Debug, Clone, Copy)]
+struct PacedLink {
+    bits_per_s: f64,
+    rtt_ms: f64,
+}
+
+/// Median of five `GET /healthz` round trips, in milliseconds.
+async fn round_trip_ms(client: &reqwest::Client, server: &str) -> Result<f64> {
+    let url = format!("{}/healthz", server.trim_end_matches('/'));
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let response = client
+            .get(&url)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        response.bytes().await?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[2])
 }
 
 /// When each chunk of a body paced at `bits_per_s` may leave: a chunk goes
@@ -312,12 +348,12 @@ async fn send(
     image: PathBuf,
     payload: Arc<Vec<u8>>,
     edge_ms: f64,
-    throttle: Option<f64>,
+    link: Option<PacedLink>,
 ) -> RequestReport {
     let started = Instant::now();
     let len = payload.len();
-    let body = match throttle {
-        Some(rate) => paced_body(payload, rate),
+    let body = match link {
+        Some(link) => paced_body(payload, link.bits_per_s),
         None => reqwest::Body::from(payload.as_ref().clone()),
     };
     let response = client.post(url).body(body).send().await;
@@ -336,7 +372,7 @@ async fn send(
         payload_bytes: len,
         edge_ms,
         network_ms: (round_trip - server_ms).max(0.0),
-        modelled_transfer_ms: throttle.map(|rate| len as f64 * 8.0 / rate * 1e3),
+        modelled_transfer_ms: link.map(|l| l.rtt_ms + len as f64 * 8.0 / l.bits_per_s * 1e3),
         server_ms,
         total_ms: edge_ms + round_trip,
         top1: body["top_k"][0]["class"].as_i64(),
