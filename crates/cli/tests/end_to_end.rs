@@ -426,11 +426,11 @@ fn backbone_from_separate_timm_weights() {
     assert!(a.keys().all(|k| c[k].equal(&a[k])));
     assert!(extra.iter().any(|k| k.starts_with("backbone.patch_embed.")));
     assert!(
-        extra
-            .iter()
-            .all(|k| ["backbone.patch_embed.", "backbone.layers.0.", "backbone.layers.1."]
+        extra.iter().all(
+            |k| ["backbone.patch_embed.", "backbone.layers.0.", "backbone.layers.1."]
                 .iter()
-                .any(|p| k.starts_with(p))),
+                .any(|p| k.starts_with(p))
+        ),
         "{extra:?}"
     );
     let _ = std::fs::remove_dir_all(&work);
