@@ -137,55 +137,64 @@ fn elapsed_ms(start: Instant) -> f64 {
     start.elapsed().as_secs_f64() * 1e3
 }
 
-/// Times the split pipeline and each codec's offloading on `images`.
-fn measure(bundle: &Bundle, images: &[RgbImage], codecs: &[ImageCodec], iterations: usize) -> Result<Vec<Measured>> {
-    let preprocess = &bundle.manifest.preprocess;
-    let mut out = Vec::new();
-    let (mut edge, mut server, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
+/// Times one method over `iterations` passes (after a warm-up pass):
+/// `edge` turns an image into the bytes sent, `server` answers them.
+fn time_method(
+    method: String,
+    images: &[RgbImage],
+    iterations: usize,
+    mut edge: impl FnMut(&RgbImage) -> Result<Vec<u8>>,
+    mut server: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<Measured> {
+    let (mut edge_ms, mut server_ms, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
     for pass in 0..=iterations {
         for image in images {
             let start = Instant::now();
-            let payload = bundle.compress(&preprocess.apply(image)?)?;
-            let edge_ms = elapsed_ms(start);
+            let sent = edge(image)?;
+            let edge_time = elapsed_ms(start);
             let start = Instant::now();
-            let features = bundle.decompress(&payload)?;
-            let _ = bundle.classify_features(&features).to_device(Device::Cpu);
+            server(&sent)?;
             if pass > 0 {
-                server.push(elapsed_ms(start));
-                edge.push(edge_ms);
-                bytes.push(payload.len() as f64);
+                server_ms.push(elapsed_ms(start));
+                edge_ms.push(edge_time);
+                bytes.push(sent.len() as f64);
             }
         }
     }
-    out.push(Measured {
-        method: "split".into(),
-        edge_ms: median(edge),
+    Ok(Measured {
+        method,
+        edge_ms: median(edge_ms),
         bytes: bytes.iter().sum::<f64>() / bytes.len() as f64,
-        server_ms: median(server),
-    });
+        server_ms: median(server_ms),
+    })
+}
+
+/// Times the split pipeline and each codec's offloading on `images`.
+fn measure(bundle: &Bundle, images: &[RgbImage], codecs: &[ImageCodec], iterations: usize) -> Result<Vec<Measured>> {
+    let preprocess = &bundle.manifest.preprocess;
+    let mut out = vec![time_method(
+        "split".into(),
+        images,
+        iterations,
+        |image| Ok(bundle.compress(&preprocess.apply(image)?)?),
+        |payload| {
+            let features = bundle.decompress(payload)?;
+            let _ = bundle.classify_features(&features).to_device(Device::Cpu);
+            Ok(())
+        },
+    )?];
     for codec in codecs {
-        let (mut edge, mut server, mut bytes) = (Vec::new(), Vec::new(), Vec::new());
-        for pass in 0..=iterations {
-            for image in images {
-                let start = Instant::now();
-                let encoded = codec.encode(&preprocess.resize_and_crop(image)?)?;
-                let edge_ms = elapsed_ms(start);
-                let start = Instant::now();
-                let input = preprocess.normalize(&RgbImage::decode(&encoded)?);
+        out.push(time_method(
+            codec.to_string(),
+            images,
+            iterations,
+            |image| Ok(codec.encode(&preprocess.resize_and_crop(image)?)?),
+            |encoded| {
+                let input = preprocess.normalize(&RgbImage::decode(encoded)?);
                 let _ = bundle.classify_images(&[input])?.to_device(Device::Cpu);
-                if pass > 0 {
-                    server.push(elapsed_ms(start));
-                    edge.push(edge_ms);
-                    bytes.push(encoded.len() as f64);
-                }
-            }
-        }
-        out.push(Measured {
-            method: codec.to_string(),
-            edge_ms: median(edge),
-            bytes: bytes.iter().sum::<f64>() / bytes.len() as f64,
-            server_ms: median(server),
-        });
+                Ok(())
+            },
+        )?);
     }
     Ok(out)
 }

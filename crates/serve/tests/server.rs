@@ -104,17 +104,7 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
         max_body_bytes: 64 << 10,
         ..ServeConfig::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = start(
-        Bundle::open(&dir, Device::Cpu).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        config,
-        async {
-            let _ = stopped.await;
-        },
-    )
-    .await
-    .unwrap();
+    let (server, stop) = launch(Bundle::open(&dir, Device::Cpu).unwrap(), config).await;
     let addr = server.addr;
     let client = reqwest::Client::new();
 
@@ -209,12 +199,7 @@ async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
         queue_capacity: 1,
         ..ServeConfig::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = start(local, "127.0.0.1:0".parse().unwrap(), config, async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
+    let (server, stop) = launch(local, config).await;
     let addr = server.addr;
     let client = reqwest::Client::new();
     let flood: Vec<_> = (0..400)
@@ -290,12 +275,7 @@ async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
         max_image_pixels: 200 * 200,
         ..ServeConfig::default()
     };
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = start(local, "127.0.0.1:0".parse().unwrap(), config, async {
-        let _ = stopped.await;
-    })
-    .await
-    .unwrap();
+    let (server, stop) = launch(local, config).await;
     let addr = server.addr;
     let client = reqwest::Client::new();
     for (bytes, top) in pictures.iter().zip(&expected) {
@@ -339,22 +319,26 @@ async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
 
     // A bundle with only the tail says what is missing.
     let tail = small_bundle("tail-only", false);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = start(
-        Bundle::open(&tail, Device::Cpu).unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
-        ServeConfig::default(),
-        async {
-            let _ = stopped.await;
-        },
-    )
-    .await
-    .unwrap();
+    let (server, stop) = launch(Bundle::open(&tail, Device::Cpu).unwrap(), ServeConfig::default()).await;
     let (status, json) = post_image(&client, server.addr, "", pictures[0].clone()).await;
     assert_eq!(status, 501);
     assert!(json["error"].as_str().unwrap().contains("backbone"), "{json}");
     stop.send(()).unwrap();
     finish(server, &tail).await;
+}
+
+/// Starts `bundle` on a loopback port; the sender stops it.
+async fn launch(
+    bundle: Bundle,
+    config: ServeConfig,
+) -> (frankensplit_serve::RunningServer, tokio::sync::oneshot::Sender<()>) {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = start(bundle, "127.0.0.1:0".parse().unwrap(), config, async {
+        let _ = stopped.await;
+    })
+    .await
+    .unwrap();
+    (server, stop)
 }
 
 /// Waits for a stopped server to finish, then removes its bundle.
