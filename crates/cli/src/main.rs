@@ -7,6 +7,7 @@ mod latency;
 mod models;
 mod plot;
 mod serve;
+mod train;
 mod units;
 
 use anyhow::Result;
@@ -43,6 +44,11 @@ enum Command {
     /// network link (BLE, 3G, LTE, 5G, Wi-Fi or --bandwidth/--rtt), from
     /// edge and server times measured here; --plot draws it against bandwidth.
     Latency(latency::LatencyArgs),
+    /// Train a compressor (stage 1 head distillation, stage 2 saliency-guided)
+    /// or a teacher, from a run file; --resume continues a killed run.
+    Train(train::TrainArgs),
+    /// Write the built-in synthetic ImageFolder dataset (no download needed).
+    SynthData(train::SynthArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -62,6 +68,8 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run_client(args),
         Command::Latency(args) => latency::run(args),
+        Command::Train(args) => train::run_train(args),
+        Command::SynthData(args) => train::run_synth(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
     }

@@ -1,0 +1,365 @@
+//! Datasets and the input pipeline for training: ImageFolder trees (one
+//! folder per class), torchvision's transforms as the reference uses them,
+//! and a multi-threaded loader whose batches depend only on the seed, the
+//! epoch and the batch index — not on thread timing — so a resumed run sees
+//! the same batches it would have seen.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use frankensplit_preprocess::{resize_bilinear, Preprocess, RgbImage};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// File extensions read as images.
+const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// An ImageFolder dataset: `root/<class>/<image>`, classes in name order
+/// (torchvision's `ImageFolder` numbering).
+#[derive(Debug, Clone)]
+pub struct ImageFolder {
+    /// The dataset root.
+    pub root: PathBuf,
+    /// Class names; a sample's label indexes this list.
+    pub classes: Vec<String>,
+    /// `(path, label)` in class order, then file-name order.
+    pub samples: Vec<(PathBuf, i64)>,
+}
+
+impl ImageFolder {
+    /// Lists `root`: every sub-directory is a class, every JPEG/PNG/WebP file in it a sample.
+    pub fn open(root: &Path) -> Result<Self> {
+        let io = |path: &Path, e: std::io::Error| Error::Data(format!("{}: {e}", path.display()));
+        let mut classes: Vec<String> = std::fs::read_dir(root)
+            .map_err(|e| io(root, e))?
+            .filter_map(|entry| entry.ok())
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect();
+        classes.sort();
+        let mut samples = Vec::new();
+        for (label, class) in classes.iter().enumerate() {
+            let dir = root.join(class);
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| io(&dir, e))?
+                .filter_map(|entry| entry.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            samples.extend(files.into_iter().map(|p| (p, label as i64)));
+        }
+        if samples.is_empty() {
+            return Err(Error::Data(format!(
+                "{} holds no images in class folders (expected {}/<class>/<image>.jpg|png|webp)",
+                root.display(),
+                root.display()
+            )));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            classes,
+            samples,
+        })
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether there are no samples (never true for an opened folder).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+
+    /// A sample's path relative to the root, for mirroring the tree elsewhere.
+    pub fn relative(&self, index: usize) -> &Path {
+        let path = &self.samples[index].0;
+        path.strip_prefix(&self.root).unwrap_or(path)
+    }
+}
+
+/// How training images are cropped and resized before normalisation.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Augment {
+    /// Stage 1 and teacher training: torchvision `RandomResizedCrop(size)`
+    /// (scale 0.08–1, ratio ¾–4⁄3) and a horizontal flip with probability ½.
+    RandomResizedCrop,
+    /// Stage 2: `Resize((resize, resize))` (square, aspect not kept), then `CenterCrop(size)`.
+    SquareResizeCenterCrop,
+    /// Validation: `Resize(resize)` (short side), then `CenterCrop(size)`.
+    ResizeCenterCrop,
+}
+
+/// The pipeline: geometry from [`Augment`], then ImageNet normalisation.
+#[derive(Debug, Clone)]
+pub struct Transform {
+    /// Geometry.
+    pub augment: Augment,
+    /// Sizes and normalisation (`resize`, `crop`, mean, std).
+    pub preprocess: Preprocess,
+}
+
+impl Transform {
+    /// Applies the transform with `rng` drawing the random parameters.
+    pub fn apply(&self, image: &RgbImage, rng: &mut impl Rng) -> Result<Vec<f32>> {
+        let size = self.preprocess.crop;
+        let out = match self.augment {
+            Augment::ResizeCenterCrop => self.preprocess.resize_and_crop(image)?,
+            Augment::SquareResizeCenterCrop => {
+                let resize = self.preprocess.resize;
+                let square = resize_bilinear(image, resize, resize);
+                let offset = ((f64::from(resize - size)) / 2.0).round_ties_even() as u32;
+                square.crop(offset, offset, size, size)
+            }
+            Augment::RandomResizedCrop => {
+                let (left, top, width, height) = random_resized_crop(image.width, image.height, rng);
+                let crop = image.crop(left, top, width, height);
+                let resized = resize_bilinear(&crop, size, size);
+                if rng.gen_bool(0.5) {
+                    flip_horizontally(&resized)
+                } else {
+                    resized
+                }
+            }
+        };
+        Ok(self.preprocess.normalize(&out))
+    }
+}
+
+/// torchvision's `RandomResizedCrop.get_params` with scale (0.08, 1) and
+/// ratio (¾, 4⁄3): `(left, top, width, height)`.
+pub fn random_resized_crop(width: u32, height: u32, rng: &mut impl Rng) -> (u32, u32, u32, u32) {
+    let area = f64::from(width) * f64::from(height);
+    let (log_lo, log_hi) = ((3f64 / 4.0).ln(), (4f64 / 3.0).ln());
+    for _ in 0..10 {
+        let target = area * rng.gen_range(0.08..1.0);
+        let aspect = rng.gen_range(log_lo..log_hi).exp();
+        let w = (target * aspect).sqrt().round() as u32;
+        let h = (target / aspect).sqrt().round() as u32;
+        if 0 < w && w <= width && 0 < h && h <= height {
+            let top = rng.gen_range(0..=height - h);
+            let left = rng.gen_range(0..=width - w);
+            return (left, top, w, h);
+        }
+    }
+    // Fallback: the largest centred crop with the ratio clamped into range.
+    let ratio = f64::from(width) / f64::from(height);
+    let (w, h) = if ratio < 0.75 {
+        (width, ((f64::from(width) / 0.75).round() as u32).min(height))
+    } else if ratio > 4.0 / 3.0 {
+        (((f64::from(height) * 4.0 / 3.0).round() as u32).min(width), height)
+    } else {
+        (width, height)
+    };
+    ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+fn flip_horizontally(image: &RgbImage) -> RgbImage {
+    let row = image.width as usize * 3;
+    let mut pixels = Vec::with_capacity(image.pixels.len());
+    for line in image.pixels.chunks_exact(row) {
+        for px in line.chunks_exact(3).rev() {
+            pixels.extend_from_slice(px);
+        }
+    }
+    RgbImage {
+        width: image.width,
+        height: image.height,
+        pixels,
+    }
+}
+
+/// One batch: `images` holds `len` CHW inputs back to back.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Position of the batch in its epoch.
+    pub index: usize,
+    /// Dataset indices of the samples.
+    pub samples: Vec<usize>,
+    /// `len · 3 · size · size` normalised values.
+    pub images: Vec<f32>,
+    /// Class labels.
+    pub labels: Vec<i64>,
+}
+
+impl Batch {
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    /// Whether the batch is empty (never, for batches from a [`Loader`]).
+    pub fn is_empty(&self) -> bool {
+        self.samples.is_empty()
+    }
+}
+
+/// Settings of a [`Loader`].
+#[derive(Debug, Clone)]
+pub struct LoaderConfig {
+    /// Samples per batch (the last batch of an epoch may be smaller unless `drop_last`).
+    pub batch_size: usize,
+    /// Shuffle the samples each epoch.
+    pub shuffle: bool,
+    /// Drop a final incomplete batch (training does, as torchdistill's loaders do not;
+    /// kept as an option so small datasets still give a batch).
+    pub drop_last: bool,
+    /// Worker threads decoding and transforming images.
+    pub workers: usize,
+    /// Batches prepared ahead of the consumer.
+    pub prefetch: usize,
+    /// Seed of the shuffling and the augmentation.
+    pub seed: u64,
+}
+
+/// The order of the samples in `epoch`.
+pub fn epoch_order(len: usize, shuffle: bool, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..len).collect();
+    if shuffle {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED_0000_0000 ^ (epoch as u64).wrapping_mul(0x9E37_79B9));
+        order.shuffle(&mut rng);
+    }
+    order
+}
+
+/// The random stream of one sample in one epoch.
+fn sample_rng(seed: u64, epoch: usize, sample: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(((epoch as u64) << 32) ^ sample as u64);
+    rng
+}
+
+/// Loads the batches of one epoch on worker threads, delivering them in order.
+pub struct Loader {
+    receiver: Receiver<(usize, Result<Batch>)>,
+    pending: BTreeMap<usize, Result<Batch>>,
+    next: usize,
+    end: usize,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl Loader {
+    /// Starts loading the batches `first_batch..` of `epoch`.
+    pub fn start(
+        dataset: Arc<ImageFolder>,
+        transform: Arc<Transform>,
+        config: &LoaderConfig,
+        epoch: usize,
+        first_batch: usize,
+    ) -> Self {
+        let order = epoch_order(dataset.len(), config.shuffle, config.seed, epoch);
+        let batch_size = config.batch_size.max(1);
+        let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+        if config.drop_last && batches.len() > 1 && batches.last().is_some_and(|b| b.len() < batch_size) {
+            batches.pop();
+        }
+        let end = batches.len();
+        let batches = Arc::new(batches);
+        let cursor = Arc::new(AtomicUsize::new(first_batch.min(end)));
+        let (sender, receiver) = sync_channel(config.prefetch.max(1));
+        let seed = config.seed;
+        let workers = (0..config.workers.max(1))
+            .map(|_| {
+                let (dataset, transform, batches, cursor, sender) = (
+                    dataset.clone(),
+                    transform.clone(),
+                    batches.clone(),
+                    cursor.clone(),
+                    sender.clone(),
+                );
+                std::thread::spawn(move || loop {
+                    let index = cursor.fetch_add(1, Ordering::SeqCst);
+                    let Some(samples) = batches.get(index) else { break };
+                    let batch = load_batch(&dataset, &transform, samples, index, seed, epoch);
+                    if sender.send((index, batch)).is_err() {
+                        break;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            receiver,
+            pending: BTreeMap::new(),
+            next: first_batch.min(end),
+            end,
+            workers,
+        }
+    }
+
+    /// Batches in the epoch (including any skipped at the start).
+    pub fn num_batches(&self) -> usize {
+        self.end
+    }
+}
+
+fn load_batch(
+    dataset: &ImageFolder,
+    transform: &Transform,
+    samples: &[usize],
+    index: usize,
+    seed: u64,
+    epoch: usize,
+) -> Result<Batch> {
+    let mut images = Vec::new();
+    let mut labels = Vec::with_capacity(samples.len());
+    for &sample in samples {
+        let (path, label) = &dataset.samples[sample];
+        let image = RgbImage::open(path)?;
+        let mut rng = sample_rng(seed, epoch, sample);
+        images.extend(transform.apply(&image, &mut rng)?);
+        labels.push(*label);
+    }
+    Ok(Batch {
+        index,
+        samples: samples.to_vec(),
+        images,
+        labels,
+    })
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
+        }
+        while !self.pending.contains_key(&self.next) {
+            match self.receiver.recv() {
+                Ok((index, batch)) => {
+                    self.pending.insert(index, batch);
+                }
+                Err(_) => return Some(Err(Error::Data("the data loader's workers stopped".into()))),
+            }
+        }
+        let batch = self.pending.remove(&self.next);
+        self.next += 1;
+        batch
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        // Unblock workers waiting on a full channel, then let them finish.
+        while self.receiver.try_recv().is_ok() {}
+        let receiver = std::mem::replace(&mut self.receiver, sync_channel(1).1);
+        drop(receiver);
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
