@@ -47,6 +47,9 @@ enum Command {
     /// Train a compressor (stage 1 head distillation, stage 2 saliency-guided)
     /// or a teacher, from a run file; --resume continues a killed run.
     Train(train::TrainArgs),
+    /// XGradCAM saliency maps of a dataset from a teacher, as the reference's
+    /// stage 2 needs them (one .npy per image; resumable).
+    Saliency(train::SaliencyArgs),
     /// Write the built-in synthetic ImageFolder dataset (no download needed).
     SynthData(train::SynthArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
@@ -70,6 +73,7 @@ fn main() -> Result<()> {
         Command::Latency(args) => latency::run(args),
         Command::Train(args) => train::run_train(args),
         Command::SynthData(args) => train::run_synth(args),
+        Command::Saliency(args) => train::run_saliency(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
     }

@@ -116,3 +116,90 @@ pub fn run_synth(args: SynthArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(Args)]
+pub struct SaliencyArgs {
+    /// The teacher: a bundle directory holding the whole backbone, or a
+    /// timm weights file (.safetensors/.pth) of the --backbone preset.
+    #[arg(long)]
+    teacher: PathBuf,
+    /// Backbone preset when --teacher is a weights file.
+    #[arg(long, default_value = "swin_s3_base_224")]
+    backbone: String,
+    /// ImageFolder to compute maps for (class folders of images).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: one .npy per image, mirroring the data's tree.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Also write heat-map overlays (PNG) here.
+    #[arg(long)]
+    overlay: Option<PathBuf>,
+    /// Stages whose last block's norm1 is read (the reference: 1,2,3).
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    stages: Vec<usize>,
+    /// Side of the maps; default: the latent grid (input / 8, 28 at 224²).
+    #[arg(long)]
+    side: Option<usize>,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Data-loading threads.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
+    use frankensplit_models::weights::{load_into, select};
+    use frankensplit_models::{Bundle, SwinConfig, SwinTransformer};
+    use frankensplit_train::saliency::{generate_maps, Backbone, MapsConfig};
+
+    let device = parse_device(&args.device)?;
+    let dataset = frankensplit_train::data::ImageFolder::open(&args.data)?;
+    let maps = |config: &SwinConfig| MapsConfig {
+        stages: args.stages.clone(),
+        side: args.side.unwrap_or(config.img_size as usize / 8),
+        batch_size: args.batch_size,
+        workers: args.workers,
+        progress: true,
+        overlay: args.overlay.clone(),
+    };
+    let written = if args.teacher.is_dir() {
+        let bundle = Bundle::open(&args.teacher, device)
+            .with_context(|| format!("cannot load teacher {}", args.teacher.display()))?;
+        let head = bundle.backbone_head.as_ref().with_context(|| {
+            format!(
+                "{} holds only the backbone after the split; saliency needs the whole backbone",
+                args.teacher.display()
+            )
+        })?;
+        let config = bundle.manifest.architecture.backbone.clone();
+        let backbone = Backbone {
+            head,
+            tail: &bundle.backbone,
+        };
+        generate_maps(&backbone, &dataset, &bundle.manifest.preprocess, &args.output, &maps(&config), device)?
+    } else {
+        let config = SwinConfig::preset(&args.backbone).with_context(|| {
+            format!("unknown backbone {:?}; presets: {}", args.backbone, SwinConfig::PRESETS.join(", "))
+        })?;
+        let mut vars = tch::nn::VarStore::new(device);
+        let head = SwinTransformer::new(&vars.root(), &config, 0..1);
+        let tail = SwinTransformer::new(&vars.root(), &config, 1..config.num_stages());
+        let tensors = frankensplit_models::convert::read_state_dict(&args.teacher)?;
+        load_into(&mut vars, select(tensors, "", None))
+            .with_context(|| format!("{} does not fit {}", args.teacher.display(), args.backbone))?;
+        let preprocess = frankensplit_preprocess::Preprocess::for_input(config.img_size as u32);
+        let backbone = Backbone { head: &head, tail: &tail };
+        generate_maps(&backbone, &dataset, &preprocess, &args.output, &maps(&config), device)?
+    };
+    println!(
+        "wrote {written} saliency maps to {} ({} already there)",
+        args.output.display(),
+        dataset.len() - written
+    );
+    Ok(())
+}

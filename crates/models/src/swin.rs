@@ -343,13 +343,16 @@ impl SwinBlock {
     }
 }
 
-impl ModuleT for SwinBlock {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+impl SwinBlock {
+    /// The block's output and the output of its `norm1` `(B, L, C)`, the
+    /// layer saliency methods (XGradCAM) read activations and gradients from.
+    pub fn forward_with_norm1(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let (h, w) = self.resolution;
         let s = x.size();
         let (b, c) = (s[0], s[2]);
         let shortcut = x;
-        let mut t = x.apply(&self.norm1).view([b, h, w, c]);
+        let normed = x.apply(&self.norm1);
+        let mut t = normed.view([b, h, w, c]);
         if self.shift > 0 {
             t = t.roll([-self.shift, -self.shift], [1, 2]);
         }
@@ -361,7 +364,13 @@ impl ModuleT for SwinBlock {
         }
         let x = shortcut + drop_path(t.view([b, h * w, c]), self.drop_path, train);
         let mlp = x.apply(&self.norm2).apply(&self.fc1).gelu("none").apply(&self.fc2);
-        &x + drop_path(mlp, self.drop_path, train)
+        (&x + drop_path(mlp, self.drop_path, train), normed)
+    }
+}
+
+impl ModuleT for SwinBlock {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_with_norm1(x, train).0
     }
 }
 
@@ -421,16 +430,27 @@ pub struct SwinStage {
     downsample: Option<PatchMerging>,
 }
 
-impl ModuleT for SwinStage {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+impl SwinStage {
+    /// The stage's output and the `norm1` output of its last block.
+    fn forward_probed(&self, x: &Tensor, train: bool) -> (Tensor, Tensor) {
         let mut x = x.shallow_clone();
+        let mut probe = None;
         for block in &self.blocks {
-            x = block.forward_t(&x, train);
+            let (out, normed) = block.forward_with_norm1(&x, train);
+            x = out;
+            probe = Some(normed);
         }
-        match &self.downsample {
+        let out = match &self.downsample {
             Some(merge) => merge.forward(&x),
             None => x,
-        }
+        };
+        (out, probe.expect("a stage has at least one block"))
+    }
+}
+
+impl ModuleT for SwinStage {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_probed(x, train).0
     }
 }
 
@@ -534,26 +554,42 @@ impl SwinTransformer {
     /// Tokens before the global average pool and head: what `forward_t`
     /// computes up to `norm` (only when this instance holds the last stage).
     pub fn forward_features_t(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_probed(x, train).0
+    }
+
+    /// [`SwinTransformer::forward_features_t`] plus, for every stage held
+    /// (in order), the `norm1` output `(B, L, C)` of its last block: the
+    /// layers the reference's XGradCAM maps read.
+    pub fn forward_probed(&self, x: &Tensor, train: bool) -> (Tensor, Vec<Tensor>) {
         let mut x = match &self.patch_embed {
             Some((proj, norm)) => x.apply(proj).flatten(2, -1).transpose(1, 2).apply(norm),
             None => x.shallow_clone(),
         };
+        let mut probes = Vec::with_capacity(self.layers.len());
         for stage in &self.layers {
-            x = stage.forward_t(&x, train);
+            let (out, probe) = stage.forward_probed(&x, train);
+            x = out;
+            probes.push(probe);
         }
-        match &self.head {
+        let features = match &self.head {
             Some((norm, _)) => x.apply(norm),
             None => x,
+        };
+        (features, probes)
+    }
+
+    /// Logits from features of [`SwinTransformer::forward_features_t`]
+    /// (the instance must hold the last stage); otherwise the features.
+    pub fn classify_features(&self, features: &Tensor) -> Tensor {
+        match &self.head {
+            Some((_, head)) => features.mean_dim(1, false, Kind::Float).apply(head),
+            None => features.shallow_clone(),
         }
     }
 }
 
 impl ModuleT for SwinTransformer {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let features = self.forward_features_t(x, train);
-        match &self.head {
-            Some((_, head)) => features.mean_dim(1, false, Kind::Float).apply(head),
-            None => features,
-        }
+        self.classify_features(&self.forward_features_t(x, train))
     }
 }

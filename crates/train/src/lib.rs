@@ -9,6 +9,7 @@ pub mod data;
 pub mod npy;
 pub mod optim;
 pub mod run;
+pub mod saliency;
 pub mod synthetic;
 
 /// Why training could not go on.

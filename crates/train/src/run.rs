@@ -34,6 +34,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Augment, ImageFolder, Loader, LoaderConfig, Transform};
 use crate::optim::Adam;
+use crate::saliency::{generate_maps, Backbone, MapsConfig};
 use crate::{npy, Error, Result};
 
 /// The backbone: a timm preset name or a full configuration.
@@ -87,7 +88,8 @@ pub struct DataConfig {
     /// Validation ImageFolder.
     pub val: PathBuf,
     /// Saliency maps of the training set (`frankensplit saliency` output:
-    /// one `.npy` per image, mirroring the tree), for `saliency` stages.
+    /// one `.npy` per image, mirroring the tree), for `saliency` stages;
+    /// maps missing there are computed from the teacher when the stage starts.
     #[serde(default)]
     pub saliency: Option<PathBuf>,
     /// Class names come from the training folder; this caps validation images (all by default).
@@ -421,6 +423,26 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
 
     while progress.stage < config.stages.len() {
         let stage = &config.stages[progress.stage];
+        if stage.kind == StageKind::Saliency {
+            // Maps come from the teacher as it now is; existing ones are kept.
+            let dir = config.data.saliency.as_deref().expect("validated");
+            let maps = MapsConfig {
+                stages: (1..arch.backbone.num_stages()).collect(),
+                side: arch.compressor.latent_size() as usize,
+                batch_size: 16,
+                workers: config.workers,
+                progress: options.progress,
+                overlay: None,
+            };
+            let backbone = Backbone {
+                head: &models.head,
+                tail: &models.tail,
+            };
+            let written = generate_maps(&backbone, &train_set, &preprocess, dir, &maps, options.device)?;
+            if written > 0 && options.progress {
+                eprintln!("wrote {written} saliency maps to {}", dir.display());
+            }
+        }
         let mut optimizer = stage_optimizer(&mut models, stage);
         if let Some(saved) = saved_optimizer.take() {
             optimizer

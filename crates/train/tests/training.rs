@@ -1,7 +1,8 @@
 //! A whole run on a tiny synthetic dataset with the small fixture
-//! architecture: a teacher stage, then stage 1. Checks that the run writes
-//! its log, teacher and bundle, and that a run stopped after a checkpoint
-//! and resumed ends with exactly the weights of an uninterrupted run.
+//! architecture: a teacher stage, stage 1, then stage 2 with saliency maps
+//! the run computes itself. Checks that the run writes its log, teacher,
+//! maps and bundle, and that a run stopped after a checkpoint and resumed
+//! ends with exactly the weights of an uninterrupted run.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ checkpoint_every = 1
 [data]
 train = "data/train"
 val = "data/val"
+saliency = "{output}-maps"
 
 [teacher]
 split_stage = 2
@@ -45,6 +47,13 @@ kind = "distill"
 epochs = 2
 batch_size = 4
 lr = 1e-3
+lmbda = 0.05
+
+[[stages]]
+kind = "saliency"
+epochs = 1
+batch_size = 4
+lr = 4e-4
 lmbda = 0.05
 
 {arch}
@@ -87,9 +96,19 @@ fn a_run_trains_logs_and_resumes_exactly() {
 
     let whole = RunConfig::from_file(&run_file(&dir, "whole")).unwrap();
     let summary = train(&whole, &options(None, false)).unwrap();
-    // 12 images, batch 4: 3 steps per epoch, 3 epochs in all.
-    assert_eq!(summary.progress.global_step, 9);
-    assert_eq!(summary.progress.stage, 2);
+    // 12 images, batch 4: 3 steps per epoch, 4 epochs in all.
+    assert_eq!(summary.progress.global_step, 12);
+    assert_eq!(summary.progress.stage, 3);
+    // One map per training image, on the latent grid (64 / 8), in [0, 1].
+    let maps: Vec<PathBuf> = std::fs::read_dir(dir.join("whole-maps/blob"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(maps.len(), 4);
+    let (shape, values) = frankensplit_train::npy::read(&maps[0]).unwrap();
+    assert_eq!(shape, [8, 8]);
+    assert!(values.iter().all(|v| (0.0..=1.0).contains(v)));
+    assert!(values.iter().any(|&v| v > 0.99), "min-max normalised maps reach 1");
     let bundle = Bundle::open(summary.bundle.as_ref().unwrap(), Device::Cpu).unwrap();
     assert_eq!(bundle.manifest.labels, ["blob", "checker", "cross"]);
     assert!(bundle.backbone_head.is_some());
@@ -100,7 +119,7 @@ fn a_run_trains_logs_and_resumes_exactly() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let vals: Vec<&MetricsLine> = log.iter().filter(|l| l.split == "val").collect();
-    assert_eq!(vals.len(), 3);
+    assert_eq!(vals.len(), 4);
     assert!(vals[1].bpp.unwrap() > 0.0 && vals[1].top1.is_some());
     // The learning rate decays per epoch within a stage.
     assert!((vals[2].lr / vals[1].lr - 0.610_540_23).abs() < 1e-9);
