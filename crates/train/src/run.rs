@@ -66,7 +66,8 @@ impl BackboneSpec {
 pub struct TeacherConfig {
     /// Architecture.
     pub backbone: BackboneSpec,
-    /// Its weights (timm names, `.safetensors` or `.pth`); absent when a
+    /// Its weights (timm names, `.safetensors` or `.pth`, or a bundle's
+    /// `weights.safetensors` with the whole backbone); absent when a
     /// `teacher` stage trains it from scratch.
     #[serde(default)]
     pub weights: Option<PathBuf>,
@@ -392,7 +393,13 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
         }
         if let Some(weights) = &config.teacher.weights {
             let tensors = frankensplit_models::convert::read_state_dict(weights)?;
-            let mut selected = select(tensors, "", None);
+            // timm names, or a bundle's weights file (`backbone.` prefix).
+            let prefix = if tensors.keys().any(|k| k.starts_with("backbone.patch_embed.")) {
+                "backbone."
+            } else {
+                ""
+            };
+            let mut selected = select(tensors, prefix, None);
             selected.retain(|k, _| models.backbone_vars.variables().contains_key(k));
             load_into(&mut models.backbone_vars, selected)?;
         }
@@ -674,10 +681,18 @@ pub fn compressor_loss(
     };
     let bits = out.likelihoods.log2().sum(Kind::Float).neg();
     let loss = &distortion + &bits * lmbda;
+    // One transfer to the host for the three values (one synchronisation on a GPU).
+    let host = Vec::<f64>::try_from(
+        Tensor::stack(&[&loss, &distortion, &bits], 0)
+            .detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu),
+    )
+    .unwrap_or_else(|_| vec![f64::NAN; 3]);
     let values = StepTerms {
-        loss: loss.double_value(&[]),
-        distortion: Some(distortion.double_value(&[])),
-        bits: Some(bits.double_value(&[])),
+        loss: host[0],
+        distortion: Some(host[1]),
+        bits: Some(host[2]),
     };
     CompressorLoss {
         loss_tensor: loss,
