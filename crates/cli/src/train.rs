@@ -48,7 +48,8 @@ pub fn parse_device(text: &str) -> Result<Device> {
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
-    let config = RunConfig::from_file(&args.config).with_context(|| format!("invalid run file {}", args.config.display()))?;
+    let config =
+        RunConfig::from_file(&args.config).with_context(|| format!("invalid run file {}", args.config.display()))?;
     let options = TrainOptions {
         resume: args.resume,
         device: parse_device(&args.device)?,
@@ -138,6 +139,9 @@ pub struct SaliencyArgs {
     /// Stages whose last block's norm1 is read (the reference: 1,2,3).
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     stages: Vec<usize>,
+    /// Plain XGradCAM (channel sums) instead of the reference's eigen-smoothing.
+    #[arg(long)]
+    no_eigen_smooth: bool,
     /// Side of the maps; default: the latent grid (input / 8, 28 at 224²).
     #[arg(long)]
     side: Option<usize>,
@@ -161,6 +165,7 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
     let dataset = frankensplit_train::data::ImageFolder::open(&args.data)?;
     let maps = |config: &SwinConfig| MapsConfig {
         stages: args.stages.clone(),
+        eigen_smooth: !args.no_eigen_smooth,
         side: args.side.unwrap_or(config.img_size as usize / 8),
         batch_size: args.batch_size,
         workers: args.workers,
@@ -181,10 +186,21 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
             head,
             tail: &bundle.backbone,
         };
-        generate_maps(&backbone, &dataset, &bundle.manifest.preprocess, &args.output, &maps(&config), device)?
+        generate_maps(
+            &backbone,
+            &dataset,
+            &bundle.manifest.preprocess,
+            &args.output,
+            &maps(&config),
+            device,
+        )?
     } else {
         let config = SwinConfig::preset(&args.backbone).with_context(|| {
-            format!("unknown backbone {:?}; presets: {}", args.backbone, SwinConfig::PRESETS.join(", "))
+            format!(
+                "unknown backbone {:?}; presets: {}",
+                args.backbone,
+                SwinConfig::PRESETS.join(", ")
+            )
         })?;
         let mut vars = tch::nn::VarStore::new(device);
         let head = SwinTransformer::new(&vars.root(), &config, 0..1);
@@ -193,7 +209,10 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
         load_into(&mut vars, select(tensors, "", None))
             .with_context(|| format!("{} does not fit {}", args.teacher.display(), args.backbone))?;
         let preprocess = frankensplit_preprocess::Preprocess::for_input(config.img_size as u32);
-        let backbone = Backbone { head: &head, tail: &tail };
+        let backbone = Backbone {
+            head: &head,
+            tail: &tail,
+        };
         generate_maps(&backbone, &dataset, &preprocess, &args.output, &maps(&config), device)?
     };
     println!(

@@ -101,14 +101,27 @@ impl EntropyBottleneck {
     /// 1e-9 with CompressAI's `LowerBound` gradient, which lets the gradient of
     /// a rate loss through below the floor as well.
     pub fn forward_t(&self, y: &Tensor, train: bool) -> (Tensor, Tensor) {
+        if train {
+            self.forward_noisy(y, &(Tensor::rand_like(y) - 0.5))
+        } else {
+            self.forward_quantized(y, None)
+        }
+    }
+
+    /// The training path with given uniform noise (same shape as `y`), for
+    /// reproducing a step exactly: `ŷ = y + noise`.
+    pub fn forward_noisy(&self, y: &Tensor, noise: &Tensor) -> (Tensor, Tensor) {
+        self.forward_quantized(y, Some(noise))
+    }
+
+    fn forward_quantized(&self, y: &Tensor, noise: Option<&Tensor>) -> (Tensor, Tensor) {
         let size = y.size();
         let c = size[1];
         let values = y.transpose(0, 1).contiguous().view([c, 1, -1]);
         let medians = self.medians().detach().view([c, 1, 1]);
-        let outputs = if train {
-            &values + Tensor::rand_like(&values) - 0.5
-        } else {
-            (&values - &medians).round() + &medians
+        let outputs = match noise {
+            Some(noise) => &values + noise.transpose(0, 1).contiguous().view([c, 1, -1]),
+            None => (&values - &medians).round() + &medians,
         };
         let likelihood = self.likelihood(&outputs);
         let floored = lower_bound(&likelihood, LIKELIHOOD_BOUND);

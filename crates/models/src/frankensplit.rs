@@ -246,4 +246,14 @@ impl Compressor {
             likelihoods,
         }
     }
+
+    /// The training pass with given latent noise `(B, C, H, W)` in [−½, ½).
+    pub fn forward_noisy(&self, x: &Tensor, noise: &Tensor) -> CompressorOutput {
+        let y = self.g_a.forward(x);
+        let (y_hat, likelihoods) = self.entropy_bottleneck.forward_noisy(&y, noise);
+        CompressorOutput {
+            features: self.g_s.forward_t(&y_hat, true),
+            likelihoods,
+        }
+    }
 }

@@ -72,7 +72,11 @@ fn parse(bytes: &[u8]) -> std::result::Result<(Vec<usize>, Vec<f32>), String> {
 
 /// Writes a `float32` array (format 1.0), atomically.
 pub fn write(path: &Path, shape: &[usize], values: &[f32]) -> Result<()> {
-    assert_eq!(shape.iter().product::<usize>(), values.len(), "shape and values disagree");
+    assert_eq!(
+        shape.iter().product::<usize>(),
+        values.len(),
+        "shape and values disagree"
+    );
     let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
     let shape_text = if dims.len() == 1 {
         format!("({},)", dims[0])

@@ -178,8 +178,7 @@ impl RunConfig {
     /// Reads and checks a run file; relative paths are taken from the file's directory.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-        let mut config: Self =
-            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         let base = path.parent().unwrap_or(Path::new("."));
         let rebase = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -435,6 +434,7 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
             let dir = config.data.saliency.as_deref().expect("validated");
             let maps = MapsConfig {
                 stages: (1..arch.backbone.num_stages()).collect(),
+                eigen_smooth: true,
                 side: arch.compressor.latent_size() as usize,
                 batch_size: 16,
                 workers: config.workers,
@@ -481,13 +481,24 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                 progress.epoch,
                 progress.batch,
             );
-            let bar = progress_bar(options.progress, loader.num_batches() as u64, progress.batch as u64, stage, &progress);
+            let bar = progress_bar(
+                options.progress,
+                loader.num_batches() as u64,
+                progress.batch as u64,
+                stage,
+                &progress,
+            );
             let mut stretch = Stretch::default();
             for batch in loader {
                 let batch = batch?;
                 tch::manual_seed((config.seed as i64) ^ (progress.global_step as i64).wrapping_mul(0x2545_F491));
                 let x = Tensor::from_slice(&batch.images)
-                    .view([batch.len() as i64, 3, arch.compressor.input_size, arch.compressor.input_size])
+                    .view([
+                        batch.len() as i64,
+                        3,
+                        arch.compressor.input_size,
+                        arch.compressor.input_size,
+                    ])
                     .to_device(options.device);
                 let started = Instant::now();
                 let terms = match stage.kind {
@@ -514,7 +525,8 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                             _ => None,
                         };
                         optimizer.zero_grad();
-                        let terms = compressor_step(&models, &x, stage.lmbda, saliency.as_ref(), config.mixed_precision);
+                        let terms =
+                            compressor_step(&models, &x, stage.lmbda, saliency.as_ref(), config.mixed_precision);
                         terms.loss_tensor.backward();
                         models.compressor.entropy_bottleneck.aux_loss().backward();
                         terms.values
@@ -657,16 +669,21 @@ pub struct CompressorLoss {
 /// after stage `split − 1` (no gradient), the student's `h̃` through the
 /// noisy bottleneck, distortion `Σ(h − h̃)²` — or with a saliency map
 /// `(B, 1, H, W)`, `Σ(d + d⊙s)/2` with `s` nearest-resized to the token
-/// grid — plus `λ · Σ −log₂ p(ỹ)`.
+/// grid — plus `λ · Σ −log₂ p(ỹ)`. `noise` fixes the latent noise
+/// (drawn from torch's generator when `None`).
 pub fn compressor_loss(
     compressor: &Compressor,
     teacher_head: &SwinTransformer,
     x: &Tensor,
     lmbda: f64,
     saliency: Option<&Tensor>,
+    noise: Option<&Tensor>,
 ) -> CompressorLoss {
     let target = tch::no_grad(|| teacher_head.forward_t(x, false));
-    let out = compressor.forward_t(x, true);
+    let out = match noise {
+        Some(noise) => compressor.forward_noisy(x, noise),
+        None => compressor.forward_t(x, true),
+    };
     let d = (&out.features - &target).square();
     let distortion = match saliency {
         None => d.sum(Kind::Float),
@@ -701,7 +718,9 @@ pub fn compressor_loss(
 }
 
 fn compressor_step(models: &Models, x: &Tensor, lmbda: f64, saliency: Option<&Tensor>, amp: bool) -> CompressorLoss {
-    autocast(amp, || compressor_loss(&models.compressor, &models.head, x, lmbda, saliency))
+    autocast(amp, || {
+        compressor_loss(&models.compressor, &models.head, x, lmbda, saliency, None)
+    })
 }
 
 /// The saliency maps of a batch's samples, `(B, 1, H, W)`.
@@ -775,7 +794,11 @@ fn validate(
                 models.tail.forward_t(&out.features, false)
             }
         });
-        correct += logits.argmax(-1, false).eq_tensor(&labels).sum(Kind::Int64).int64_value(&[]);
+        correct += logits
+            .argmax(-1, false)
+            .eq_tensor(&labels)
+            .sum(Kind::Int64)
+            .int64_value(&[]);
         seen += batch.len() as i64;
     }
     let n = seen.max(1) as f64;
@@ -908,7 +931,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// that a kill at any moment leaves the previous checkpoint or the new one.
 fn write_checkpoint(path: &Path, models: &Models, optimizer: &Adam, progress: &Progress) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, vs) in [("compressor.", &models.compressor_vars), ("backbone.", &models.backbone_vars)] {
+    for (prefix, vs) in [
+        ("compressor.", &models.compressor_vars),
+        ("backbone.", &models.backbone_vars),
+    ] {
         for (name, t) in vs.variables() {
             tensors.push((format!("{prefix}{name}"), t.detach().to_device(Device::Cpu)));
         }

@@ -5,6 +5,14 @@
 //! normalised, resized (OpenCV's bilinear) to the latent grid, averaged over
 //! layers, ReLU, normalised again; NaN becomes 0.5. pytorch-grad-cam's
 //! `XGradCAM(…, eigen_smooth=True)` with the reference's aggregation.
+//!
+//! One deliberate difference: a principal component's sign is arbitrary,
+//! and pytorch-grad-cam keeps whatever numpy's LAPACK returns, so after the
+//! ReLU its maps keep one half of the projection or the other at random
+//! (per image and layer; measured: numpy and libtorch agree on about half
+//! of the 196×384 matrices of Swin-S3-B's stage 2). Here the component is
+//! oriented to correlate positively with the plain XGradCAM map, i.e.
+//! towards evidence for the class.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -26,8 +34,17 @@ pub struct Backbone<'a> {
 }
 
 /// XGradCAM maps `(B, side, side)` for a batch `x` `(B, 3, S, S)` and its
-/// labels, from the last block of each stage in `stages`.
-pub fn xgradcam(backbone: &Backbone<'_>, x: &Tensor, labels: &[i64], stages: &[usize], side: usize) -> Result<Vec<Vec<f32>>> {
+/// labels, from the last block of each stage in `stages`; with
+/// `eigen_smooth`, each layer's map is the oriented first principal
+/// component of the weighted activations instead of their channel sum.
+pub fn xgradcam(
+    backbone: &Backbone<'_>,
+    x: &Tensor,
+    labels: &[i64],
+    stages: &[usize],
+    side: usize,
+    eigen_smooth: bool,
+) -> Result<Vec<Vec<f32>>> {
     let batch = labels.len();
     let config = backbone.head.config();
     // Gradients must reach the activations even though the weights are frozen.
@@ -41,9 +58,10 @@ pub fn xgradcam(backbone: &Backbone<'_>, x: &Tensor, labels: &[i64], stages: &[u
     let chosen: Vec<Tensor> = stages
         .iter()
         .map(|&s| {
-            probes.get(s).map(Tensor::shallow_clone).ok_or_else(|| {
-                Error::Config(format!("the backbone has no stage {s} (it has {})", probes.len()))
-            })
+            probes
+                .get(s)
+                .map(Tensor::shallow_clone)
+                .ok_or_else(|| Error::Config(format!("the backbone has no stage {s} (it has {})", probes.len())))
         })
         .collect::<Result<_>>()?;
     let grads = Tensor::run_backward(&[score], &chosen, false, false);
@@ -52,7 +70,10 @@ pub fn xgradcam(backbone: &Backbone<'_>, x: &Tensor, labels: &[i64], stages: &[u
         let grid = config.stage_resolution(stage);
         let to_nchw = |t: &Tensor| -> Tensor {
             let c = t.size()[2];
-            t.detach().to_kind(Kind::Float).view([batch as i64, grid, grid, c]).permute([0, 3, 1, 2])
+            t.detach()
+                .to_kind(Kind::Float)
+                .view([batch as i64, grid, grid, c])
+                .permute([0, 3, 1, 2])
         };
         let (a, g) = (to_nchw(a), to_nchw(g));
         let sum_a = a.sum_dim_intlist([2, 3].as_slice(), true, Kind::Float);
@@ -60,7 +81,19 @@ pub fn xgradcam(backbone: &Backbone<'_>, x: &Tensor, labels: &[i64], stages: &[u
         let weighted = (weights * &a).to_device(Device::Cpu);
         let mut maps = Vec::with_capacity(batch);
         for b in 0..batch as i64 {
-            let cam = first_component(&weighted.get(b))?;
+            let image = weighted.get(b);
+            let plain = Vec::<f32>::try_from(image.sum_dim_intlist([0].as_slice(), false, Kind::Float).reshape([-1]))?;
+            let cam = if eigen_smooth {
+                let projection = first_component(&image)?;
+                let agreement: f32 = projection.iter().zip(&plain).map(|(p, q)| p * q).sum();
+                if agreement < 0.0 {
+                    projection.into_iter().map(|v| -v).collect()
+                } else {
+                    projection
+                }
+            } else {
+                plain
+            };
             let cam: Vec<f32> = cam.into_iter().map(|v| v.max(0.0)).collect();
             let scaled = min_max(&cam);
             maps.push(resize_linear(&scaled, grid as usize, side));
@@ -144,6 +177,8 @@ pub fn resize_linear(map: &[f32], from: usize, to: usize) -> Vec<f32> {
 pub struct MapsConfig {
     /// Stages whose last block's `norm1` is read (the reference: 1, 2, 3).
     pub stages: Vec<usize>,
+    /// Eigen-smoothing (the reference: on).
+    pub eigen_smooth: bool,
     /// Side of the written maps (the latent grid: 28 at 224²).
     pub side: usize,
     /// Images per forward pass.
@@ -208,7 +243,14 @@ pub fn generate_maps(
         let x = Tensor::from_slice(&batch.images)
             .view([batch.len() as i64, 3, size, size])
             .to_device(device);
-        let maps = xgradcam(backbone, &x, &batch.labels, &config.stages, config.side)?;
+        let maps = xgradcam(
+            backbone,
+            &x,
+            &batch.labels,
+            &config.stages,
+            config.side,
+            config.eigen_smooth,
+        )?;
         for (k, (&sample, map)) in batch.samples.iter().zip(&maps).enumerate() {
             let original = todo[sample];
             npy::write(&map_path(original), &[config.side, config.side], map)?;

@@ -51,7 +51,10 @@ impl Default for SyntheticConfig {
 /// Writes `root/train/<class>/NNNNN.png` and `root/val/<class>/NNNNN.png`.
 pub fn generate(root: &Path, config: &SyntheticConfig) -> Result<usize> {
     if config.classes == 0 || config.classes > CLASSES.len() {
-        return Err(Error::Data(format!("the synthetic dataset has 1 to {} classes", CLASSES.len())));
+        return Err(Error::Data(format!(
+            "the synthetic dataset has 1 to {} classes",
+            CLASSES.len()
+        )));
     }
     if config.size < 16 {
         return Err(Error::Data("synthetic images need at least 16 pixels a side".into()));
@@ -98,7 +101,9 @@ fn covers(label: usize, u: f32, v: f32, detail: f32) -> bool {
     let angle = v.atan2(u);
     match CLASSES[label] {
         "blob" => r < 0.75 + 0.2 * (3.0 * angle + detail).sin() * (2.0 * angle).cos(),
-        "checker" => u.abs() < 0.9 && v.abs() < 0.9 && (((u + 1.0) * 2.5).floor() + ((v + 1.0) * 2.5).floor()) as i32 % 2 == 0,
+        "checker" => {
+            u.abs() < 0.9 && v.abs() < 0.9 && (((u + 1.0) * 2.5).floor() + ((v + 1.0) * 2.5).floor()) as i32 % 2 == 0
+        }
         "cross" => (u.abs() < 0.25 && v.abs() < 0.95) || (v.abs() < 0.25 && u.abs() < 0.95),
         "disc" => r < 0.9,
         "dots" => {
@@ -137,10 +142,7 @@ fn draw(label: usize, size: u32, rng: &mut impl Rng) -> Vec<u8> {
         colour = colour.map(|c| 1.0 - c);
     }
     let radius = rng.gen_range(0.22..0.4) * s;
-    let centre = [
-        rng.gen_range(radius..s - radius),
-        rng.gen_range(radius..s - radius),
-    ];
+    let centre = [rng.gen_range(radius..s - radius), rng.gen_range(radius..s - radius)];
     let rotation = rng.gen_range(0.0..2.0 * PI);
     let detail = rng.gen_range(0.0..2.0 * PI);
     let (sin, cos) = rotation.sin_cos();
@@ -150,7 +152,8 @@ fn draw(label: usize, size: u32, rng: &mut impl Rng) -> Vec<u8> {
         for x in 0..size {
             let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
             let wave = 0.5 + 0.5 * ((fx * direction.cos() + fy * direction.sin()) * frequency).sin();
-            let mut px: [f32; 3] = std::array::from_fn(|c| background[c] * (1.0 - 0.35 * wave) + texture[c] * 0.35 * wave);
+            let mut px: [f32; 3] =
+                std::array::from_fn(|c| background[c] * (1.0 - 0.35 * wave) + texture[c] * 0.35 * wave);
             for (at, r, c) in &clutter {
                 let d2 = ((fx - at[0]).powi(2) + (fy - at[1]).powi(2)) / (r * r);
                 let weight = (-d2).exp() * 0.6;
