@@ -214,7 +214,8 @@ impl RunConfig {
             return Err(Error::Config("the run has no [[stages]]".into()));
         }
         for (i, stage) in self.stages.iter().enumerate() {
-            if stage.epochs == 0 || stage.batch_size == 0 || !(stage.lr > 0.0) || !(stage.gamma > 0.0) {
+            let positive = |v: f64| v.is_finite() && v > 0.0;
+            if stage.epochs == 0 || stage.batch_size == 0 || !positive(stage.lr) || !positive(stage.gamma) {
                 return Err(Error::Config(format!(
                     "stage {i}: epochs, batch_size, lr and gamma must be positive"
                 )));
