@@ -181,14 +181,14 @@ mod tests {
 
     #[test]
     fn every_class_draws_an_object_of_plausible_size() {
-        for label in 0..CLASSES.len() {
+        for (label, name) in CLASSES.iter().enumerate() {
             let covered = (0..400)
                 .filter(|i| {
                     let (u, v) = ((i % 20) as f32 / 10.0 - 0.95, (i / 20) as f32 / 10.0 - 0.95);
                     covers(label, u, v, 0.3)
                 })
                 .count();
-            assert!((20..380).contains(&covered), "{}: {covered} of 400", CLASSES[label]);
+            assert!((20..380).contains(&covered), "{name}: {covered} of 400");
         }
     }
 
