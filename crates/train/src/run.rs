@@ -363,6 +363,34 @@ impl Models {
 /// Runs (or resumes) a training run.
 pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
     let arch = config.architecture()?;
+    let train_set = Arc::new(ImageFolder::open(&config.data.train)?);
+    let mut val_set = ImageFolder::open(&config.data.val)?;
+    if val_set.classes != train_set.classes {
+        return Err(Error::Data(format!(
+            "{} and {} have different class folders",
+            config.data.train.display(),
+            config.data.val.display()
+        )));
+    }
+    if let Some(limit) = config.data.val_limit {
+        val_set.samples.truncate(limit);
+    }
+    let val_set = Arc::new(val_set);
+    if train_set.classes.len() as i64 > arch.backbone.num_classes {
+        return Err(Error::Config(format!(
+            "the data has {} classes, the backbone {} outputs",
+            train_set.classes.len(),
+            arch.backbone.num_classes
+        )));
+    }
+    if let Some(weights) = &config.teacher.weights {
+        if !weights.exists() {
+            return Err(Error::Config(format!(
+                "teacher weights {} not found: point [teacher] weights at the backbone's timm weights (.safetensors/.pth) or a bundle's weights.safetensors",
+                weights.display()
+            )));
+        }
+    }
     let out = &config.output;
     std::fs::create_dir_all(out).map_err(|e| Error::Data(format!("{}: {e}", out.display())))?;
     // Fresh weights are drawn from the seed (a VarStore initialises on creation).
@@ -405,26 +433,6 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
         }
     }
 
-    let train_set = Arc::new(ImageFolder::open(&config.data.train)?);
-    let mut val_set = ImageFolder::open(&config.data.val)?;
-    if val_set.classes != train_set.classes {
-        return Err(Error::Data(format!(
-            "{} and {} have different class folders",
-            config.data.train.display(),
-            config.data.val.display()
-        )));
-    }
-    if let Some(limit) = config.data.val_limit {
-        val_set.samples.truncate(limit);
-    }
-    let val_set = Arc::new(val_set);
-    if train_set.classes.len() as i64 > arch.backbone.num_classes {
-        return Err(Error::Config(format!(
-            "the data has {} classes, the backbone {} outputs",
-            train_set.classes.len(),
-            arch.backbone.num_classes
-        )));
-    }
     let preprocess = Preprocess::for_input(arch.compressor.input_size as u32);
     let mut log = MetricsLog::open(&out.join(METRICS))?;
 
