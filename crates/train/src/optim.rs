@@ -1,17 +1,25 @@
 //! Adam with PyTorch's update rule and defaults (β = (0.9, 0.999), ε = 1e-8,
 //! no weight decay), written out so that its state can be checkpointed and
 //! restored exactly (tch's optimiser keeps its state inside libtorch).
+//!
+//! The moments of all parameters live in two flat buffers and one step
+//! updates them with a handful of whole-buffer operations, then each
+//! parameter with one: launching a dozen small kernels per parameter tensor
+//! is what made a per-tensor loop slow on a GPU.
 
 use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-/// The optimiser and its moments, keyed by variable name.
+/// The optimiser and its moments.
 #[derive(Debug)]
 pub struct Adam {
-    params: BTreeMap<String, Tensor>,
-    first: BTreeMap<String, Tensor>,
-    second: BTreeMap<String, Tensor>,
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    /// Where each parameter sits in the flat buffers.
+    spans: Vec<(i64, i64)>,
+    first: Tensor,
+    second: Tensor,
     /// Steps taken.
     pub step: i64,
     /// Learning rate of the next step.
@@ -25,13 +33,22 @@ const EPS: f64 = 1e-8;
 impl Adam {
     /// Optimises `params` (name → variable) at learning rate `lr`.
     pub fn new(params: BTreeMap<String, Tensor>, lr: f64) -> Self {
-        let zeros = |p: &Tensor| p.zeros_like().detach();
-        let first = params.iter().map(|(k, p)| (k.clone(), zeros(p))).collect();
-        let second = params.iter().map(|(k, p)| (k.clone(), zeros(p))).collect();
+        let mut spans = Vec::with_capacity(params.len());
+        let mut offset = 0;
+        for p in params.values() {
+            let n = p.numel() as i64;
+            spans.push((offset, n));
+            offset += n;
+        }
+        let device = params.values().next().map_or(tch::Device::Cpu, Tensor::device);
+        let zeros = || Tensor::zeros([offset], (Kind::Float, device));
+        let (names, params) = params.into_iter().unzip();
         Self {
+            names,
             params,
-            first,
-            second,
+            spans,
+            first: zeros(),
+            second: zeros(),
             step: 0,
             lr,
         }
@@ -39,60 +56,82 @@ impl Adam {
 
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
-        for p in self.params.values_mut() {
+        for p in &mut self.params {
             p.zero_grad();
         }
     }
 
-    /// One update from the accumulated gradients (variables without a
-    /// gradient are left alone, as PyTorch does).
+    /// One update from the accumulated gradients. Variables without a
+    /// gradient are left alone with their moments, as PyTorch does.
     pub fn step(&mut self) {
         self.step += 1;
         let correction1 = 1.0 - BETA1.powi(self.step as i32);
         let correction2 = (1.0 - BETA2.powi(self.step as i32)).sqrt();
+        let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         tch::no_grad(|| {
-            for (name, p) in &self.params {
-                let grad = p.grad();
-                if !grad.defined() {
-                    continue;
+            if grads.iter().all(Tensor::defined) {
+                let flat: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).reshape([-1])).collect();
+                let g = Tensor::cat(&flat, 0);
+                let update = moments_update(&self.first, &self.second, &g, self.lr, correction1, correction2);
+                for (p, &(start, n)) in self.params.iter().zip(&self.spans) {
+                    let delta = update.narrow(0, start, n).view(p.size().as_slice()).to_kind(p.kind());
+                    let _ = p.shallow_clone().g_sub_(&delta);
                 }
-                let m = &self.first[name];
-                let v = &self.second[name];
-                m.shallow_clone().copy_(&(m * BETA1 + &grad * (1.0 - BETA1)));
-                v.shallow_clone().copy_(&(v * BETA2 + &grad * &grad * (1.0 - BETA2)));
-                let denom = v.sqrt() / correction2 + EPS;
-                let update = m / denom * (self.lr / correction1);
-                p.shallow_clone().copy_(&(p - update));
+            } else {
+                for ((p, g), &(start, n)) in self.params.iter().zip(&grads).zip(&self.spans) {
+                    if !g.defined() {
+                        continue;
+                    }
+                    let (m, v) = (self.first.narrow(0, start, n), self.second.narrow(0, start, n));
+                    let g = g.to_kind(Kind::Float).reshape([-1]);
+                    let update = moments_update(&m, &v, &g, self.lr, correction1, correction2);
+                    let _ = p.shallow_clone().g_sub_(&update.view(p.size().as_slice()).to_kind(p.kind()));
+                }
             }
         });
     }
 
     /// The moments as named tensors (`m.<name>`, `v.<name>`) for a checkpoint.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = Vec::with_capacity(2 * self.first.len());
-        for (name, t) in &self.first {
-            out.push((format!("m.{name}"), t.to_kind(Kind::Float)));
-        }
-        for (name, t) in &self.second {
-            out.push((format!("v.{name}"), t.to_kind(Kind::Float)));
+        let mut out = Vec::with_capacity(2 * self.names.len());
+        for (prefix, buffer) in [("m.", &self.first), ("v.", &self.second)] {
+            for ((name, p), &(start, n)) in self.names.iter().zip(&self.params).zip(&self.spans) {
+                out.push((
+                    format!("{prefix}{name}"),
+                    buffer.narrow(0, start, n).view(p.size().as_slice()).copy(),
+                ));
+            }
         }
         out
     }
 
     /// Restores moments written by [`Adam::state`]; every variable must have both.
     pub fn load_state(&mut self, state: &BTreeMap<String, Tensor>, step: i64) -> Result<(), String> {
-        for (prefix, moments) in [("m.", &mut self.first), ("v.", &mut self.second)] {
-            for (name, t) in moments.iter_mut() {
+        for (prefix, buffer) in [("m.", &self.first), ("v.", &self.second)] {
+            for ((name, p), &(start, n)) in self.names.iter().zip(&self.params).zip(&self.spans) {
                 let saved = state
                     .get(&format!("{prefix}{name}"))
                     .ok_or_else(|| format!("the checkpoint lacks the optimiser state of {name}"))?;
-                if saved.size() != t.size() {
+                if saved.size() != p.size() {
                     return Err(format!("optimiser state of {name} has shape {:?}", saved.size()));
                 }
-                tch::no_grad(|| t.copy_(saved));
+                let mut slot = buffer.narrow(0, start, n);
+                tch::no_grad(|| slot.copy_(&saved.to_kind(Kind::Float).reshape([-1])));
             }
         }
         self.step = step;
         Ok(())
     }
+}
+
+/// Updates the moments `m`, `v` in place from the gradient `g` and returns
+/// the parameter decrement `lr · m̂ / (√v̂ + ε)` (PyTorch's formulation).
+fn moments_update(m: &Tensor, v: &Tensor, g: &Tensor, lr: f64, correction1: f64, correction2: f64) -> Tensor {
+    let (mut m, mut v) = (m.shallow_clone(), v.shallow_clone());
+    let _ = m.g_mul_scalar_(BETA1);
+    let _ = m.g_add_(&(g * (1.0 - BETA1)));
+    let _ = v.g_mul_scalar_(BETA2);
+    let _ = v.g_add_(&(g * g * (1.0 - BETA2)));
+    let denom = v.sqrt() / correction2 + EPS;
+    m / denom * (lr / correction1)
 }
