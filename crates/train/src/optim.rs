@@ -85,7 +85,9 @@ impl Adam {
                     let (m, v) = (self.first.narrow(0, start, n), self.second.narrow(0, start, n));
                     let g = g.to_kind(Kind::Float).reshape([-1]);
                     let update = moments_update(&m, &v, &g, self.lr, correction1, correction2);
-                    let _ = p.shallow_clone().g_sub_(&update.view(p.size().as_slice()).to_kind(p.kind()));
+                    let _ = p
+                        .shallow_clone()
+                        .g_sub_(&update.view(p.size().as_slice()).to_kind(p.kind()));
                 }
             }
         });
