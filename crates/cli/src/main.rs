@@ -35,10 +35,12 @@ enum Command {
     Info(models::InfoArgs),
     /// Edge side: encode images into payload files.
     Encode(frankensplit_edge::EncodeArgs),
-    /// Serve split inference over HTTP: POST payloads to /v1/classify.
+    /// Serve split inference over HTTP: POST payloads to /v1/classify, whole
+    /// images to /v1/classify-image (the offloading baseline).
     Serve(serve::ServeArgs),
-    /// Edge side against a server: encode, send, print predictions and a
-    /// latency breakdown (edge, network, server); --repeat/--concurrency for load runs.
+    /// Edge side against a server: encode (or compress the image with
+    /// --mode jpeg|png|webp), send, print predictions and a latency breakdown
+    /// (edge, network, server); --throttle paces uploads; --repeat/--concurrency for load runs.
     Client(client::ClientArgs),
     /// End-to-end latency of split inference vs offloading the image, per
     /// network link (BLE, 3G, LTE, 5G, Wi-Fi or --bandwidth/--rtt), from

@@ -384,31 +384,25 @@ fn backbone_from_separate_timm_weights() {
         .unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--backbone-weights"));
 
+    let convert_with_timm = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "convert",
+            "--checkpoint",
+            path_str(&headless),
+            "--backbone-weights",
+            path_str(&timm_file),
+            "--arch",
+            path_str(&arch),
+            "-o",
+            path_str(out),
+        ];
+        args.extend_from_slice(extra);
+        run(&args);
+    };
     let split = work.join("split");
-    run(&[
-        "convert",
-        "--checkpoint",
-        path_str(&headless),
-        "--backbone-weights",
-        path_str(&timm_file),
-        "--arch",
-        path_str(&arch),
-        "--tail-only",
-        "-o",
-        path_str(&split),
-    ]);
+    convert_with_timm(&["--tail-only"], &split);
     let whole = work.join("whole");
-    run(&[
-        "convert",
-        "--checkpoint",
-        path_str(&headless),
-        "--backbone-weights",
-        path_str(&timm_file),
-        "--arch",
-        path_str(&arch),
-        "-o",
-        path_str(&whole),
-    ]);
+    convert_with_timm(&[], &whole);
     let load = |dir: &Path| -> BTreeMap<String, Tensor> {
         Tensor::read_safetensors(dir.join("weights.safetensors"))
             .unwrap()
