@@ -296,6 +296,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
                 log_y: true,
                 series: &series,
                 marks: &marks,
+                legend: plotters::chart::SeriesLabelPosition::UpperRight,
             },
             path,
         )?;

@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod eval;
 mod latency;
 mod models;
 mod plot;
@@ -54,6 +55,9 @@ enum Command {
     Saliency(train::SaliencyArgs),
     /// Write the built-in synthetic ImageFolder dataset (no download needed).
     SynthData(train::SynthArgs),
+    /// Rate vs accuracy of bundles (real entropy coding) against JPEG/WebP/PNG
+    /// offloading on an ImageFolder: table, JSON, plot.
+    Eval(eval::EvalArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -73,6 +77,7 @@ fn main() -> Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run_client(args),
         Command::Latency(args) => latency::run(args),
+        Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run_train(args),
         Command::SynthData(args) => train::run_synth(args),
         Command::Saliency(args) => train::run_saliency(args),

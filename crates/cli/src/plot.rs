@@ -37,6 +37,8 @@ pub struct Chart<'a> {
     pub series: &'a [Series],
     /// Labelled vertical marks (x in data units), e.g. named link profiles.
     pub marks: &'a [(f64, String)],
+    /// Where the legend goes (where the data leaves room).
+    pub legend: SeriesLabelPosition,
 }
 
 const SIZE: (u32, u32) = (960, 600);
@@ -218,7 +220,7 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
-        .position(SeriesLabelPosition::UpperRight)
+        .position(chart.legend.clone())
         .draw()
         .map_err(fail)?;
     Ok(())
@@ -266,6 +268,7 @@ mod tests {
                 log_y,
                 series: &series,
                 marks: &marks,
+                legend: SeriesLabelPosition::UpperRight,
             };
             let png = dir.join("c.png");
             draw(&chart, &png).unwrap();
@@ -290,6 +293,7 @@ mod tests {
             log_y: false,
             series: &bad,
             marks: &[],
+            legend: SeriesLabelPosition::UpperRight,
         };
         assert!(draw(&chart, &dir.join("bad.png")).is_err());
         assert!(!dir.join("bad.png").exists());

@@ -155,6 +155,76 @@ fn encode_serve_and_client_agree_with_local_classification() {
         assert!(r["network_ms"].as_f64().unwrap() >= serialisation, "{r}");
     }
 
+    // Rate vs accuracy on an ImageFolder of JPEGs made now: split inference
+    // answers as `classify` does, with the bytes `encode` writes.
+    let data = work.join("synthetic");
+    run(&[
+        "synth-data",
+        "-o",
+        &s(&data),
+        "--classes",
+        "3",
+        "--train-per-class",
+        "1",
+        "--val-per-class",
+        "2",
+        "--size",
+        "80",
+        "--jpeg",
+    ]);
+    let val = data.join("val");
+    let eval: Vec<Value> = serde_json::from_str(&run(&[
+        "eval",
+        "--json",
+        "--model",
+        &s(&bundle),
+        "--data",
+        &s(&val),
+        "--codec",
+        "png,jpeg:q=50",
+    ]))
+    .unwrap();
+    let images: Vec<PathBuf> = ["blob", "checker", "cross"]
+        .iter()
+        .flat_map(|c| {
+            (0..2)
+                .map(|i| val.join(c).join(format!("{i:05}.jpg")))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut args = vec!["classify".to_string(), "--json".into(), "--model".into(), s(&bundle)];
+    args.extend(images.iter().map(&s));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let classified: Vec<Value> = run(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let correct = classified
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| c["top_k"][0]["class"].as_i64() == Some((i / 2) as i64))
+        .count();
+    let mean_bytes = classified
+        .iter()
+        .map(|c| c["payload_bytes"].as_f64().unwrap())
+        .sum::<f64>()
+        / 6.0;
+    let split = &eval[0];
+    assert_eq!(split["family"], "frankensplit");
+    assert_eq!(split["images"], 6);
+    assert!(
+        (split["top1"].as_f64().unwrap() - 100.0 * correct as f64 / 6.0).abs() < 1e-9,
+        "{split}"
+    );
+    assert!((split["mean_bytes"].as_f64().unwrap() - mean_bytes).abs() < 1e-9);
+    assert!(split["bpp_string"].as_f64() < split["bpp"].as_f64());
+    let (png, jpeg) = (&eval[1], &eval[2]);
+    assert_eq!(
+        (png["method"].as_str(), jpeg["method"].as_str()),
+        (Some("png"), Some("jpeg:q=50"))
+    );
+    assert!(png["bpp"].as_f64() > jpeg["bpp"].as_f64());
+    for r in &eval {
+        assert!(r["top5"].as_f64() >= r["top1"].as_f64(), "{r}");
+    }
+
     let pid = server.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = server.wait().unwrap();

@@ -1,0 +1,302 @@
+//! `frankensplit eval`: rate vs accuracy of FrankenSplit bundles against
+//! offloading the image with standard codecs, on an ImageFolder. Split
+//! inference goes through real entropy coding (payload bytes on the wire);
+//! the codec baselines feed the same backbone the decoded centre crop, and
+//! their bytes are the compressed image's.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use frankensplit_imagecodecs::ImageCodec;
+use frankensplit_models::Bundle;
+use frankensplit_preprocess::RgbImage;
+use frankensplit_train::data::ImageFolder;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::plot::{self, Chart, Series};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// FrankenSplit bundles (e.g. one per λ); repeat the flag.
+    #[arg(long = "model", required = true)]
+    models: Vec<PathBuf>,
+    /// ImageFolder to evaluate on (class folders of JPEG/PNG/WebP images).
+    #[arg(long)]
+    data: PathBuf,
+    /// Image codecs to compare against, sending the centre crop, e.g.
+    /// jpeg:q=10,jpeg:q=50,webp:q=50,png; '' for none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "jpeg:q=10,jpeg:q=30,jpeg:q=75,webp:q=10,webp:q=50,webp:q=80,png"
+    )]
+    codec: Vec<String>,
+    /// Evaluate at most this many images (spread over the classes).
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Write a Markdown table here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Draw accuracy against bits per pixel here (.png or .svg).
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One method's results.
+#[derive(Debug, Clone, Serialize)]
+pub struct MethodResult {
+    /// `frankensplit <fingerprint>` or the codec (`jpeg:q=75`).
+    pub method: String,
+    /// `frankensplit`, `jpeg`, `webp` or `png`.
+    pub family: String,
+    /// Images evaluated.
+    pub images: usize,
+    /// Top-1 accuracy (%).
+    pub top1: f64,
+    /// Top-5 accuracy (%).
+    pub top5: f64,
+    /// Mean bytes sent per image (container header included for FrankenSplit).
+    pub mean_bytes: f64,
+    /// Bits per pixel of the model's input crop, from `mean_bytes`.
+    pub bpp: f64,
+    /// FrankenSplit: bits per pixel of the rANS string alone (no container header).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpp_string: Option<f64>,
+    /// Mean device-side time per image: encoder and entropy coding, or codec encoding (ms).
+    pub encode_ms: f64,
+    /// Mean server-side time per image: decoding and classification, batch 1 (ms).
+    pub decode_ms: f64,
+}
+
+/// Running sums for one method.
+#[derive(Default)]
+struct Tally {
+    images: usize,
+    top1: usize,
+    top5: usize,
+    bytes: usize,
+    string_bytes: usize,
+    encode_s: f64,
+    decode_s: f64,
+}
+
+impl Tally {
+    fn add(&mut self, logits: &Tensor, label: i64, bytes: usize, encode_s: f64, decode_s: f64) {
+        let logits = logits.to_kind(Kind::Float).view([-1]);
+        let k = logits.size()[0].min(5);
+        let top: Vec<i64> = Vec::try_from(logits.topk(k, 0, true, true).1).unwrap_or_default();
+        self.images += 1;
+        self.top1 += usize::from(top.first() == Some(&label));
+        self.top5 += usize::from(top.contains(&label));
+        self.bytes += bytes;
+        self.encode_s += encode_s;
+        self.decode_s += decode_s;
+    }
+
+    fn result(&self, method: String, family: &str, pixels: f64) -> MethodResult {
+        let n = self.images.max(1) as f64;
+        let mean_bytes = self.bytes as f64 / n;
+        MethodResult {
+            method,
+            family: family.into(),
+            images: self.images,
+            top1: 100.0 * self.top1 as f64 / n,
+            top5: 100.0 * self.top5 as f64 / n,
+            mean_bytes,
+            bpp: mean_bytes * 8.0 / pixels,
+            bpp_string: (family == "frankensplit").then(|| self.string_bytes as f64 / n * 8.0 / pixels),
+            encode_ms: self.encode_s / n * 1e3,
+            decode_ms: self.decode_s / n * 1e3,
+        }
+    }
+}
+
+/// Each sample's label in the bundle's class numbering: by class name when
+/// the bundle has labels, else the folder order.
+fn labels_for(bundle: &Bundle, dataset: &ImageFolder) -> Result<Vec<i64>> {
+    let names = &bundle.manifest.labels;
+    if names.is_empty() {
+        return Ok(dataset.samples.iter().map(|(_, l)| *l).collect());
+    }
+    let index: BTreeMap<&str, i64> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i as i64)).collect();
+    dataset
+        .samples
+        .iter()
+        .map(|(_, l)| {
+            let class = &dataset.classes[*l as usize];
+            index.get(class.as_str()).copied().with_context(|| {
+                format!(
+                    "class folder {class:?} is not among the labels of {}",
+                    bundle.dir.display()
+                )
+            })
+        })
+        .collect()
+}
+
+/// At most `limit` samples, taken evenly across the (class-ordered) list.
+fn subsample(dataset: &mut ImageFolder, limit: Option<usize>) {
+    if let Some(limit) = limit.filter(|&l| l < dataset.len() && l > 0) {
+        let step = dataset.len() as f64 / limit as f64;
+        dataset.samples = (0..limit)
+            .map(|i| dataset.samples[(i as f64 * step) as usize].clone())
+            .collect();
+    }
+}
+
+fn elapsed(start: Instant) -> f64 {
+    start.elapsed().as_secs_f64()
+}
+
+fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Result<MethodResult> {
+    let preprocess = &bundle.manifest.preprocess;
+    let mut tally = Tally::default();
+    for ((path, _), &label) in dataset.samples.iter().zip(labels) {
+        let image = RgbImage::open(path)?;
+        let input = preprocess.apply(&image)?;
+        let start = Instant::now();
+        let payload = bundle.compress(&input)?;
+        let encode_s = elapsed(start);
+        let start = Instant::now();
+        let features = bundle.decompress(&payload)?;
+        let logits = bundle.classify_features(&features).to_device(Device::Cpu);
+        let decode_s = elapsed(start);
+        let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
+        tally.string_bytes += string;
+        tally.add(&logits, label, payload.len(), encode_s, decode_s);
+    }
+    let crop = f64::from(preprocess.crop);
+    Ok(tally.result(
+        format!("frankensplit {}", bundle.fingerprint),
+        "frankensplit",
+        crop * crop,
+    ))
+}
+
+fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec: &ImageCodec) -> Result<MethodResult> {
+    let preprocess = &bundle.manifest.preprocess;
+    let mut tally = Tally::default();
+    for ((path, _), &label) in dataset.samples.iter().zip(labels) {
+        let image = RgbImage::open(path)?;
+        let crop = preprocess.resize_and_crop(&image)?;
+        let start = Instant::now();
+        let encoded = codec.encode(&crop)?;
+        let encode_s = elapsed(start);
+        let start = Instant::now();
+        let input = preprocess.normalize(&RgbImage::decode(&encoded)?);
+        let logits = bundle.classify_images(&[input])?.to_device(Device::Cpu);
+        let decode_s = elapsed(start);
+        tally.add(&logits, label, encoded.len(), encode_s, decode_s);
+    }
+    let side = f64::from(preprocess.crop);
+    Ok(tally.result(codec.to_string(), codec.family(), side * side))
+}
+
+/// The Markdown table of `results`.
+pub fn markdown(results: &[MethodResult]) -> String {
+    let mut out = String::from(
+        "| method | images | top-1 % | top-5 % | bytes | bpp | bpp (string) | encode ms | decode + classify ms |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in results {
+        out += &format!(
+            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.4} | {} | {:.2} | {:.2} |\n",
+            r.method,
+            r.images,
+            r.top1,
+            r.top5,
+            r.mean_bytes,
+            r.bpp,
+            r.bpp_string.map_or("—".to_string(), |b| format!("{b:.4}")),
+            r.encode_ms,
+            r.decode_ms
+        );
+    }
+    out
+}
+
+pub fn run(args: EvalArgs) -> Result<()> {
+    let codecs: Vec<ImageCodec> = args
+        .codec
+        .iter()
+        .filter(|c| !c.trim().is_empty())
+        .map(|c| c.parse())
+        .collect::<Result<_, _>>()?;
+    let mut dataset = ImageFolder::open(&args.data)?;
+    subsample(&mut dataset, args.limit);
+    let mut results = Vec::new();
+    let mut baseline: Option<Bundle> = None;
+    for path in &args.models {
+        let bundle =
+            Bundle::open(path, Device::Cpu).with_context(|| format!("cannot load model {}", path.display()))?;
+        let labels = labels_for(&bundle, &dataset)?;
+        eprintln!("evaluating {} on {} images", path.display(), dataset.len());
+        results.push(evaluate_split(&bundle, &dataset, &labels)?);
+        if baseline.is_none() && bundle.backbone_head.is_some() {
+            baseline = Some(bundle);
+        }
+    }
+    if !codecs.is_empty() {
+        let bundle = baseline.context(
+            "the codec baselines need a bundle with the whole backbone (convert with --backbone-weights); pass --codec '' to skip them",
+        )?;
+        let labels = labels_for(&bundle, &dataset)?;
+        for codec in &codecs {
+            eprintln!("evaluating {codec}");
+            results.push(evaluate_codec(&bundle, &dataset, &labels, codec)?);
+        }
+    }
+    let table = markdown(&results);
+    if let Some(path) = &args.report {
+        frankensplit_edge::write_atomically(path, table.as_bytes())?;
+    }
+    if let Some(path) = &args.plot {
+        draw(&results, path)?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        print!("{table}");
+    }
+    Ok(())
+}
+
+/// Accuracy against bpp, one line per method family.
+fn draw(results: &[MethodResult], path: &Path) -> Result<()> {
+    let mut families: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+    for r in results {
+        families.entry(r.family.as_str()).or_default().push((r.bpp, r.top1));
+    }
+    let series: Vec<Series> = families
+        .into_iter()
+        .map(|(family, mut points)| {
+            points.sort_by(|a, b| a.0.total_cmp(&b.0));
+            Series {
+                name: family.to_string(),
+                points,
+            }
+        })
+        .collect();
+    if series.is_empty() {
+        bail!("nothing to plot");
+    }
+    plot::draw(
+        &Chart {
+            title: "Top-1 accuracy vs rate".into(),
+            x_label: "bits per pixel of the input crop".into(),
+            y_label: "top-1 accuracy (%)".into(),
+            log_x: true,
+            log_y: false,
+            series: &series,
+            marks: &[],
+            legend: plotters::chart::SeriesLabelPosition::LowerRight,
+        },
+        path,
+    )
+}
