@@ -1,7 +1,8 @@
 //! The image codecs FrankenSplit is measured against: what "offload the
 //! image" costs in bytes. JPEG is libjpeg-turbo's encoder with its v6
-//! defaults (the same library and settings as Pillow's `save(…, "JPEG",
-//! quality=q)`: baseline, Huffman tables from the standard, 4:2:0 chroma),
+//! defaults, driven as Pillow's `save(…, "JPEG", quality=q)` drives it
+//! (baseline, Huffman tables from the standard, 4:2:0 chroma; the bytes
+//! equal Pillow's, `tests/pillow_jpeg.rs`),
 //! WebP is libwebp's lossy encoder with its default configuration at the
 //! given quality (method 4, as Pillow's default), PNG is lossless.
 //!
@@ -142,19 +143,91 @@ fn encode_jpeg(image: &RgbImage, quality: u8) -> Result<Vec<u8>> {
     if image.width > 65_500 || image.height > 65_500 {
         return Err(fail("JPEG images are at most 65,500 pixels on a side".into()));
     }
-    // libjpeg reports errors by unwinding out of its error handler.
-    std::panic::catch_unwind(|| -> std::io::Result<Vec<u8>> {
-        let mut compress = mozjpeg::Compress::new(mozjpeg::ColorSpace::JCS_RGB);
-        compress.set_fastest_defaults();
-        compress.set_size(image.width as usize, image.height as usize);
-        compress.set_quality(f32::from(quality));
-        compress.set_chroma_sampling_pixel_sizes((2, 2), (2, 2));
-        let mut started = compress.start_compress(Vec::new())?;
-        started.write_scanlines(&image.pixels)?;
-        started.finish()
-    })
-    .map_err(|_| fail("libjpeg error".into()))?
-    .map_err(|e| fail(e.to_string()))
+    libjpeg::compress(image, quality).map_err(fail)
+}
+
+/// libjpeg-turbo's compressor driven as Pillow drives it: `jpeg_set_defaults`
+/// (libjpeg v6 profile: baseline, Annex K tables, standard Huffman tables,
+/// 4:2:0), `jpeg_set_quality(q, force_baseline = TRUE)` (tables clamped to
+/// 8 bits, which the `mozjpeg` crate's wrapper does not do), one pass.
+mod libjpeg {
+    use std::os::raw::{c_int, c_ulong};
+
+    use frankensplit_preprocess::RgbImage;
+    use mozjpeg_sys as ffi;
+
+    extern "C-unwind" fn error_exit(_cinfo: &mut ffi::jpeg_common_struct) {
+        std::panic::resume_unwind(Box::new("libjpeg error"));
+    }
+
+    /// Frees libjpeg's state and its output buffer however compression ends.
+    struct Session {
+        cinfo: Box<ffi::jpeg_compress_struct>,
+        _err: Box<ffi::jpeg_error_mgr>,
+        buffer: Box<(*mut u8, c_ulong)>,
+    }
+
+    impl Drop for Session {
+        fn drop(&mut self) {
+            // SAFETY: the struct was created by jpeg_CreateCompress and the
+            // buffer, if any, was allocated by libjpeg's memory destination.
+            unsafe {
+                ffi::jpeg_destroy_compress(&mut self.cinfo);
+                if !self.buffer.0.is_null() {
+                    libc::free(self.buffer.0.cast());
+                }
+            }
+        }
+    }
+
+    pub fn compress(image: &RgbImage, quality: u8) -> Result<Vec<u8>, String> {
+        // SAFETY: the zeroed structs are initialised by jpeg_std_error and
+        // jpeg_CreateCompress before use; they are boxed so that the
+        // pointers libjpeg keeps stay valid; rows point into `image`, which
+        // outlives the session; errors unwind out of libjpeg (C-unwind) and
+        // are caught here, and the session is dropped on both paths.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            let mut err: Box<ffi::jpeg_error_mgr> = Box::new(std::mem::zeroed());
+            ffi::jpeg_std_error(&mut err);
+            err.error_exit = Some(error_exit);
+            let mut cinfo: Box<ffi::jpeg_compress_struct> = Box::new(std::mem::zeroed());
+            cinfo.common.err = &mut *err;
+            ffi::jpeg_CreateCompress(
+                &mut *cinfo,
+                ffi::JPEG_LIB_VERSION,
+                std::mem::size_of::<ffi::jpeg_compress_struct>(),
+            );
+            let mut session = Session {
+                cinfo,
+                _err: err,
+                buffer: Box::new((std::ptr::null_mut(), 0)),
+            };
+            let buffer = &mut *session.buffer;
+            ffi::jpeg_mem_dest(&mut session.cinfo, &mut buffer.0, &mut buffer.1);
+            let cinfo = &mut *session.cinfo;
+            cinfo.image_width = image.width;
+            cinfo.image_height = image.height;
+            cinfo.input_components = 3;
+            cinfo.in_color_space = ffi::J_COLOR_SPACE::JCS_RGB;
+            ffi::jpeg_c_set_int_param(
+                cinfo,
+                ffi::J_INT_PARAM::JINT_COMPRESS_PROFILE,
+                ffi::JINT_COMPRESS_PROFILE_VALUE::JCP_FASTEST as c_int,
+            );
+            ffi::jpeg_set_defaults(cinfo);
+            ffi::jpeg_set_quality(cinfo, c_int::from(quality), 1);
+            ffi::jpeg_start_compress(cinfo, 1);
+            let row = image.width as usize * 3;
+            while cinfo.next_scanline < cinfo.image_height {
+                let line = image.pixels[cinfo.next_scanline as usize * row..].as_ptr();
+                ffi::jpeg_write_scanlines(cinfo, &line, 1);
+            }
+            ffi::jpeg_finish_compress(cinfo);
+            let (data, len) = *session.buffer;
+            std::slice::from_raw_parts(data, len as usize).to_vec()
+        }));
+        outcome.map_err(|_| "libjpeg could not compress the image".to_string())
+    }
 }
 
 fn encode_webp(image: &RgbImage, quality: f32) -> Result<Vec<u8>> {

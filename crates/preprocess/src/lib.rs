@@ -46,6 +46,75 @@ pub struct RgbImage {
     pub pixels: Vec<u8>,
 }
 
+/// Decodes a JPEG with libjpeg-turbo's decoder (mozjpeg's, its defaults:
+/// accurate integer IDCT, fancy upsampling), the library Pillow uses, so
+/// that JPEG inputs give the reference's pixels exactly. `None` for what it
+/// does not convert to RGB itself (CMYK/YCCK), which the generic decoder takes.
+fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Option<Result<RgbImage>> {
+    let decode_error = |reason: String| Error::Decode {
+        context: String::new(),
+        reason,
+    };
+    // libjpeg reports errors by unwinding out of its error handler.
+    let outcome = std::panic::catch_unwind(|| -> Option<Result<RgbImage>> {
+        let decompress = match mozjpeg::Decompress::with_err(strict_jpeg_errors()).from_mem(bytes) {
+            Ok(d) => d,
+            Err(e) => return Some(Err(decode_error(e.to_string()))),
+        };
+        if !matches!(
+            decompress.color_space(),
+            mozjpeg::ColorSpace::JCS_GRAYSCALE | mozjpeg::ColorSpace::JCS_YCbCr | mozjpeg::ColorSpace::JCS_RGB
+        ) {
+            return None;
+        }
+        let (width, height) = (decompress.width() as u32, decompress.height() as u32);
+        if u64::from(width) * u64::from(height) > max_pixels {
+            return Some(Err(Error::Size {
+                width,
+                height,
+                why: format!("more than {max_pixels} pixels"),
+            }));
+        }
+        let decoded = (|| -> std::io::Result<Vec<u8>> {
+            let mut started = decompress.rgb()?;
+            let pixels: Vec<u8> = started.read_scanlines()?;
+            started.finish()?;
+            Ok(pixels)
+        })();
+        Some(match decoded {
+            Ok(pixels) if pixels.len() == width as usize * height as usize * 3 => {
+                Ok(RgbImage { width, height, pixels })
+            }
+            Ok(_) => Err(decode_error("the JPEG data ends early".into())),
+            Err(e) => Err(decode_error(e.to_string())),
+        })
+    });
+    outcome.unwrap_or_else(|_| Some(Err(decode_error("corrupt JPEG data".into()))))
+}
+
+/// libjpeg's standard error manager, with errors unwinding (caught in
+/// [`decode_jpeg`]) and data that ends early treated as an error, as Pillow
+/// does ("image file is truncated"); libjpeg itself only warns and fills the
+/// rest with grey. Other warnings (e.g. extraneous bytes) stay warnings, as in Pillow.
+fn strict_jpeg_errors() -> mozjpeg_sys::jpeg_error_mgr {
+    extern "C-unwind" fn error_exit(_cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+        std::panic::resume_unwind(Box::new("libjpeg error"));
+    }
+    extern "C-unwind" fn emit_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: std::os::raw::c_int) {
+        // SAFETY: libjpeg calls this with the struct whose `err` it was given: ours.
+        let code = unsafe { cinfo.err.as_ref() }.map(|e| e.msg_code);
+        if level < 0 && code == Some(mozjpeg_sys::JWRN_JPEG_EOF as std::os::raw::c_int) {
+            std::panic::resume_unwind(Box::new("JPEG data ends early"));
+        }
+    }
+    // SAFETY: jpeg_std_error initialises every field of the zeroed struct.
+    let mut err: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+    unsafe { mozjpeg_sys::jpeg_std_error(&mut err) };
+    err.error_exit = Some(error_exit);
+    err.emit_message = Some(emit_message);
+    err
+}
+
 /// Largest decoded image accepted (pixels), to bound memory on hostile input.
 pub const MAX_PIXELS: u64 = 1 << 28;
 
@@ -63,6 +132,11 @@ impl RgbImage {
             context: String::new(),
             reason,
         };
+        if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
+            if let Some(decoded) = decode_jpeg(bytes, max_pixels.min(MAX_PIXELS)) {
+                return decoded;
+            }
+        }
         let reader = || {
             image::ImageReader::new(std::io::Cursor::new(bytes))
                 .with_guessed_format()

@@ -83,3 +83,62 @@ fn undecodable_and_degenerate_inputs_are_errors() {
     };
     assert!(Preprocess::default().apply(&empty).is_err());
 }
+
+/// JPEGs that Pillow wrote decode to Pillow's pixels (both libjpeg-turbo),
+/// baseline and progressive, colour and grey; truncated ones are errors.
+#[test]
+fn jpegs_decode_to_pillows_pixels() {
+    let cases: Value = serde_json::from_str(&std::fs::read_to_string(dir().join("jpeg.json")).unwrap()).unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    assert!(cases.len() >= 7);
+    for case in cases {
+        let file = case["file"].as_str().unwrap();
+        let bytes = std::fs::read(dir().join("jpeg").join(file)).unwrap();
+        let image = RgbImage::decode(&bytes).unwrap();
+        let size = [u64::from(image.width), u64::from(image.height)];
+        assert_eq!(
+            case["decoded_size"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect::<Vec<_>>(),
+            size
+        );
+        let digest = hex(&Sha256::digest(&image.pixels));
+        assert_eq!(digest, case["decoded_sha256"].as_str().unwrap(), "{file}");
+        assert!(RgbImage::decode(&bytes[..bytes.len() / 2]).is_err(), "{file} truncated");
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Damaged JPEGs (bytes flipped, cut anywhere) give an image or an error,
+/// never a crash: libjpeg's errors unwind into `Err`.
+#[test]
+fn damaged_jpegs_never_crash() {
+    let original = std::fs::read(dir().join("jpeg/noise_q90_progressive.jpg")).unwrap();
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut errors = 0;
+    for i in 0..300 {
+        let mut bytes = original.clone();
+        for _ in 0..1 + i % 8 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let at = 3 + (state as usize) % (bytes.len() - 3);
+            bytes[at] ^= (state >> 32) as u8 | 1;
+        }
+        let cut = if i % 3 == 0 {
+            bytes.len() * (i % 97) / 97
+        } else {
+            bytes.len()
+        };
+        if RgbImage::decode(&bytes[..cut.max(3)]).is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors > 0, "no damage was noticed");
+}
