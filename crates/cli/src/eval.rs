@@ -222,12 +222,7 @@ pub fn markdown(results: &[MethodResult]) -> String {
 }
 
 pub fn run(args: EvalArgs) -> Result<()> {
-    let codecs: Vec<ImageCodec> = args
-        .codec
-        .iter()
-        .filter(|c| !c.trim().is_empty())
-        .map(|c| c.parse())
-        .collect::<Result<_, _>>()?;
+    let codecs = ImageCodec::parse_list(&args.codec)?;
     let mut dataset = ImageFolder::open(&args.data)?;
     subsample(&mut dataset, args.limit);
     let mut results = Vec::new();

@@ -207,12 +207,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     if !(args.edge_slowdown.is_finite() && args.edge_slowdown > 0.0) {
         bail!("--edge-slowdown must be a positive factor");
     }
-    let codecs: Vec<ImageCodec> = args
-        .codec
-        .iter()
-        .filter(|c| !c.trim().is_empty())
-        .map(|c| c.parse())
-        .collect::<Result<_, _>>()?;
+    let codecs = ImageCodec::parse_list(&args.codec)?;
     let all = presets();
     let mut links: Vec<LinkProfile> = if args.profile.is_empty() {
         if args.bandwidth.is_some() {

@@ -62,6 +62,16 @@ impl ImageCodec {
         }
     }
 
+    /// Parses a list of codec specs as a command line gives them; empty
+    /// entries are skipped, so `--codec ''` means none.
+    pub fn parse_list(specs: &[String]) -> Result<Vec<Self>> {
+        specs
+            .iter()
+            .filter(|spec| !spec.trim().is_empty())
+            .map(|spec| spec.parse())
+            .collect()
+    }
+
     /// Compresses an RGB image.
     pub fn encode(&self, image: &RgbImage) -> Result<Vec<u8>> {
         match *self {
