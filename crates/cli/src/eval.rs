@@ -155,23 +155,45 @@ fn elapsed(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Result<MethodResult> {
-    let preprocess = &bundle.manifest.preprocess;
+/// Runs one method over the dataset: `prepare` (not timed: decoding,
+/// geometry) turns an image into what the device codes, `encode` into the
+/// bytes sent and the bytes of the coded string alone, `classify` the bytes
+/// into logits on the server.
+fn evaluate<T>(
+    dataset: &ImageFolder,
+    labels: &[i64],
+    mut prepare: impl FnMut(&RgbImage) -> Result<T>,
+    mut encode: impl FnMut(&T) -> Result<(Vec<u8>, usize)>,
+    mut classify: impl FnMut(&[u8]) -> Result<Tensor>,
+) -> Result<Tally> {
     let mut tally = Tally::default();
     for ((path, _), &label) in dataset.samples.iter().zip(labels) {
-        let image = RgbImage::open(path)?;
-        let input = preprocess.apply(&image)?;
+        let prepared = prepare(&RgbImage::open(path)?)?;
         let start = Instant::now();
-        let payload = bundle.compress(&input)?;
+        let (sent, string_bytes) = encode(&prepared)?;
         let encode_s = elapsed(start);
         let start = Instant::now();
-        let features = bundle.decompress(&payload)?;
-        let logits = bundle.classify_features(&features).to_device(Device::Cpu);
+        let logits = classify(&sent)?.to_device(Device::Cpu);
         let decode_s = elapsed(start);
-        let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
-        tally.string_bytes += string;
-        tally.add(&logits, label, payload.len(), encode_s, decode_s);
+        tally.string_bytes += string_bytes;
+        tally.add(&logits, label, sent.len(), encode_s, decode_s);
     }
+    Ok(tally)
+}
+
+fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Result<MethodResult> {
+    let preprocess = &bundle.manifest.preprocess;
+    let tally = evaluate(
+        dataset,
+        labels,
+        |image| Ok(preprocess.apply(image)?),
+        |input| {
+            let payload = bundle.compress(input)?;
+            let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
+            Ok((payload, string))
+        },
+        |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
+    )?;
     let crop = f64::from(preprocess.crop);
     Ok(tally.result(
         format!("frankensplit {}", bundle.fingerprint),
@@ -182,19 +204,17 @@ fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Res
 
 fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec: &ImageCodec) -> Result<MethodResult> {
     let preprocess = &bundle.manifest.preprocess;
-    let mut tally = Tally::default();
-    for ((path, _), &label) in dataset.samples.iter().zip(labels) {
-        let image = RgbImage::open(path)?;
-        let crop = preprocess.resize_and_crop(&image)?;
-        let start = Instant::now();
-        let encoded = codec.encode(&crop)?;
-        let encode_s = elapsed(start);
-        let start = Instant::now();
-        let input = preprocess.normalize(&RgbImage::decode(&encoded)?);
-        let logits = bundle.classify_images(&[input])?.to_device(Device::Cpu);
-        let decode_s = elapsed(start);
-        tally.add(&logits, label, encoded.len(), encode_s, decode_s);
-    }
+    let tally = evaluate(
+        dataset,
+        labels,
+        |image| Ok(preprocess.resize_and_crop(image)?),
+        |crop| {
+            let encoded = codec.encode(crop)?;
+            let len = encoded.len();
+            Ok((encoded, len))
+        },
+        |encoded| Ok(bundle.classify_images(&[preprocess.normalize(&RgbImage::decode(encoded)?)])?),
+    )?;
     let side = f64::from(preprocess.crop);
     Ok(tally.result(codec.to_string(), codec.family(), side * side))
 }

@@ -188,17 +188,26 @@ impl PayloadDecoder {
     /// Parses `payload`, refuses other models' payloads and other shapes,
     /// and decodes the dequantised latent (CHW).
     pub fn decode(&self, payload: &[u8]) -> Result<Vec<f32>> {
-        let parsed = frankensplit_codec::Payload::parse_for(payload, self.fingerprint)?;
-        if parsed.shape != self.shape {
-            return Err(Error::Invalid(format!(
-                "payload declares a {} latent, this model uses {}",
-                parsed.shape, self.shape
-            )));
-        }
-        Ok(self
-            .coder
-            .decompress(parsed.string, parsed.shape, frankensplit_codec::DecodeLimits::default())?)
+        decode_payload(&self.coder, self.fingerprint, self.shape, payload)
     }
+}
+
+/// Checks a payload against a model's fingerprint and latent shape and
+/// entropy-decodes it.
+fn decode_payload(
+    coder: &EntropyCoder,
+    fingerprint: ModelFingerprint,
+    shape: LatentShape,
+    payload: &[u8],
+) -> Result<Vec<f32>> {
+    let parsed = frankensplit_codec::Payload::parse_for(payload, fingerprint)?;
+    if parsed.shape != shape {
+        return Err(Error::Invalid(format!(
+            "payload declares a {} latent, this model uses {shape}",
+            parsed.shape
+        )));
+    }
+    Ok(coder.decompress(parsed.string, parsed.shape, frankensplit_codec::DecodeLimits::default())?)
 }
 
 /// Everything [`write_bundle`] stores.
@@ -415,7 +424,7 @@ impl Bundle {
 
     /// Server side: payload → restored features `(1, tokens, width)`.
     pub fn decompress(&self, payload: &[u8]) -> Result<Tensor> {
-        let latent = self.payload_decoder().decode(payload)?;
+        let latent = decode_payload(&self.coder, self.fingerprint, self.latent_shape(), payload)?;
         self.restore_features(&[latent])
     }
 

@@ -953,8 +953,13 @@ fn write_checkpoint(path: &Path, models: &Models, optimizer: &Adam, progress: &P
     }
     let state = serde_json::to_vec(progress).map_err(|e| Error::Data(e.to_string()))?;
     tensors.push(("progress".into(), Tensor::from_slice(&state)));
+    write_safetensors_atomically(path, &tensors)
+}
+
+/// Writes tensors to a temporary file and renames it over `path`.
+fn write_safetensors_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
-    Tensor::write_safetensors(&tensors, &tmp)?;
+    Tensor::write_safetensors(tensors, &tmp)?;
     std::fs::rename(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
 }
 
@@ -983,9 +988,7 @@ fn write_teacher(path: &Path, models: &Models) -> Result<()> {
         .into_iter()
         .map(|(k, t)| (k, t.detach().to_device(Device::Cpu)))
         .collect();
-    let tmp = path.with_extension("safetensors.tmp");
-    Tensor::write_safetensors(&tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+    write_safetensors_atomically(path, &tensors)
 }
 
 /// The trained compressor with the teacher as a servable bundle (tables
