@@ -6,6 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup-libtorch.sh
 if [ "$#" -eq 0 ]; then
-  set -- bench codec
+  set -- demo
 fi
 cargo run --release -p frankensplit-cli -- "$@"

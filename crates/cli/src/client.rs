@@ -39,7 +39,7 @@ pub struct ClientArgs {
     server: String,
     /// Model bundle the server runs: split mode encodes with its encoder;
     /// image modes take the crop size from it (default 224).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::builtin::parse_model)]
     model: Option<PathBuf>,
     /// Images (JPEG, PNG or WebP).
     #[arg(required = true)]

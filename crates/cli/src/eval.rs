@@ -22,7 +22,7 @@ use crate::plot::{self, Chart, Series};
 #[derive(Args)]
 pub struct EvalArgs {
     /// FrankenSplit bundles (e.g. one per λ); repeat the flag.
-    #[arg(long = "model", required = true)]
+    #[arg(long = "model", required = true, value_parser = crate::builtin::parse_model)]
     models: Vec<PathBuf>,
     /// ImageFolder to evaluate on (class folders of JPEG/PNG/WebP images).
     #[arg(long)]
@@ -38,12 +38,13 @@ pub struct EvalArgs {
     /// Evaluate at most this many images (spread over the classes).
     #[arg(long)]
     limit: Option<usize>,
-    /// Write a Markdown table here.
+    /// Write the results here: JSON for a .json file, else a Markdown table;
+    /// repeat the flag for both.
     #[arg(long)]
-    report: Option<PathBuf>,
-    /// Draw accuracy against bits per pixel here (.png or .svg).
+    report: Vec<PathBuf>,
+    /// Draw accuracy against bits per pixel here (.png or .svg); repeat the flag for both.
     #[arg(long)]
-    plot: Option<PathBuf>,
+    plot: Vec<PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -52,7 +53,7 @@ pub struct EvalArgs {
 /// One method's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodResult {
-    /// `frankensplit <fingerprint>` or the codec (`jpeg:q=75`).
+    /// `frankensplit <directory> (<fingerprint>)` or the codec (`jpeg:q=75`).
     pub method: String,
     /// `frankensplit`, `jpeg`, `webp` or `png`.
     pub family: String,
@@ -181,6 +182,20 @@ fn evaluate<T>(
     Ok(tally)
 }
 
+/// How a bundle appears in reports: its directory's name (the run's, for
+/// a run's `bundle/`) and its fingerprint.
+fn bundle_name(bundle: &Bundle) -> String {
+    let dir = &bundle.dir;
+    let name = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("bundle") => dir.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()),
+        other => other,
+    };
+    match name {
+        Some(name) => format!("frankensplit {name} ({})", bundle.fingerprint),
+        None => format!("frankensplit {}", bundle.fingerprint),
+    }
+}
+
 fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Result<MethodResult> {
     let preprocess = &bundle.manifest.preprocess;
     let tally = evaluate(
@@ -195,11 +210,7 @@ fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Res
         |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
     )?;
     let crop = f64::from(preprocess.crop);
-    Ok(tally.result(
-        format!("frankensplit {}", bundle.fingerprint),
-        "frankensplit",
-        crop * crop,
-    ))
+    Ok(tally.result(bundle_name(bundle), "frankensplit", crop * crop))
 }
 
 fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec: &ImageCodec) -> Result<MethodResult> {
@@ -268,14 +279,20 @@ pub fn run(args: EvalArgs) -> Result<()> {
         }
     }
     let table = markdown(&results);
-    if let Some(path) = &args.report {
-        frankensplit_edge::write_atomically(path, table.as_bytes())?;
+    let json = serde_json::to_string_pretty(&results)?;
+    for path in &args.report {
+        let text = if path.extension().is_some_and(|e| e == "json") {
+            &json
+        } else {
+            &table
+        };
+        frankensplit_edge::write_atomically(path, text.as_bytes())?;
     }
-    if let Some(path) = &args.plot {
+    for path in &args.plot {
         draw(&results, path)?;
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        println!("{json}");
     } else {
         print!("{table}");
     }

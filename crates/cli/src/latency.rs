@@ -69,7 +69,7 @@ pub fn presets() -> Vec<LinkProfile> {
 pub struct LatencyArgs {
     /// Model bundle with the whole backbone (convert with --backbone-weights)
     /// so that both the split and the image-offloading server times can be measured.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::builtin::parse_model)]
     model: PathBuf,
     /// Images to measure with (JPEG, PNG or WebP); sizes and times are averaged.
     #[arg(required = true)]
@@ -93,9 +93,10 @@ pub struct LatencyArgs {
     /// Timed passes over the images (after one warm-up pass); medians are reported.
     #[arg(long, default_value_t = 10)]
     iterations: usize,
-    /// Draw total latency against bandwidth to this file (.png or .svg).
+    /// Draw total latency against bandwidth to this file (.png or .svg);
+    /// repeat the flag for both.
     #[arg(long)]
-    plot: Option<PathBuf>,
+    plot: Vec<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
@@ -260,7 +261,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
             total_ms: methods.iter().map(|m| total_ms(m, link, args.edge_slowdown)).collect(),
         })
         .collect();
-    if let Some(path) = &args.plot {
+    for path in &args.plot {
         let plot_rtt = rtt.unwrap_or(20.0);
         let bandwidths: Vec<f64> = (0..=48).map(|i| 1e5 * 10f64.powf(f64::from(i) / 12.0)).collect();
         let series: Vec<Series> = methods
@@ -344,7 +345,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
             println!();
         }
     }
-    if let Some(path) = &args.plot {
+    for path in &args.plot {
         println!("\nplot: {}", path.display());
     }
     Ok(())

@@ -1,8 +1,11 @@
-//! The `frankensplit` command line: model bundles (convert, classify, info),
-//! the inference server, payload inspection, and benchmarks.
+//! The `frankensplit` command line: the demo, model bundles (convert,
+//! classify, info), training, evaluation, the inference server and its
+//! client, payload inspection, and benchmarks.
 
 mod bench;
+mod builtin;
 mod client;
+mod demo;
 mod eval;
 mod latency;
 mod models;
@@ -27,6 +30,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole system in minutes on the built-in synthetic data: train a
+    /// teacher and three compressors, evaluate them against JPEG and WebP,
+    /// model the latency, and classify over loopback HTTP (the default job).
+    Demo(demo::DemoArgs),
     /// Build a model bundle from a reference (PyTorch) checkpoint.
     Convert(models::ConvertArgs),
     /// Classify images through the whole split pipeline (encode, entropy-code,
@@ -69,11 +76,19 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
+    dispatch(Cli::parse().command)
+}
+
+fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Demo(args) => demo::run(args),
         Command::Convert(args) => models::run_convert(args),
         Command::Classify(args) => models::run_classify(args),
         Command::Info(args) => models::run_info(args),
-        Command::Encode(args) => frankensplit_edge::run_encode(args),
+        Command::Encode(mut args) => {
+            args.model = builtin::model_path(&args.model)?;
+            frankensplit_edge::run_encode(args)
+        }
         Command::Serve(args) => serve::run(args),
         Command::Client(args) => client::run_client(args),
         Command::Latency(args) => latency::run(args),

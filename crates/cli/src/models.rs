@@ -122,7 +122,7 @@ fn read_labels(path: &Path) -> Result<Vec<String>> {
 #[derive(Args)]
 pub struct ClassifyArgs {
     /// Model bundle directory (from `frankensplit convert` or training).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::builtin::parse_model)]
     model: PathBuf,
     /// Images (JPEG, PNG or WebP).
     #[arg(required = true)]
@@ -230,7 +230,7 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
 #[derive(Args)]
 pub struct InfoArgs {
     /// Model bundle directory.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::builtin::parse_model)]
     model: PathBuf,
     /// Print JSON.
     #[arg(long)]

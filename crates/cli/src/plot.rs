@@ -148,12 +148,29 @@ where
     }
     let x = extent(points.iter().map(|p| p.0), chart.log_x);
     let y = extent(points.iter().map(|p| p.1), chart.log_y);
+    let log = |r: &std::ops::Range<f64>| r.clone().log_scale().with_key_points(log_ticks(r));
     match (chart.log_x, chart.log_y) {
         (false, false) => render_in(chart, root, x.clone(), y.clone(), x, y),
-        (true, false) => render_in(chart, root, x.clone().log_scale(), y.clone(), x, y),
-        (false, true) => render_in(chart, root, x.clone(), y.clone().log_scale(), x, y),
-        (true, true) => render_in(chart, root, x.clone().log_scale(), y.clone().log_scale(), x, y),
+        (true, false) => render_in(chart, root, log(&x), y.clone(), x, y),
+        (false, true) => render_in(chart, root, x.clone(), log(&y), x, y),
+        (true, true) => render_in(chart, root, log(&x), log(&y), x, y),
     }
+}
+
+/// Labelled points of a logarithmic axis: 1-2-5 per decade, or 1 to 9 when
+/// the range spans under two decades (plotters' own choice leaves the lowest
+/// decade unlabelled).
+fn log_ticks(range: &std::ops::Range<f64>) -> Vec<f64> {
+    let (lo, hi) = (range.start.log10(), range.end.log10());
+    let mantissas: &[f64] = if hi - lo < 2.0 {
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0]
+    } else {
+        &[1.0, 2.0, 5.0]
+    };
+    (lo.floor() as i32..=hi.ceil() as i32)
+        .flat_map(|decade| mantissas.iter().map(move |m| m * 10f64.powi(decade)))
+        .filter(|v| range.contains(v))
+        .collect()
 }
 
 fn render_in<DB, X, Y>(
@@ -229,6 +246,20 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_axes_are_labelled_in_every_decade_they_span() {
+        let ticks = log_ticks(&(25.0..700.0));
+        assert_eq!(
+            ticks,
+            [30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 200.0, 300.0, 400.0, 500.0, 600.0]
+        );
+        let wide = log_ticks(&(0.08..1200.0));
+        assert_eq!(wide.first(), Some(&0.1));
+        assert_eq!(wide.last(), Some(&1000.0));
+        assert_eq!(wide.len(), 3 * 4 + 1);
+        assert!(wide.windows(2).all(|w| w[0] < w[1]));
+    }
 
     #[test]
     fn ticks_are_short() {

@@ -13,7 +13,7 @@ use tch::Device;
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model bundle directory.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::builtin::parse_model)]
     model: PathBuf,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use frankensplit_train::run::{train, RunConfig, TrainOptions};
+use frankensplit_train::run::{train, Keep, RunConfig, TrainOptions};
 use frankensplit_train::synthetic::{generate, SyntheticConfig, CLASSES};
 use tch::Device;
 
@@ -57,16 +57,20 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         stop_after_steps: None,
     };
     let summary = train(&config, &options)?;
+    let kept = match config.keep {
+        Keep::Best => "the best epoch",
+        Keep::Last => "the last epoch",
+    };
     if let Some(teacher) = &summary.teacher {
         println!(
-            "teacher: {} (best val top-1 {:.2} %)",
+            "teacher: {} ({kept}; best val top-1 {:.2} %)",
             teacher.display(),
             summary.progress.best_teacher_top1.unwrap_or(f64::NAN)
         );
     }
     if let Some(bundle) = &summary.bundle {
         println!(
-            "compressor bundle: {} (best val top-1 {:.2} %); metrics in {}",
+            "compressor bundle: {} ({kept}; best val top-1 {:.2} %); metrics in {}",
             bundle.display(),
             summary.progress.best_top1.unwrap_or(f64::NAN),
             config.output.join("metrics.jsonl").display()

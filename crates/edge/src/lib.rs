@@ -18,7 +18,7 @@ use tch::Device;
 pub struct EncodeArgs {
     /// Model bundle directory (only the encoder and entropy tables are used).
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// Images (JPEG, PNG or WebP).
     #[arg(required = true)]
     images: Vec<PathBuf>,

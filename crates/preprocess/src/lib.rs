@@ -228,6 +228,15 @@ impl Preprocess {
     /// `Resize(resize)` (short side, aspect kept, Pillow bilinear) then
     /// `CenterCrop(crop)`, as torchvision computes the sizes and offsets.
     pub fn resize_and_crop(&self, image: &RgbImage) -> Result<RgbImage> {
+        let resized = self.resize_short_side(image)?;
+        // torchvision: int(round((size - crop) / 2)), Python rounding (half to even).
+        let offset = |size: u32| ((f64::from(size - self.crop)) / 2.0).round_ties_even() as u32;
+        Ok(resized.crop(offset(resized.width), offset(resized.height), self.crop, self.crop))
+    }
+
+    /// `Resize(resize)` alone (short side, aspect kept, Pillow bilinear);
+    /// errors when the result could not hold a `crop × crop` window.
+    pub fn resize_short_side(&self, image: &RgbImage) -> Result<RgbImage> {
         let (w, h) = (image.width, image.height);
         if w == 0 || h == 0 || u64::from(w) * u64::from(h) > MAX_PIXELS {
             return Err(Error::Size {
@@ -251,14 +260,11 @@ impl Preprocess {
                 why: format!("resized to {new_w}×{new_h}, smaller than the {} crop", self.crop),
             });
         }
-        let resized = if (new_w, new_h) == (w, h) {
+        Ok(if (new_w, new_h) == (w, h) {
             image.clone()
         } else {
             resize_bilinear(image, new_w, new_h)
-        };
-        // torchvision: int(round((size - crop) / 2)), Python rounding (half to even).
-        let offset = |size: u32| ((f64::from(size - self.crop)) / 2.0).round_ties_even() as u32;
-        Ok(resized.crop(offset(new_w), offset(new_h), self.crop, self.crop))
+        })
     }
 
     /// `ToTensor` and `Normalize` of an already cropped image: CHW `f32`.

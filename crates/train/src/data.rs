@@ -102,6 +102,10 @@ pub enum Augment {
     SquareResizeCenterCrop,
     /// Validation: `Resize(resize)` (short side), then `CenterCrop(size)`.
     ResizeCenterCrop,
+    /// Small-data training: `Resize(resize)` (short side), `RandomCrop(size)`
+    /// and a horizontal flip with probability ½ — the CIFAR recipe, which
+    /// varies the input without cutting the object out.
+    RandomCropFlip,
 }
 
 /// The pipeline: geometry from [`Augment`], then ImageNet normalisation.
@@ -128,12 +132,13 @@ impl Transform {
             Augment::RandomResizedCrop => {
                 let (left, top, width, height) = random_resized_crop(image.width, image.height, rng);
                 let crop = image.crop(left, top, width, height);
-                let resized = resize_bilinear(&crop, size, size);
-                if rng.gen_bool(0.5) {
-                    flip_horizontally(&resized)
-                } else {
-                    resized
-                }
+                maybe_flip(resize_bilinear(&crop, size, size), rng)
+            }
+            Augment::RandomCropFlip => {
+                let resized = self.preprocess.resize_short_side(image)?;
+                let left = rng.gen_range(0..=resized.width - size);
+                let top = rng.gen_range(0..=resized.height - size);
+                maybe_flip(resized.crop(left, top, size, size), rng)
             }
         };
         Ok(self.preprocess.normalize(&out))
@@ -166,6 +171,14 @@ pub fn random_resized_crop(width: u32, height: u32, rng: &mut impl Rng) -> (u32,
         (width, height)
     };
     ((width - w) / 2, (height - h) / 2, w, h)
+}
+
+fn maybe_flip(image: RgbImage, rng: &mut impl Rng) -> RgbImage {
+    if rng.gen_bool(0.5) {
+        flip_horizontally(&image)
+    } else {
+        image
+    }
 }
 
 fn flip_horizontally(image: &RgbImage) -> RgbImage {
@@ -361,5 +374,52 @@ impl Drop for Loader {
         for worker in self.workers.drain(..) {
             let _ = worker.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn random_crop_flip_takes_a_window_of_the_resized_image_sometimes_mirrored() {
+        // 6×6 image whose red channel is x and green y: every pixel says where it came from.
+        let side = 6u32;
+        let pixels = (0..side * side)
+            .flat_map(|i| [(i % side) as u8, (i / side) as u8, 7])
+            .collect();
+        let image = RgbImage {
+            width: side,
+            height: side,
+            pixels,
+        };
+        let transform = Transform {
+            augment: Augment::RandomCropFlip,
+            preprocess: Preprocess {
+                resize: side,
+                crop: 4,
+                ..Preprocess::default()
+            },
+        };
+        let p = &transform.preprocess;
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let out = transform.apply(&image, &mut ChaCha8Rng::seed_from_u64(seed)).unwrap();
+            assert_eq!(out.len(), 3 * 16);
+            let channel = |c: usize, i: usize| ((out[c * 16 + i] * p.std[c] + p.mean[c]) * 255.0).round() as i32;
+            let (left, top) = (channel(0, 0), channel(1, 0));
+            let flipped = channel(0, 1) < left;
+            for i in 0..16 {
+                let (x, y) = ((i % 4) as i32, (i / 4) as i32);
+                let expected_x = if flipped { left - x } else { left + x };
+                assert_eq!((channel(0, i), channel(1, i)), (expected_x, top + y), "seed {seed}");
+            }
+            seen.insert((left, top, flipped));
+        }
+        // Offsets 0–2 on each axis, both orientations: most of the 18 show up.
+        assert!(seen.len() >= 12, "{seen:?}");
+        assert!(seen.iter().any(|s| s.2) && seen.iter().any(|s| !s.2));
     }
 }

@@ -138,6 +138,18 @@ fn default_gamma() -> f64 {
     0.610_540_23
 }
 
+/// Which weights a run keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keep {
+    /// The epoch with the highest validation top-1 (the reference's choice).
+    #[default]
+    Best,
+    /// The last epoch: for short runs whose validation differences are
+    /// noise, where "best" would ignore that stage 2 lowers the rate.
+    Last,
+}
+
 /// A run file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunConfig {
@@ -155,6 +167,9 @@ pub struct RunConfig {
     /// Mixed precision (autocast) on CUDA.
     #[serde(default)]
     pub mixed_precision: bool,
+    /// Which weights the run keeps as its teacher and bundle.
+    #[serde(default)]
+    pub keep: Keep,
     /// Data.
     pub data: DataConfig,
     /// Teacher.
@@ -593,17 +608,22 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                     val.bpp.map(|b| format!(", {b:.4} bpp")).unwrap_or_default()
                 );
             }
+            let keep_last = config.keep == Keep::Last;
             match stage.kind {
                 StageKind::Teacher => {
                     if progress.best_teacher_top1.is_none_or(|best| val.top1 > best) {
                         progress.best_teacher_top1 = Some(val.top1);
+                        write_teacher(&out.join(TEACHER), &models)?;
+                    } else if keep_last {
                         write_teacher(&out.join(TEACHER), &models)?;
                     }
                 }
                 _ => {
                     if progress.best_top1.is_none_or(|best| val.top1 > best) {
                         progress.best_top1 = Some(val.top1);
-                        write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config)?;
+                        write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?;
+                    } else if keep_last {
+                        write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?;
                     }
                 }
             }
@@ -612,7 +632,7 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
             write_checkpoint(&checkpoint_path, &models, &optimizer, &progress)?;
         }
         if stage.kind == StageKind::Teacher {
-            // Later stages distil from the best teacher, not the last one.
+            // Later stages distil from the kept teacher.
             let best = Tensor::read_safetensors(out.join(TEACHER))?.into_iter().collect();
             load_into(&mut models.backbone_vars, best)?;
         }
@@ -993,7 +1013,13 @@ fn write_teacher(path: &Path, models: &Models) -> Result<()> {
 
 /// The trained compressor with the teacher as a servable bundle (tables
 /// rebuilt from the learned density, whole backbone included).
-fn write_run_bundle(dir: &Path, models: &Models, classes: &[String], config: &RunConfig) -> Result<()> {
+fn write_run_bundle(
+    dir: &Path,
+    models: &Models,
+    classes: &[String],
+    config: &RunConfig,
+    stage: &StageConfig,
+) -> Result<()> {
     let formula = LikelihoodFormula::Direct;
     let tables = models.compressor.entropy_bottleneck.density()?.build_tables(formula)?;
     write_bundle(
@@ -1007,7 +1033,10 @@ fn write_run_bundle(dir: &Path, models: &Models, classes: &[String], config: &Ru
             likelihood_formula: formula,
             table_source: TableSource::Recomputed,
             labels: classes.to_vec(),
-            source: format!("trained by frankensplit train (seed {})", config.seed),
+            source: format!(
+                "trained by frankensplit train (seed {}, λ {}, kept after a {:?} stage)",
+                config.seed, stage.lmbda, stage.kind
+            ),
         },
     )?;
     Ok(())

@@ -127,7 +127,7 @@ fn draw(label: usize, size: u32, rng: &mut impl Rng) -> Vec<u8> {
     let frequency = rng.gen_range(2.0..10.0) * 2.0 * PI / s;
     let direction = rng.gen_range(0.0..PI);
     // Clutter: a few soft blobs of random colour.
-    let clutter: Vec<([f32; 2], f32, [f32; 3])> = (0..rng.gen_range(2..6))
+    let clutter: Vec<([f32; 2], f32, [f32; 3])> = (0..rng.gen_range(0..3))
         .map(|_| {
             (
                 [rng.gen_range(0.0..s), rng.gen_range(0.0..s)],
@@ -141,22 +141,23 @@ fn draw(label: usize, size: u32, rng: &mut impl Rng) -> Vec<u8> {
     if colour.iter().zip(&background).map(|(a, b)| (a - b).abs()).sum::<f32>() < 0.6 {
         colour = colour.map(|c| 1.0 - c);
     }
-    let radius = rng.gen_range(0.22..0.4) * s;
+    let radius = rng.gen_range(0.28..0.42) * s;
     let centre = [rng.gen_range(radius..s - radius), rng.gen_range(radius..s - radius)];
-    let rotation = rng.gen_range(0.0..2.0 * PI);
+    // Upright within ±30°, as objects in photographs mostly are.
+    let rotation = rng.gen_range(-PI / 6.0..PI / 6.0);
     let detail = rng.gen_range(0.0..2.0 * PI);
     let (sin, cos) = rotation.sin_cos();
-    let noise = rng.gen_range(0.02..0.08);
+    let noise = rng.gen_range(0.01..0.05);
     let mut pixels = Vec::with_capacity((size * size * 3) as usize);
     for y in 0..size {
         for x in 0..size {
             let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
             let wave = 0.5 + 0.5 * ((fx * direction.cos() + fy * direction.sin()) * frequency).sin();
             let mut px: [f32; 3] =
-                std::array::from_fn(|c| background[c] * (1.0 - 0.35 * wave) + texture[c] * 0.35 * wave);
+                std::array::from_fn(|c| background[c] * (1.0 - 0.25 * wave) + texture[c] * 0.25 * wave);
             for (at, r, c) in &clutter {
                 let d2 = ((fx - at[0]).powi(2) + (fy - at[1]).powi(2)) / (r * r);
-                let weight = (-d2).exp() * 0.6;
+                let weight = (-d2).exp() * 0.4;
                 for k in 0..3 {
                     px[k] = px[k] * (1.0 - weight) + c[k] * weight;
                 }

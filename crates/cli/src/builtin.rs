@@ -1,0 +1,166 @@
+//! The committed demo models (`models/demo/`), built into the binary so that
+//! `--model demo` works anywhere without a download.
+//!
+//! The three demo bundles share one teacher, so `models/demo/` stores its
+//! backbone once (`backbone.safetensors`) and per λ the manifest and the rest
+//! of the weights (`l<λ>/model.toml`, `l<λ>/compressor.safetensors`). Both
+//! halves are safetensors written by the same serialiser as the bundle's own
+//! file, which orders tensors canonically, so merging them gives back the
+//! trained bundle byte for byte and its fingerprint still holds.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+
+/// Weights of the backbone (the teacher) start with this.
+const BACKBONE: &str = "backbone.";
+
+const SHARED_BACKBONE: &[u8] = include_bytes!("../../../models/demo/backbone.safetensors");
+
+/// Name, manifest and compressor weights of each demo bundle; `demo` is the middle rate.
+const MODELS: [(&str, &str, &[u8]); 3] = [
+    (
+        "demo-l0.025",
+        include_str!("../../../models/demo/l0.025/model.toml"),
+        include_bytes!("../../../models/demo/l0.025/compressor.safetensors"),
+    ),
+    (
+        "demo-l0.2",
+        include_str!("../../../models/demo/l0.2/model.toml"),
+        include_bytes!("../../../models/demo/l0.2/compressor.safetensors"),
+    ),
+    (
+        "demo-l1.6",
+        include_str!("../../../models/demo/l1.6/model.toml"),
+        include_bytes!("../../../models/demo/l1.6/compressor.safetensors"),
+    ),
+];
+
+/// clap's parser of `--model`: see [`model_path`].
+pub fn parse_model(value: &str) -> std::result::Result<PathBuf, String> {
+    model_path(Path::new(value)).map_err(|e| format!("{e:#}"))
+}
+
+/// What a `--model` argument names: a bundle directory as it is, or a
+/// built-in demo bundle (`demo`, `demo-l0.025`, …), unpacked into the cache
+/// once per content.
+pub fn model_path(model: &Path) -> Result<PathBuf> {
+    if model.exists() {
+        return Ok(model.to_path_buf());
+    }
+    let name = match model.to_str() {
+        Some("demo") => "demo-l0.2",
+        Some(other) => other,
+        None => "",
+    };
+    let Some((name, manifest, compressor)) = MODELS.iter().find(|(n, ..)| *n == name) else {
+        let names: Vec<&str> = MODELS.iter().map(|(n, ..)| *n).collect();
+        bail!(
+            "no model bundle at {}: give a bundle directory (from `convert` or `train`) or a built-in model: demo, {}",
+            model.display(),
+            names.join(", ")
+        );
+    };
+    // Named by content, so that a newer binary's models never meet an older copy.
+    let dir = cache_dir()
+        .join("models")
+        .join(format!(
+            "{:016x}",
+            fnv1a([manifest.as_bytes(), compressor, SHARED_BACKBONE])
+        ))
+        .join(name);
+    if dir.join("model.toml").exists() {
+        return Ok(dir);
+    }
+    let weights = merge(SHARED_BACKBONE, compressor).with_context(|| format!("built-in model {name}"))?;
+    let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::fs::write(tmp.join("weights.safetensors"), weights)?;
+    std::fs::write(tmp.join("model.toml"), manifest)?;
+    if let Err(e) = std::fs::rename(&tmp, &dir) {
+        // Another process may have unpacked it first.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !dir.join("model.toml").exists() {
+            return Err(e).with_context(|| format!("cannot unpack {name} into {}", dir.display()));
+        }
+    }
+    Ok(dir)
+}
+
+/// One safetensors file holding the tensors of both.
+fn merge(backbone: &[u8], compressor: &[u8]) -> Result<Vec<u8>> {
+    let backbone = SafeTensors::deserialize(backbone)?;
+    let compressor = SafeTensors::deserialize(compressor)?;
+    let tensors: Vec<(String, TensorView)> = backbone.tensors().into_iter().chain(compressor.tensors()).collect();
+    Ok(safetensors::serialize(tensors, &None)?)
+}
+
+/// Writes bundles (name → bundle directory, trained against one teacher) in
+/// the committed layout under `out`: `backbone.safetensors` once, and
+/// `l<λ>/{model.toml, compressor.safetensors}` per bundle. Checks that each
+/// bundle merges back to its own bytes.
+pub fn pack(bundles: &[(String, PathBuf)], out: &Path) -> Result<()> {
+    let mut shared: Option<Vec<u8>> = None;
+    for (name, dir) in bundles {
+        let bytes =
+            std::fs::read(dir.join("weights.safetensors")).with_context(|| format!("cannot read {}", dir.display()))?;
+        let tensors = SafeTensors::deserialize(&bytes)?;
+        let (backbone, rest): (Vec<_>, Vec<_>) = tensors
+            .tensors()
+            .into_iter()
+            .partition(|(k, _)| k.starts_with(BACKBONE));
+        let backbone = safetensors::serialize(backbone, &None)?;
+        let rest = safetensors::serialize(rest, &None)?;
+        match &shared {
+            Some(first) if *first != backbone => {
+                bail!(
+                    "{} has another backbone than the first bundle; demo bundles share their teacher",
+                    dir.display()
+                )
+            }
+            Some(_) => {}
+            None => shared = Some(backbone.clone()),
+        }
+        if merge(&backbone, &rest)? != bytes {
+            bail!(
+                "{}: its weights do not split into backbone and compressor losslessly",
+                dir.display()
+            );
+        }
+        let target = out.join(name);
+        std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
+        frankensplit_edge::write_atomically(&target.join("compressor.safetensors"), &rest)?;
+        let manifest = std::fs::read(dir.join("model.toml"))?;
+        frankensplit_edge::write_atomically(&target.join("model.toml"), &manifest)?;
+    }
+    if let Some(backbone) = shared {
+        frankensplit_edge::write_atomically(&out.join("backbone.safetensors"), &backbone)?;
+    }
+    Ok(())
+}
+
+/// `$FRANKENSPLIT_CACHE`, else the user's cache directory, as the setup script picks it.
+fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FRANKENSPLIT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("frankensplit");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".cache/frankensplit"),
+        None => std::env::temp_dir().join("frankensplit"),
+    }
+}
+
+/// 64-bit FNV-1a: names the unpacked copy after its content.
+fn fnv1a<const N: usize>(parts: [&[u8]; N]) -> u64 {
+    parts
+        .iter()
+        .flat_map(|p| p.iter())
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
