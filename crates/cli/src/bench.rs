@@ -1,6 +1,9 @@
 //! `frankensplit bench codec`: encode and decode throughput of the entropy
 //! coder on a FrankenSplit-sized latent, in a form a Python script can replay
 //! through CompressAI on the same data (`tools/bench/compressai_codec.py`).
+//! `frankensplit bench edge`: the device's encoder g_a and coding, ours
+//! (libtorch-free) against libtorch's kernels in the same run, as a fraction
+//! of the machine's sgemm peak.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -29,6 +32,27 @@ pub enum Target {
         /// comparison script to time CompressAI on the very same case.
         #[arg(long)]
         export: Option<PathBuf>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The edge encoder g_a plus entropy coding at batch 1: ours (no
+    /// libtorch) against libtorch 2.11's eager kernels on the same weights
+    /// and input, and the machine's peak from a large sgemm.
+    Edge {
+        /// Bundle to take g_a and the entropy tables from; default: the
+        /// reference's encoder (3 → 48 → 64 → 48, 224²) with random weights.
+        #[arg(long, value_parser = crate::builtin::parse_model)]
+        model: Option<PathBuf>,
+        /// Timed runs of each method.
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
+        /// Untimed runs before timing.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// libtorch's intra-op threads (ours runs on one).
+        #[arg(long, default_value_t = 1)]
+        threads: i32,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -71,13 +95,25 @@ fn parse_shape(s: &str) -> Result<LatentShape, String> {
 }
 
 pub fn run(target: Target) -> Result<()> {
-    let Target::Codec {
-        iterations,
-        warmup,
-        shape,
-        export,
-        json,
-    } = target;
+    match target {
+        Target::Codec {
+            iterations,
+            warmup,
+            shape,
+            export,
+            json,
+        } => run_codec(iterations, warmup, shape, export, json),
+        Target::Edge {
+            model,
+            iterations,
+            warmup,
+            threads,
+            json,
+        } => crate::bench_edge::run(model, iterations, warmup, threads, json),
+    }
+}
+
+fn run_codec(iterations: usize, warmup: usize, shape: LatentShape, export: Option<PathBuf>, json: bool) -> Result<()> {
     ensure!(iterations > 0, "--iterations must be at least 1");
     let eb = EntropyBottleneck::synthetic(shape.channels as usize);
     let latent = eb.synthetic_latent(shape, 0x5EED);
@@ -147,7 +183,7 @@ pub fn run(target: Target) -> Result<()> {
 }
 
 /// Median wall time of `iterations` calls after `warmup` untimed ones.
-fn time(warmup: usize, iterations: usize, mut f: impl FnMut()) -> Duration {
+pub fn time(warmup: usize, iterations: usize, mut f: impl FnMut()) -> Duration {
     for _ in 0..warmup {
         f();
     }

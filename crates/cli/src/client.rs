@@ -9,15 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use frankensplit_imagecodecs::ImageCodec;
-use frankensplit_models::{Bundle, Manifest};
+use frankensplit_models::Manifest;
 use frankensplit_preprocess::{Preprocess, RgbImage};
 use futures_util::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
-use tch::Device;
 
 use crate::units::{format_rate, parse_rate};
-use frankensplit_edge::encode_image;
+use frankensplit_edge::{encode_image, EdgeModel};
 
 /// What the client sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -121,13 +120,12 @@ fn prepare(args: &ClientArgs) -> Result<(Vec<Prepared>, String)> {
         if args.quality.is_some() || args.original {
             bail!("--quality and --original apply to the image modes (jpeg, png, webp)");
         }
-        let bundle =
-            Bundle::open(model, Device::Cpu).with_context(|| format!("cannot load model {}", model.display()))?;
+        let edge = EdgeModel::open(model).with_context(|| format!("cannot load model {}", model.display()))?;
         let prepared = args
             .images
             .iter()
             .map(|p| {
-                let (payload, edge_ms) = encode_image(&bundle, p).with_context(|| format!("{}", p.display()))?;
+                let (payload, edge_ms) = encode_image(&edge, p).with_context(|| format!("{}", p.display()))?;
                 Ok(Prepared {
                     image: p.clone(),
                     body: Arc::new(payload),

@@ -31,8 +31,8 @@ pub struct DemoArgs {
     /// previous demo's directory is replaced, any other must be empty.
     #[arg(short, long, default_value = "runs/demo")]
     output: PathBuf,
-    /// A small version for tests (about a minute): few images and steps, so
-    /// its accuracies mean nothing.
+    /// A small version for tests (seconds): few images and steps, so its
+    /// accuracies mean nothing.
     #[arg(long)]
     quick: bool,
     /// Rate weights λ, one compressor each.

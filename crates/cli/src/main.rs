@@ -3,6 +3,7 @@
 //! client, payload inspection, and benchmarks.
 
 mod bench;
+mod bench_edge;
 mod builtin;
 mod client;
 mod demo;

@@ -1,7 +1,11 @@
 //! The edge side of FrankenSplit: what runs on the device. Images are
 //! decoded and preprocessed, the encoder g_a runs, and the latent is
 //! entropy-coded into a payload (docs/format.md). This crate and its binary
-//! `frankensplit-edge` carry no server, HTTP or training code.
+//! `frankensplit-edge` carry no tensor framework (g_a runs on our own
+//! lowering to sgemm, [`encoder`]), and no server, HTTP or training code.
+
+pub mod encoder;
+pub mod model;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,10 +13,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use frankensplit_codec::Payload;
-use frankensplit_models::Bundle;
 use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
-use tch::Device;
+
+pub use model::EdgeModel;
 
 #[derive(Args)]
 pub struct EncodeArgs {
@@ -40,25 +44,25 @@ struct Encoded {
 }
 
 /// Preprocesses and encodes one image: the payload and the edge compute time.
-pub fn encode_image(bundle: &Bundle, path: &Path) -> Result<(Vec<u8>, f64)> {
+pub fn encode_image(model: &EdgeModel, path: &Path) -> Result<(Vec<u8>, f64)> {
     let image = RgbImage::open(path)?;
     let start = Instant::now();
-    let input = bundle.manifest.preprocess.apply(&image)?;
-    let payload = bundle.compress(&input)?;
+    let input = model.preprocess.apply(&image)?;
+    let payload = model.compress(&input)?;
     Ok((payload, start.elapsed().as_secs_f64() * 1e3))
 }
 
-pub fn bpp(bundle: &Bundle, bytes: usize) -> f64 {
-    let crop = f64::from(bundle.manifest.preprocess.crop);
+/// Bits per pixel of the model's input crop for a payload of `bytes`.
+pub fn bpp(model: &EdgeModel, bytes: usize) -> f64 {
+    let crop = f64::from(model.preprocess.crop);
     bytes as f64 * 8.0 / (crop * crop)
 }
 
 /// `encode`: one payload file per image.
 pub fn run_encode(args: EncodeArgs) -> Result<()> {
-    let bundle = Bundle::open(&args.model, Device::Cpu)
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let model = EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
     for_each_image(&args.images, |path| {
-        let encoded = encode_image(&bundle, path).and_then(|(payload, encode_ms)| {
+        let encoded = encode_image(&model, path).and_then(|(payload, encode_ms)| {
             let stem = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())
@@ -69,7 +73,7 @@ pub fn run_encode(args: EncodeArgs) -> Result<()> {
                 image: path.to_path_buf(),
                 payload: target,
                 bytes: payload.len(),
-                bpp: bpp(&bundle, payload.len()),
+                bpp: bpp(&model, payload.len()),
                 encode_ms,
             })
         })?;

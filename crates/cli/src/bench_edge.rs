@@ -1,0 +1,246 @@
+//! `frankensplit bench edge`: g_a and entropy coding at batch 1, ours (the
+//! libtorch-free `frankensplit-edge` path) against libtorch's kernels on the
+//! same weights and input, each also as a fraction of the machine's peak
+//! (the faster of libtorch's and matrixmultiply's sgemm on large matrices).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use frankensplit_codec::{EntropyBottleneck, LatentShape, LikelihoodFormula};
+use frankensplit_edge::encoder::{Conv, Encoder, ResidualBlock};
+use frankensplit_edge::EdgeModel;
+use frankensplit_models::{Bundle, Compressor, CompressorConfig};
+use serde::Serialize;
+use tch::nn::{Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+use crate::bench::time;
+
+#[derive(Serialize)]
+struct Method {
+    name: String,
+    ms: f64,
+    gflops: f64,
+    fraction_of_peak: f64,
+}
+
+#[derive(Serialize)]
+struct EdgeReport {
+    model: String,
+    input: String,
+    latent: LatentShape,
+    macs: usize,
+    threads: i32,
+    iterations: usize,
+    peak_gflops: f64,
+    peak_from: String,
+    encoder: Vec<Method>,
+    coding_ms: f64,
+    string_bytes: usize,
+    max_abs_difference: f32,
+}
+
+/// g_a twice (ours and libtorch's, same weights) and the coder.
+struct Subject {
+    name: String,
+    ours: Encoder,
+    reference: Box<dyn Fn(&Tensor) -> Tensor>,
+    coder: EntropyBottleneck,
+    side: usize,
+    latent_channels: usize,
+}
+
+/// The reference's encoder and entropy bottleneck with weights drawn from seed 0.
+fn random_reference() -> Result<Subject> {
+    tch::manual_seed(0);
+    let config = CompressorConfig::default();
+    let vars = VarStore::new(Device::Cpu);
+    let compressor = Compressor::new(&vars.root(), &config);
+    let variables = vars.variables();
+    let conv = |name: &str, stride: usize| -> Result<Conv> {
+        let weight = &variables[&format!("g_a.{name}.weight")];
+        let bias = &variables[&format!("g_a.{name}.bias")];
+        let shape: Vec<usize> = weight.size().iter().map(|&d| d as usize).collect();
+        Conv::from_torch(
+            &Vec::<f32>::try_from(weight.flatten(0, -1))?,
+            &shape,
+            &Vec::<f32>::try_from(bias)?,
+            stride,
+        )
+    };
+    let blocks = (1..=3)
+        .map(|i| {
+            Ok(ResidualBlock {
+                conv1: conv(&format!("rb{i}.conv1"), 2)?,
+                conv2: conv(&format!("rb{i}.conv2"), 1)?,
+                skip: conv(&format!("rb{i}.skip"), 2)?,
+                act_after_conv1: config.act_after_conv1,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let coder = EntropyBottleneck::from_density(&compressor.entropy_bottleneck.density()?, LikelihoodFormula::Direct)?;
+    Ok(Subject {
+        name: "the reference's g_a (3 → 48 → 64 → 48), random weights".into(),
+        ours: Encoder { blocks },
+        reference: Box::new(move |x| compressor.g_a.forward(x)),
+        coder,
+        side: config.input_size as usize,
+        latent_channels: config.latent_channels as usize,
+    })
+}
+
+fn from_bundle(dir: &Path) -> Result<Subject> {
+    let edge = EdgeModel::open(dir).with_context(|| format!("cannot load model {}", dir.display()))?;
+    let bundle = Bundle::open(dir, Device::Cpu)?;
+    let side = edge.input_size();
+    let latent_channels = edge.latent_shape().channels as usize;
+    Ok(Subject {
+        name: format!("{} ({})", dir.display(), edge.fingerprint),
+        ours: edge.encoder.clone(),
+        coder: edge.coder().clone(),
+        reference: Box::new(move |x| bundle.compressor.g_a.forward(x)),
+        side,
+        latent_channels,
+    })
+}
+
+/// Median time of an `n³` sgemm: libtorch's and matrixmultiply's, as GFLOP/s.
+fn sgemm_peaks(n: usize) -> (f64, f64) {
+    let flops = 2.0 * (n * n * n) as f64;
+    let a = Tensor::randn([n as i64, n as i64], (Kind::Float, Device::Cpu));
+    let b = Tensor::randn([n as i64, n as i64], (Kind::Float, Device::Cpu));
+    let libtorch = time(2, 7, || {
+        let _ = std::hint::black_box(a.matmul(&b));
+    });
+    let x: Vec<f32> = Vec::try_from(a.flatten(0, -1)).unwrap_or_default();
+    let y: Vec<f32> = Vec::try_from(b.flatten(0, -1)).unwrap_or_default();
+    let mut z = vec![0f32; n * n];
+    let ours = time(1, 5, || {
+        // SAFETY: row-major n × n matrices of exactly n² elements each.
+        unsafe {
+            matrixmultiply::sgemm(
+                n,
+                n,
+                n,
+                1.0,
+                x.as_ptr(),
+                n as isize,
+                1,
+                y.as_ptr(),
+                n as isize,
+                1,
+                0.0,
+                z.as_mut_ptr(),
+                n as isize,
+                1,
+            );
+        }
+        std::hint::black_box(&z);
+    });
+    let gflops = |t: Duration| flops / t.as_secs_f64() / 1e9;
+    (gflops(libtorch), gflops(ours))
+}
+
+pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i32, json: bool) -> Result<()> {
+    ensure!(iterations > 0, "--iterations must be at least 1");
+    ensure!(threads > 0, "--threads must be at least 1");
+    tch::set_num_threads(threads);
+    let subject = match &model {
+        Some(dir) => from_bundle(dir)?,
+        None => random_reference()?,
+    };
+    let side = subject.side;
+    tch::manual_seed(1);
+    let image = Tensor::randn([1, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
+    let input: Vec<f32> = Vec::try_from(image.flatten(0, -1))?;
+
+    let (ours_latent, latent_side) = subject.ours.forward(&input, side)?;
+    let reference_latent: Vec<f32> = Vec::try_from(tch::no_grad(|| (subject.reference)(&image)).flatten(0, -1))?;
+    let max_abs_difference = ours_latent
+        .iter()
+        .zip(&reference_latent)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let latent = LatentShape::new(subject.latent_channels as u32, latent_side as u32, latent_side as u32);
+
+    let ours = time(warmup, iterations, || {
+        std::hint::black_box(
+            subject
+                .ours
+                .forward(std::hint::black_box(&input), side)
+                .expect("input fits"),
+        );
+    });
+    let libtorch = time(warmup, iterations, || {
+        let _ = std::hint::black_box(tch::no_grad(|| (subject.reference)(&image)));
+    });
+    let string = subject.coder.compress(&ours_latent, latent)?;
+    let coding = time(warmup, iterations, || {
+        std::hint::black_box(subject.coder.compress(&ours_latent, latent).expect("latent codes"));
+    });
+
+    let (peak_libtorch, peak_matrixmultiply) = sgemm_peaks(1024);
+    let (peak, peak_from) = if peak_libtorch >= peak_matrixmultiply {
+        (peak_libtorch, format!("libtorch sgemm 1024³, {threads} thread(s)"))
+    } else {
+        (peak_matrixmultiply, "matrixmultiply sgemm 1024³, 1 thread".to_string())
+    };
+    let macs = subject.ours.macs(side);
+    let method = |name: &str, t: Duration| {
+        let gflops = 2.0 * macs as f64 / t.as_secs_f64() / 1e9;
+        Method {
+            name: name.into(),
+            ms: t.as_secs_f64() * 1e3,
+            gflops,
+            fraction_of_peak: gflops / peak,
+        }
+    };
+    let report = EdgeReport {
+        model: subject.name,
+        input: format!("3×{side}×{side}, batch 1"),
+        latent,
+        macs,
+        threads,
+        iterations,
+        peak_gflops: peak,
+        peak_from,
+        encoder: vec![
+            method("ours (im2col + matrixmultiply sgemm, 1 thread)", ours),
+            method(&format!("libtorch 2.11 eager, NCHW, {threads} thread(s)"), libtorch),
+        ],
+        coding_ms: coding.as_secs_f64() * 1e3,
+        string_bytes: string.len(),
+        max_abs_difference,
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    println!(
+        "g_a of {}: input {}, latent {}, {:.1} M multiply-adds; median of {iterations} after {warmup} warm-up runs",
+        report.model,
+        report.input,
+        report.latent,
+        macs as f64 / 1e6
+    );
+    println!("peak: {:.1} GFLOP/s ({})", report.peak_gflops, report.peak_from);
+    for m in &report.encoder {
+        println!(
+            "  {:<48} {:8.2} ms {:7.1} GFLOP/s {:5.1} % of peak",
+            m.name,
+            m.ms,
+            m.gflops,
+            m.fraction_of_peak * 100.0
+        );
+    }
+    println!(
+        "  {:<48} {:8.2} ms ({} bytes)",
+        "entropy coding (ours)", report.coding_ms, report.string_bytes
+    );
+    println!(
+        "  ours vs libtorch: {:.2}× the speed; outputs differ by at most {:.2e}",
+        report.encoder[1].ms / report.encoder[0].ms,
+        report.max_abs_difference
+    );
+    Ok(())
+}

@@ -1,0 +1,46 @@
+//! `frankensplit bench edge` on the built-in demo model: both encoders run on
+//! the same weights and agree, and the report's arithmetic holds together.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+#[test]
+fn bench_edge_times_both_encoders_on_the_same_model() {
+    let cache = std::env::temp_dir().join(format!("frankensplit-bench-{}", std::process::id()));
+    let out = Command::new(env!("CARGO_BIN_EXE_frankensplit"))
+        .args([
+            "bench",
+            "edge",
+            "--model",
+            "demo",
+            "--iterations",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+        ])
+        .env("FRANKENSPLIT_CACHE", &cache)
+        .output()
+        .expect("frankensplit runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // The demo model's g_a: 3 → 16 → 24 → 12 at 64², a 12×8×8 latent.
+    assert_eq!(report["latent"]["channels"], 12);
+    assert_eq!(report["latent"]["height"], 8);
+    let macs = report["macs"].as_f64().unwrap();
+    let expected = (32.0 * 32.0 * (27.0 * 16.0 + 144.0 * 16.0 + 3.0 * 16.0))
+        + (16.0 * 16.0 * (144.0 * 24.0 + 216.0 * 24.0 + 16.0 * 24.0))
+        + (8.0 * 8.0 * (216.0 * 12.0 + 108.0 * 12.0 + 24.0 * 12.0));
+    assert_eq!(macs, expected);
+    assert!(report["max_abs_difference"].as_f64().unwrap() < 1e-4);
+    let peak = report["peak_gflops"].as_f64().unwrap();
+    for method in report["encoder"].as_array().unwrap() {
+        let ms = method["ms"].as_f64().unwrap();
+        let gflops = method["gflops"].as_f64().unwrap();
+        assert!(ms > 0.0 && (gflops - 2.0 * macs / ms / 1e6).abs() < 1e-6 * gflops);
+        assert!((method["fraction_of_peak"].as_f64().unwrap() - gflops / peak).abs() < 1e-9);
+    }
+    assert!(report["string_bytes"].as_u64().unwrap() > 8);
+    let _ = std::fs::remove_dir_all(&cache);
+}

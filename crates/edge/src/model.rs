@@ -1,0 +1,191 @@
+//! The device's view of a model bundle: the input pipeline, the encoder g_a
+//! and the entropy coder, read from `model.toml` and `weights.safetensors`
+//! without libtorch (the rest of the bundle, the server's part, is skipped).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use frankensplit_codec::{CdfTables, EntropyBottleneck, LatentShape, ModelFingerprint, Payload};
+use frankensplit_preprocess::Preprocess;
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::Deserialize;
+
+use crate::encoder::{Conv, Encoder, ResidualBlock};
+
+/// The bundle layout this crate reads (`frankensplit_models::bundle::BUNDLE_FORMAT`).
+pub const BUNDLE_FORMAT: u32 = 1;
+
+/// The fields of `model.toml` the device needs; the others are ignored.
+#[derive(Deserialize)]
+struct ManifestView {
+    format: u32,
+    fingerprint: String,
+    architecture: ArchitectureView,
+    preprocess: Preprocess,
+}
+
+#[derive(Deserialize)]
+struct ArchitectureView {
+    compressor: EncoderView,
+}
+
+#[derive(Deserialize)]
+struct EncoderView {
+    input_size: usize,
+    encoder_hidden: [usize; 2],
+    latent_channels: usize,
+    act_after_conv1: bool,
+}
+
+/// A bundle's device side.
+#[derive(Debug)]
+pub struct EdgeModel {
+    /// Directory it was read from.
+    pub dir: PathBuf,
+    /// Identity carried by payloads.
+    pub fingerprint: ModelFingerprint,
+    /// Input pipeline.
+    pub preprocess: Preprocess,
+    /// g_a.
+    pub encoder: Encoder,
+    input_size: usize,
+    shape: LatentShape,
+    coder: EntropyBottleneck,
+}
+
+impl EdgeModel {
+    /// Reads a bundle directory, checking the weights against the manifest's
+    /// fingerprint and the encoder's shapes against the architecture.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let manifest_path = dir.join("model.toml");
+        let text = std::fs::read_to_string(&manifest_path)
+            .with_context(|| format!("{} is not a model bundle", dir.display()))?;
+        let manifest: ManifestView =
+            toml::from_str(&text).with_context(|| format!("invalid {}", manifest_path.display()))?;
+        if manifest.format != BUNDLE_FORMAT {
+            bail!(
+                "bundle format {} is not supported (this build reads {BUNDLE_FORMAT})",
+                manifest.format
+            );
+        }
+        let weights_path = dir.join("weights.safetensors");
+        let bytes = std::fs::read(&weights_path).with_context(|| format!("cannot read {}", weights_path.display()))?;
+        let fingerprint = ModelFingerprint::of_parts([bytes.as_slice()]);
+        if fingerprint.to_string() != manifest.fingerprint {
+            bail!(
+                "{} does not match its manifest (fingerprint {fingerprint}, manifest says {}): the bundle was modified or damaged",
+                weights_path.display(),
+                manifest.fingerprint
+            );
+        }
+        let tensors =
+            SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", weights_path.display()))?;
+        let arch = &manifest.architecture.compressor;
+        let widths = [3, arch.encoder_hidden[0], arch.encoder_hidden[1], arch.latent_channels];
+        let blocks = (0..3)
+            .map(|i| {
+                let name = format!("compressor.g_a.rb{}", i + 1);
+                let conv = |part: &str, stride: usize, kernel: usize, inputs: usize| -> Result<Conv> {
+                    let expected = [widths[i + 1], inputs, kernel, kernel];
+                    let (weight, shape) = floats(&tensors, &format!("{name}.{part}.weight"))?;
+                    if shape != expected {
+                        bail!("{name}.{part}.weight has shape {shape:?}, the architecture says {expected:?}");
+                    }
+                    let (bias, _) = floats(&tensors, &format!("{name}.{part}.bias"))?;
+                    Conv::from_torch(&weight, &shape, &bias, stride).with_context(|| format!("{name}.{part}"))
+                };
+                Ok(ResidualBlock {
+                    conv1: conv("conv1", 2, 3, widths[i])?,
+                    conv2: conv("conv2", 1, 3, widths[i + 1])?,
+                    skip: conv("skip", 2, 1, widths[i])?,
+                    act_after_conv1: arch.act_after_conv1,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let (quantiles, quantile_shape) = floats(&tensors, "compressor.entropy_bottleneck.quantiles")?;
+        if quantile_shape != [arch.latent_channels, 1, 3] {
+            bail!("entropy bottleneck quantiles have shape {quantile_shape:?}");
+        }
+        let medians: Vec<f32> = quantiles.chunks_exact(3).map(|q| q[1]).collect();
+        let (cdf, cdf_shape) = ints(&tensors, "entropy_tables.quantized_cdf")?;
+        let (lengths, _) = ints(&tensors, "entropy_tables.cdf_length")?;
+        let (offsets, _) = ints(&tensors, "entropy_tables.offset")?;
+        let width = cdf_shape.last().copied().unwrap_or(0);
+        let tables = CdfTables::from_compressai(&cdf, width, &lengths, &offsets)?;
+        let coder = EntropyBottleneck::from_tables(tables, medians)?;
+        let side = arch.input_size / 8;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            fingerprint,
+            preprocess: manifest.preprocess,
+            encoder: Encoder { blocks },
+            input_size: arch.input_size,
+            shape: LatentShape::new(arch.latent_channels as u32, side as u32, side as u32),
+            coder,
+        })
+    }
+
+    /// Shape of one image's latent.
+    pub fn latent_shape(&self) -> LatentShape {
+        self.shape
+    }
+
+    /// The entropy coder (tables and per-channel medians).
+    pub fn coder(&self) -> &EntropyBottleneck {
+        &self.coder
+    }
+
+    /// Side of the (square) input the encoder takes.
+    pub fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
+    pub fn encode_latent(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
+        Ok(self.encoder.forward(image_chw, self.input_size)?.0)
+    }
+
+    /// Image (preprocessed) → payload: g_a, rounding against the medians,
+    /// rANS, and the container with this model's fingerprint.
+    pub fn compress(&self, image_chw: &[f32]) -> Result<Vec<u8>> {
+        let latent = self.encode_latent(image_chw)?;
+        let string = self.coder.compress(&latent, self.shape)?;
+        Ok(Payload {
+            fingerprint: self.fingerprint,
+            shape: self.shape,
+            string: &string,
+        }
+        .to_bytes())
+    }
+}
+
+fn view<'a>(tensors: &'a SafeTensors<'a>, name: &str, dtype: Dtype) -> Result<TensorView<'a>> {
+    let view = tensors
+        .tensor(name)
+        .with_context(|| format!("the bundle lacks {name}"))?;
+    if view.dtype() != dtype {
+        bail!("{name} is {:?}, expected {dtype:?}", view.dtype());
+    }
+    Ok(view)
+}
+
+fn floats(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    let view = view(tensors, name, Dtype::F32)?;
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((values, view.shape().to_vec()))
+}
+
+fn ints(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<i32>, Vec<usize>)> {
+    let view = view(tensors, name, Dtype::I32)?;
+    let values = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Ok((values, view.shape().to_vec()))
+}

@@ -1,0 +1,165 @@
+//! The libtorch-free encoder against the libtorch model it replaces on the
+//! device: same features (to float rounding), same symbols, same payload
+//! bytes; and damaged bundles refused.
+
+use std::path::{Path, PathBuf};
+
+use frankensplit_codec::LikelihoodFormula;
+use frankensplit_edge::EdgeModel;
+use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
+use frankensplit_models::{Architecture, Bundle, Compressor, SwinTransformer};
+use frankensplit_preprocess::RgbImage;
+use tch::nn::VarStore;
+use tch::Device;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A bundle of `arch` with weights drawn from `seed`.
+fn random_bundle(dir: &Path, arch: &Architecture, seed: i64) {
+    tch::manual_seed(seed);
+    let compressor_vars = VarStore::new(Device::Cpu);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let backbone_vars = VarStore::new(Device::Cpu);
+    let stages = arch.backbone.num_stages();
+    let _tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
+    // Medians away from zero, so that rounding against them is exercised.
+    tch::no_grad(|| {
+        let quantiles = &compressor_vars.variables()["entropy_bottleneck.quantiles"];
+        let _ = quantiles
+            .shallow_clone()
+            .g_add_(&(tch::Tensor::rand_like(quantiles) - 0.5));
+    });
+    let tables = compressor
+        .entropy_bottleneck
+        .density()
+        .unwrap()
+        .build_tables(LikelihoodFormula::Direct)
+        .unwrap();
+    write_bundle(
+        dir,
+        BundleContents {
+            architecture: arch,
+            compressor_vars: &compressor_vars,
+            backbone_vars: &backbone_vars,
+            backbone_head: false,
+            tables: &tables,
+            likelihood_formula: LikelihoodFormula::Direct,
+            table_source: TableSource::Recomputed,
+            labels: Vec::new(),
+            source: format!("edge parity test, seed {seed}"),
+        },
+    )
+    .unwrap();
+}
+
+fn inputs(bundle: &Bundle) -> Vec<Vec<f32>> {
+    let images = fixtures().join("preprocess/tests/fixtures");
+    ["gradient_300x250.png", "noise_97x131.png", "grey_180x90.png"]
+        .iter()
+        .map(|name| {
+            let image = RgbImage::open(&images.join(name)).unwrap();
+            bundle.manifest.preprocess.apply(&image).unwrap()
+        })
+        .collect()
+}
+
+fn check_parity(arch: &Architecture, seed: i64, name: &str) {
+    let dir = std::env::temp_dir().join(format!("frankensplit-edge-parity-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    random_bundle(&dir, arch, seed);
+    let reference = Bundle::open(&dir, Device::Cpu).unwrap();
+    let edge = EdgeModel::open(&dir).unwrap();
+    assert_eq!(edge.fingerprint, reference.fingerprint);
+    assert_eq!(edge.latent_shape(), reference.latent_shape());
+    let shape = edge.latent_shape();
+    let plane = shape.plane();
+    let mut ties = 0;
+    for (i, input) in inputs(&reference).iter().enumerate() {
+        let want = reference.encode_latent(input).unwrap();
+        let got = edge.encode_latent(input).unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let tolerance = 1e-5 * scale;
+        let worst = got.iter().zip(&want).fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+        assert!(
+            worst <= tolerance,
+            "{name} image {i}: features differ by {worst} (scale {scale})"
+        );
+        // Symbols: equal, except where the reference's value lies within
+        // float rounding of a rounding boundary (two correct sums of the
+        // same products may fall on either side of it).
+        let symbols = |latent: &[f32]| edge.coder().quantize(latent, shape).unwrap();
+        let (got_symbols, want_symbols) = (symbols(&got), symbols(&want));
+        for (j, (g, w)) in got_symbols.iter().zip(&want_symbols).enumerate() {
+            if g != w {
+                let centred = want[j] - edge.coder().medians()[j / plane];
+                let off_half = (centred - centred.floor() - 0.5).abs();
+                assert!(
+                    (g - w).abs() == 1 && off_half <= tolerance,
+                    "{name} image {i} symbol {j}: {g} vs {w} at {centred}"
+                );
+                ties += 1;
+            }
+        }
+        if got_symbols == want_symbols {
+            assert_eq!(
+                edge.compress(input).unwrap(),
+                reference.compress(input).unwrap(),
+                "{name} image {i}"
+            );
+        }
+    }
+    assert!(ties <= 2, "{name}: {ties} symbols on rounding boundaries");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn edge_encoder_matches_the_libtorch_model() {
+    assert_eq!(
+        frankensplit_edge::model::BUNDLE_FORMAT,
+        frankensplit_models::bundle::BUNDLE_FORMAT
+    );
+    let small = Architecture::from_toml(
+        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
+    )
+    .unwrap();
+    check_parity(&small, 1, "small");
+    let mut with_activation = small.clone();
+    with_activation.compressor.act_after_conv1 = true;
+    check_parity(&with_activation, 2, "act");
+    // The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the small backbone.
+    let mut full = small.clone();
+    full.compressor.input_size = 224;
+    full.compressor.encoder_hidden = [48, 64];
+    full.compressor.latent_channels = 48;
+    full.backbone.img_size = 224;
+    full.backbone.window_sizes = vec![7, 7, 7, 7];
+    full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
+    check_parity(&full, 3, "full");
+}
+
+#[test]
+fn damaged_bundles_are_refused() {
+    let small = Architecture::from_toml(
+        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!("frankensplit-edge-damaged-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    random_bundle(&dir, &small, 4);
+    let weights = dir.join("weights.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let error = format!("{:#}", EdgeModel::open(&dir).unwrap_err());
+    assert!(error.contains("does not match its manifest"), "{error}");
+    std::fs::remove_file(&weights).unwrap();
+    let error = format!("{:#}", EdgeModel::open(&dir).unwrap_err());
+    assert!(error.contains("cannot read"), "{error}");
+    let error = format!("{:#}", EdgeModel::open(&dir.join("nowhere")).unwrap_err());
+    assert!(error.contains("is not a model bundle"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,165 @@
+"""Times the reference's edge side in Python on this machine, for comparison
+with `frankensplit bench edge` run in the same session:
+
+- g_a (the reference's `QuantizableSimpleAnalysisNetwork2`: three
+  `ResidualBlockWithStride`, 3 -> 48 -> 64 -> 48, no activation between the
+  convolutions, as released) at batch 1, 224x224, in PyTorch eager (NCHW and
+  channels_last) and in ONNX Runtime (the module exported with torch.onnx);
+- CompressAI's `EntropyBottleneck.compress` of the resulting 48x28x28 latent;
+- the machine's sgemm peak (torch.matmul of 1024x1024 matrices);
+
+each at 1 and 2 threads, median of --iterations runs after --warmup.
+
+Weights: random (seed 0), or g_a and the entropy bottleneck of a bundle
+(`--model DIR`, its weights.safetensors) for the real tables.
+
+    python3 -m venv /tmp/eb && /tmp/eb/bin/pip install torch==2.11.0 compressai==1.2.8 \
+        safetensors onnx onnxruntime
+    /tmp/eb/bin/python tools/bench/edge_reference.py --iterations 50 --json out.json
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+from torch import nn
+
+
+class ResidualBlockWithStride(nn.Module):
+    """compressai.layers.ResidualBlockWithStride as the reference builds it
+    (its `act1` ends up an identity)."""
+
+    def __init__(self, in_ch, out_ch, stride=2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.act = nn.ReLU(inplace=False)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, stride=stride)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.act(self.conv2(out))
+        return out + self.skip(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, widths=(3, 48, 64, 48)):
+        super().__init__()
+        self.rb1 = ResidualBlockWithStride(widths[0], widths[1])
+        self.rb2 = ResidualBlockWithStride(widths[1], widths[2])
+        self.rb3 = ResidualBlockWithStride(widths[2], widths[3])
+
+    def forward(self, x):
+        return self.rb3(self.rb2(self.rb1(x)))
+
+
+def median_ms(fn, warmup, iterations):
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iterations):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def load(model_dir):
+    from compressai.entropy_models import EntropyBottleneck
+
+    if model_dir is None:
+        torch.manual_seed(0)
+        encoder = Encoder().eval()
+        eb = EntropyBottleneck(48)
+        eb.update(force=True)
+        return encoder, eb, 224
+    from safetensors.torch import load_file
+
+    tensors = load_file(f"{model_dir}/weights.safetensors")
+    g_a = {k[len("compressor.g_a."):]: v for k, v in tensors.items() if k.startswith("compressor.g_a.")}
+    widths = (3, g_a["rb1.conv1.weight"].shape[0], g_a["rb2.conv1.weight"].shape[0], g_a["rb3.conv1.weight"].shape[0])
+    encoder = Encoder(widths).eval()
+    encoder.load_state_dict(g_a)
+    eb = EntropyBottleneck(widths[3])
+    prefix = "compressor.entropy_bottleneck."
+    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    eb.load_state_dict(state, strict=False)
+    eb.update(force=True)
+    import tomllib
+
+    with open(f"{model_dir}/model.toml", "rb") as f:
+        side = tomllib.load(f)["architecture"]["compressor"]["input_size"]
+    return encoder, eb, side
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="bundle directory (default: random weights)")
+    parser.add_argument("--iterations", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    encoder, eb, side = load(args.model)
+    torch.manual_seed(1)
+    x = torch.randn(1, 3, side, side)
+    # Multiply-adds, counted from the output shapes of each convolution.
+    macs = 0
+    hooks = []
+
+    def count(module, inputs, output):
+        nonlocal macs
+        macs += output.numel() * module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+
+    for m in encoder.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(count))
+    with torch.no_grad():
+        latent = encoder(x)
+    for h in hooks:
+        h.remove()
+
+    results = {"input": [1, 3, side, side], "latent": list(latent.shape), "macs": macs, "runs": []}
+    onnx_path = tempfile.mktemp(suffix=".onnx")
+    torch.onnx.export(encoder, x, onnx_path, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
+    import onnxruntime as ort
+
+    for threads in [int(t) for t in args.threads.split(",")]:
+        torch.set_num_threads(threads)
+        run = {"threads": threads}
+        a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+        run["peak_gflops"] = 2 * 1024**3 / median_ms(lambda: a @ b, 2, 7) / 1e6
+        with torch.no_grad():
+            run["pytorch_eager_ms"] = median_ms(lambda: encoder(x), args.warmup, args.iterations)
+            cl_encoder = encoder.to(memory_format=torch.channels_last)
+            cl_x = x.to(memory_format=torch.channels_last)
+            run["pytorch_channels_last_ms"] = median_ms(lambda: cl_encoder(cl_x), args.warmup, args.iterations)
+            encoder.to(memory_format=torch.contiguous_format)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        feed = {"x": x.numpy()}
+        ort_out = session.run(None, feed)[0]
+        run["onnxruntime_max_abs_difference"] = float((torch.from_numpy(ort_out) - latent).abs().max())
+        run["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.iterations)
+        run["compressai_compress_ms"] = median_ms(lambda: eb.compress(latent), args.warmup, args.iterations)
+        run["string_bytes"] = len(eb.compress(latent)[0])
+        results["runs"].append(run)
+        print(
+            f"{threads} thread(s): peak {run['peak_gflops']:.1f} GFLOP/s | g_a: eager {run['pytorch_eager_ms']:.2f} ms, "
+            f"channels_last {run['pytorch_channels_last_ms']:.2f} ms, ONNX Runtime {run['onnxruntime_ms']:.2f} ms | "
+            f"CompressAI compress {run['compressai_compress_ms']:.2f} ms ({run['string_bytes']} B)"
+        )
+    print(f"{macs / 1e6:.1f} M multiply-adds; ONNX Runtime {ort.__version__}, torch {torch.__version__}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
