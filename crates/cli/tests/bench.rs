@@ -34,11 +34,21 @@ fn bench_edge_times_both_encoders_on_the_same_model() {
         + (8.0 * 8.0 * (216.0 * 12.0 + 108.0 * 12.0 + 24.0 * 12.0));
     assert_eq!(macs, expected);
     assert!(report["max_abs_difference"].as_f64().unwrap() < 1e-4);
+    assert!(report["folded_max_abs_difference"].as_f64().unwrap() < 1e-4);
+    // The first block (3 → 16, 3×3 pair, 32² outputs) folds into one 7×7
+    // convolution: 147·16 instead of 27·16 + 144·16 per output pixel.
+    let folded = report["folded_macs"].as_f64().unwrap();
+    assert_eq!(macs - folded, 32.0 * 32.0 * (27.0 * 16.0 + 144.0 * 16.0 - 147.0 * 16.0));
     let peak = report["peak_gflops"].as_f64().unwrap();
     for method in report["encoder"].as_array().unwrap() {
         let ms = method["ms"].as_f64().unwrap();
         let gflops = method["gflops"].as_f64().unwrap();
-        assert!(ms > 0.0 && (gflops - 2.0 * macs / ms / 1e6).abs() < 1e-6 * gflops);
+        let executed = if method["name"].as_str().unwrap().contains("folded") {
+            folded
+        } else {
+            macs
+        };
+        assert!(ms > 0.0 && (gflops - 2.0 * executed / ms / 1e6).abs() < 1e-6 * gflops);
         assert!((method["fraction_of_peak"].as_f64().unwrap() - gflops / peak).abs() < 1e-9);
     }
     assert!(report["string_bytes"].as_u64().unwrap() > 8);

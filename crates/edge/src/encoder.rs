@@ -3,6 +3,13 @@
 //! on HWC activations as convolutions lowered to matrix products
 //! (im2col, then `matrixmultiply`'s packed, runtime-dispatched sgemm).
 //! Weights are repacked once at load time from PyTorch's `[out, in, kh, kw]`.
+//!
+//! The released reference has no activation between a block's two
+//! convolutions, so `conv2 ∘ conv1` is one linear map: a 7×7 stride-2
+//! convolution, exact up to a correction on the border (where conv2 reads
+//! its zero padding, not conv1's output). Where that costs fewer
+//! multiply-adds — the first block: 276 M → 89 M of g_a's 530 M at 224² —
+//! the block runs folded ([`FoldedPair`]).
 
 use anyhow::{bail, Result};
 
@@ -116,6 +123,33 @@ impl Conv {
         out
     }
 
+    /// The output at `(oy, ox)`, which may lie outside the output grid (the
+    /// input is zero-padded without bound): what a larger padding would compute there.
+    fn at(&self, x: &[f32], side: usize, oy: isize, ox: isize) -> Vec<f32> {
+        let (k, c, pad) = (self.kernel as isize, self.in_channels, (self.kernel / 2) as isize);
+        let mut out = self.bias.clone();
+        for ky in 0..k {
+            let iy = oy * self.stride as isize + ky - pad;
+            if iy < 0 || iy >= side as isize {
+                continue;
+            }
+            for kx in 0..k {
+                let ix = ox * self.stride as isize + kx - pad;
+                if ix < 0 || ix >= side as isize {
+                    continue;
+                }
+                let pixel = &x[(iy as usize * side + ix as usize) * c..][..c];
+                for (i, &v) in pixel.iter().enumerate() {
+                    let row = &self.weight[((ky * k + kx) as usize * c + i) * self.out_channels..][..self.out_channels];
+                    for (o, w) in out.iter_mut().zip(row) {
+                        *o += v * w;
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// One row per output pixel: the `k × k × in_channels` input patch it
     /// sees, zeros where the patch leaves the image.
     fn im2col(&self, x: &[f32], side: usize, out_side: usize) -> Vec<f32> {
@@ -142,6 +176,117 @@ impl Conv {
     }
 }
 
+/// `conv2 ∘ conv1` of a block without activation between them (3×3 stride 2,
+/// then 3×3 stride 1, both padded by 1) as one 7×7 stride-2 convolution
+/// padded by 3: `W[2d + e] = Σ W2[d]·W1[e]`, `b = b2 + Σ_d W2[d]·b1`.
+/// That equals the pair wherever conv2's 3×3 window lies inside conv1's
+/// output; on the border it also counts conv1 at the positions just outside
+/// (where conv2 reads zeros), whose terms [`FoldedPair::forward`] subtracts.
+#[derive(Debug, Clone)]
+pub struct FoldedPair {
+    folded: Conv,
+    conv1: Conv,
+    /// conv2's taps, `[(dy, dx, c_mid), c_out]`.
+    conv2_weight: Vec<f32>,
+}
+
+impl FoldedPair {
+    /// The folded pair, when the shapes allow folding.
+    pub fn new(conv1: &Conv, conv2: &Conv) -> Option<Self> {
+        if (conv1.kernel, conv1.stride, conv2.kernel, conv2.stride) != (3, 2, 3, 1)
+            || conv1.out_channels != conv2.in_channels
+        {
+            return None;
+        }
+        let (cin, mid, cout) = (conv1.in_channels, conv1.out_channels, conv2.out_channels);
+        let mut weight = vec![0f32; 49 * cin * cout];
+        for (d, w2) in conv2.weight.chunks_exact(mid * cout).enumerate() {
+            let (dy, dx) = (d / 3, d % 3);
+            for (e, w1) in conv1.weight.chunks_exact(cin * mid).enumerate() {
+                let (ey, ex) = (e / 3, e % 3);
+                let k = (2 * dy + ey) * 7 + (2 * dx + ex);
+                let target = &mut weight[k * cin * cout..][..cin * cout];
+                for i in 0..cin {
+                    for m in 0..mid {
+                        let a = w1[i * mid + m];
+                        let row = &w2[m * cout..][..cout];
+                        for (t, b) in target[i * cout..][..cout].iter_mut().zip(row) {
+                            *t += a * b;
+                        }
+                    }
+                }
+            }
+        }
+        let mut bias = conv2.bias.clone();
+        for w2 in conv2.weight.chunks_exact(mid * cout) {
+            for (m, b1) in conv1.bias.iter().enumerate() {
+                for (b, w) in bias.iter_mut().zip(&w2[m * cout..][..cout]) {
+                    *b += b1 * w;
+                }
+            }
+        }
+        Some(Self {
+            folded: Conv {
+                in_channels: cin,
+                out_channels: cout,
+                kernel: 7,
+                stride: 2,
+                weight,
+                bias,
+            },
+            conv1: conv1.clone(),
+            conv2_weight: conv2.weight.clone(),
+        })
+    }
+
+    /// Multiply-adds for a square input of `side` pixels (the border correction excluded).
+    pub fn macs(&self, side: usize) -> usize {
+        self.folded.macs(side)
+    }
+
+    /// `conv2(conv1(x))` for HWC `x` of `side × side`.
+    pub fn forward(&self, x: &[f32], side: usize) -> Vec<f32> {
+        let mut out = self.folded.forward(x, side);
+        let n = self.folded.output_side(side) as isize;
+        let (mid, cout) = (self.conv1.out_channels, self.folded.out_channels);
+        // conv1 at each position just outside its output grid, computed once.
+        let mut ring = std::collections::HashMap::new();
+        for q in border(n) {
+            for dy in 0..3isize {
+                for dx in 0..3isize {
+                    let p = (q.0 + dy - 1, q.1 + dx - 1);
+                    if (0..n).contains(&p.0) && (0..n).contains(&p.1) {
+                        continue;
+                    }
+                    let y1 = ring.entry(p).or_insert_with(|| self.conv1.at(x, side, p.0, p.1));
+                    let taps = &self.conv2_weight[((dy * 3 + dx) as usize) * mid * cout..][..mid * cout];
+                    let target = &mut out[((q.0 * n + q.1) as usize) * cout..][..cout];
+                    for (m, &v) in y1.iter().enumerate() {
+                        for (t, w) in target.iter_mut().zip(&taps[m * cout..][..cout]) {
+                            *t -= v * w;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The positions on the edge of an `n × n` grid, each once.
+fn border(n: isize) -> impl Iterator<Item = (isize, isize)> {
+    (0..n).flat_map(move |y| {
+        let xs: Vec<isize> = if y == 0 || y == n - 1 {
+            (0..n).collect()
+        } else if n > 1 {
+            vec![0, n - 1]
+        } else {
+            vec![0]
+        };
+        xs.into_iter().map(move |x| (y, x))
+    })
+}
+
 /// FrankenSplit's `ResidualBlockWithStride` with ReLU:
 /// `relu(conv2(act(conv1(x)))) + skip(x)`.
 #[derive(Debug, Clone)]
@@ -154,16 +299,49 @@ pub struct ResidualBlock {
     pub skip: Conv,
     /// ReLU between conv1 and conv2 (the released reference has none).
     pub act_after_conv1: bool,
+    /// conv2 ∘ conv1 as one convolution, when that is cheaper (see [`ResidualBlock::fold`]).
+    pub folded: Option<FoldedPair>,
 }
 
 impl ResidualBlock {
-    fn forward(&self, x: &[f32], side: usize) -> (Vec<f32>, usize) {
-        let mut h = self.conv1.forward(x, side);
-        let out_side = self.conv1.output_side(side);
-        if self.act_after_conv1 {
-            relu(&mut h);
+    /// A block computed as written.
+    pub fn new(conv1: Conv, conv2: Conv, skip: Conv, act_after_conv1: bool) -> Self {
+        Self {
+            conv1,
+            conv2,
+            skip,
+            act_after_conv1,
+            folded: None,
         }
-        let mut y = self.conv2.forward(&h, out_side);
+    }
+
+    /// Folds conv2 ∘ conv1 into one convolution when there is no activation
+    /// between them and the folded one costs fewer multiply-adds at `side`.
+    pub fn fold(&mut self, side: usize) {
+        self.folded = None;
+        if self.act_after_conv1 {
+            return;
+        }
+        if let Some(pair) = FoldedPair::new(&self.conv1, &self.conv2) {
+            let out = self.conv1.output_side(side);
+            if pair.macs(side) < self.conv1.macs(side) + self.conv2.macs(out) {
+                self.folded = Some(pair);
+            }
+        }
+    }
+
+    fn forward(&self, x: &[f32], side: usize) -> (Vec<f32>, usize) {
+        let out_side = self.conv1.output_side(side);
+        let mut y = match &self.folded {
+            Some(pair) => pair.forward(x, side),
+            None => {
+                let mut h = self.conv1.forward(x, side);
+                if self.act_after_conv1 {
+                    relu(&mut h);
+                }
+                self.conv2.forward(&h, out_side)
+            }
+        };
         relu(&mut y);
         let skip = self.skip.forward(x, side);
         for (a, b) in y.iter_mut().zip(&skip) {
@@ -174,7 +352,11 @@ impl ResidualBlock {
 
     fn macs(&self, side: usize) -> usize {
         let out = self.conv1.output_side(side);
-        self.conv1.macs(side) + self.conv2.macs(out) + self.skip.macs(side)
+        let pair = match &self.folded {
+            Some(pair) => pair.macs(side),
+            None => self.conv1.macs(side) + self.conv2.macs(out),
+        };
+        pair + self.skip.macs(side)
     }
 }
 
@@ -192,6 +374,16 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// Folds every block whose convolution pair is cheaper folded, for
+    /// inputs of `side` pixels.
+    pub fn fold(&mut self, side: usize) {
+        let mut side = side;
+        for block in &mut self.blocks {
+            block.fold(side);
+            side = block.conv1.output_side(side);
+        }
+    }
+
     /// Runs on one CHW image of `3 × side × side`; returns the CHW latent and its side.
     pub fn forward(&self, image_chw: &[f32], side: usize) -> Result<(Vec<f32>, usize)> {
         let channels = self.blocks.first().map_or(0, |b| b.conv1.in_channels());
@@ -315,6 +507,59 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_folded_pair_equals_the_two_convolutions() {
+        for (cin, mid, cout, side) in [(3, 8, 8, 16), (3, 5, 4, 9), (2, 3, 3, 2), (4, 6, 5, 1), (3, 4, 4, 7)] {
+            let conv1 = Conv::from_torch(&values(mid * cin * 9, 4), &[mid, cin, 3, 3], &values(mid, 5), 2).unwrap();
+            let conv2 = Conv::from_torch(&values(cout * mid * 9, 6), &[cout, mid, 3, 3], &values(cout, 7), 1).unwrap();
+            let x = values(side * side * cin, 8);
+            let pair = FoldedPair::new(&conv1, &conv2).unwrap();
+            let want = conv2.forward(&conv1.forward(&x, side), conv1.output_side(side));
+            let got = pair.forward(&x, side);
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!(
+                    (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                    "{cin}→{mid}→{cout} at {side}²: {g} vs {w}"
+                );
+            }
+        }
+        // Folding needs a 3×3 stride-2 then a 3×3 stride-1 convolution.
+        let one = Conv::from_torch(&values(4, 9), &[2, 2, 1, 1], &values(2, 10), 2).unwrap();
+        let three = Conv::from_torch(&values(36, 11), &[2, 2, 3, 3], &values(2, 12), 1).unwrap();
+        assert!(FoldedPair::new(&one, &three).is_none());
+        assert!(FoldedPair::new(&three, &three).is_none());
+    }
+
+    #[test]
+    fn blocks_fold_only_where_that_saves_work() {
+        let block = |cin: usize, cout: usize, act: bool| {
+            let conv = |o: usize, i: usize, k: usize, s: usize| {
+                Conv::from_torch(&values(o * i * k * k, 13), &[o, i, k, k], &values(o, 14), s).unwrap()
+            };
+            ResidualBlock::new(
+                conv(cout, cin, 3, 2),
+                conv(cout, cout, 3, 1),
+                conv(cout, cin, 1, 2),
+                act,
+            )
+        };
+        // The reference's first block: 3 → 48, 276 M → 89 M multiply-adds at 224².
+        let mut first = block(3, 48, false);
+        let before = first.macs(224);
+        first.fold(224);
+        assert!(first.folded.is_some());
+        assert_eq!(before - first.macs(224), 112 * 112 * (27 + 432 - 147) * 48);
+        // 48 → 64: a 7×7 over 48 channels costs more than the pair.
+        let mut second = block(48, 64, false);
+        second.fold(112);
+        assert!(second.folded.is_none());
+        // An activation between the convolutions makes them two maps.
+        let mut activated = block(3, 48, true);
+        activated.fold(224);
+        assert!(activated.folded.is_none());
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct EdgeModel {
     pub fingerprint: ModelFingerprint,
     /// Input pipeline.
     pub preprocess: Preprocess,
-    /// g_a.
+    /// g_a, with its blocks folded where that is cheaper.
     pub encoder: Encoder,
     input_size: usize,
     shape: LatentShape,
@@ -95,12 +95,12 @@ impl EdgeModel {
                     let (bias, _) = floats(&tensors, &format!("{name}.{part}.bias"))?;
                     Conv::from_torch(&weight, &shape, &bias, stride).with_context(|| format!("{name}.{part}"))
                 };
-                Ok(ResidualBlock {
-                    conv1: conv("conv1", 2, 3, widths[i])?,
-                    conv2: conv("conv2", 1, 3, widths[i + 1])?,
-                    skip: conv("skip", 2, 1, widths[i])?,
-                    act_after_conv1: arch.act_after_conv1,
-                })
+                Ok(ResidualBlock::new(
+                    conv("conv1", 2, 3, widths[i])?,
+                    conv("conv2", 1, 3, widths[i + 1])?,
+                    conv("skip", 2, 1, widths[i])?,
+                    arch.act_after_conv1,
+                ))
             })
             .collect::<Result<Vec<_>>>()?;
         let (quantiles, quantile_shape) = floats(&tensors, "compressor.entropy_bottleneck.quantiles")?;
@@ -115,11 +115,13 @@ impl EdgeModel {
         let tables = CdfTables::from_compressai(&cdf, width, &lengths, &offsets)?;
         let coder = EntropyBottleneck::from_tables(tables, medians)?;
         let side = arch.input_size / 8;
+        let mut encoder = Encoder { blocks };
+        encoder.fold(arch.input_size);
         Ok(Self {
             dir: dir.to_path_buf(),
             fingerprint,
             preprocess: manifest.preprocess,
-            encoder: Encoder { blocks },
+            encoder,
             input_size: arch.input_size,
             shape: LatentShape::new(arch.latent_channels as u32, side as u32, side as u32),
             coder,

@@ -1,6 +1,7 @@
 //! The libtorch-free encoder against the libtorch model it replaces on the
 //! device: same features (to float rounding), same symbols, same payload
-//! bytes; and damaged bundles refused.
+//! bytes, with the folded first block where it folds; and damaged bundles
+//! refused.
 
 use std::path::{Path, PathBuf};
 
@@ -65,7 +66,8 @@ fn inputs(bundle: &Bundle) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn check_parity(arch: &Architecture, seed: i64, name: &str) {
+/// `folds`: whether the first block runs as one folded convolution.
+fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool) {
     let dir = std::env::temp_dir().join(format!("frankensplit-edge-parity-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     random_bundle(&dir, arch, seed);
@@ -73,6 +75,7 @@ fn check_parity(arch: &Architecture, seed: i64, name: &str) {
     let edge = EdgeModel::open(&dir).unwrap();
     assert_eq!(edge.fingerprint, reference.fingerprint);
     assert_eq!(edge.latent_shape(), reference.latent_shape());
+    assert_eq!(edge.encoder.blocks[0].folded.is_some(), folds, "{name}");
     let shape = edge.latent_shape();
     let plane = shape.plane();
     let mut ties = 0;
@@ -125,10 +128,10 @@ fn edge_encoder_matches_the_libtorch_model() {
         &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
     )
     .unwrap();
-    check_parity(&small, 1, "small");
+    check_parity(&small, 1, "small", false);
     let mut with_activation = small.clone();
     with_activation.compressor.act_after_conv1 = true;
-    check_parity(&with_activation, 2, "act");
+    check_parity(&with_activation, 2, "act", false);
     // The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the small backbone.
     let mut full = small.clone();
     full.compressor.input_size = 224;
@@ -137,7 +140,7 @@ fn edge_encoder_matches_the_libtorch_model() {
     full.backbone.img_size = 224;
     full.backbone.window_sizes = vec![7, 7, 7, 7];
     full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
-    check_parity(&full, 3, "full");
+    check_parity(&full, 3, "full", true);
 }
 
 #[test]
