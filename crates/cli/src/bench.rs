@@ -50,7 +50,7 @@ pub enum Target {
         /// Untimed runs before timing.
         #[arg(long, default_value_t = 10)]
         warmup: usize,
-        /// libtorch's intra-op threads (ours runs on one).
+        /// Threads for ours (split over output rows) and libtorch's intra-op threads.
         #[arg(long, default_value_t = 1)]
         threads: i32,
         /// Print the result as JSON.

@@ -168,7 +168,7 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
     let image = Tensor::randn([1, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
     let input: Vec<f32> = Vec::try_from(image.flatten(0, -1))?;
 
-    let (ours_latent, latent_side) = subject.ours.forward(&input, side)?;
+    let (ours_latent, latent_side) = subject.ours.forward(&input, side, threads as usize)?;
     let reference_latent: Vec<f32> = Vec::try_from(tch::no_grad(|| (subject.reference)(&image)).flatten(0, -1))?;
     let max_abs_difference = ours_latent
         .iter()
@@ -178,7 +178,7 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
 
     let mut folded = subject.ours.clone();
     folded.fold(side);
-    let (folded_latent, _) = folded.forward(&input, side)?;
+    let (folded_latent, _) = folded.forward(&input, side, threads as usize)?;
     let folded_difference = folded_latent
         .iter()
         .zip(&reference_latent)
@@ -187,12 +187,16 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         std::hint::black_box(
             subject
                 .ours
-                .forward(std::hint::black_box(&input), side)
+                .forward(std::hint::black_box(&input), side, threads as usize)
                 .expect("input fits"),
         );
     });
     let ours = time(warmup, iterations, || {
-        std::hint::black_box(folded.forward(std::hint::black_box(&input), side).expect("input fits"));
+        std::hint::black_box(
+            folded
+                .forward(std::hint::black_box(&input), side, threads as usize)
+                .expect("input fits"),
+        );
     });
     let libtorch = time(warmup, iterations, || {
         let _ = std::hint::black_box(tch::no_grad(|| (subject.reference)(&image)));
@@ -230,8 +234,16 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         peak_gflops: peak,
         peak_from,
         encoder: vec![
-            method("ours, folded (im2col + sgemm, 1 thread)", ours, folded_macs),
-            method("ours, as written (im2col + sgemm, 1 thread)", plain, macs),
+            method(
+                &format!("ours, folded (im2col + sgemm, {threads} thread(s))"),
+                ours,
+                folded_macs,
+            ),
+            method(
+                &format!("ours, as written (im2col + sgemm, {threads} thread(s))"),
+                plain,
+                macs,
+            ),
             method(
                 &format!("libtorch 2.11 eager, NCHW, {threads} thread(s)"),
                 libtorch,

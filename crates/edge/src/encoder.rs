@@ -13,6 +13,9 @@
 
 use anyhow::{bail, Result};
 
+/// Below this many output pixels per thread a convolution stays on one thread.
+const MIN_PIXELS_PER_THREAD: usize = 256;
+
 /// One 2-D convolution with bias, `padding = kernel / 2` as in the reference.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -85,20 +88,45 @@ impl Conv {
         out * out * self.kernel * self.kernel * self.in_channels * self.out_channels
     }
 
-    /// `x`: HWC, `side × side × in_channels`; returns HWC of the output side.
-    pub fn forward(&self, x: &[f32], side: usize) -> Vec<f32> {
+    /// `x`: HWC, `side × side × in_channels`; returns HWC of the output
+    /// side. With `threads > 1` the output rows are split among that many
+    /// scoped threads (each lowering and multiplying its own rows), when
+    /// there are enough of them to pay for the threads.
+    pub fn forward(&self, x: &[f32], side: usize, threads: usize) -> Vec<f32> {
         debug_assert_eq!(x.len(), side * side * self.in_channels);
         let out_side = self.output_side(side);
-        let pixels = out_side * out_side;
-        let depth = self.kernel * self.kernel * self.in_channels;
-        let cols = self.im2col(x, side, out_side);
         let mut out: Vec<f32> = self
             .bias
             .iter()
             .copied()
             .cycle()
-            .take(pixels * self.out_channels)
+            .take(out_side * out_side * self.out_channels)
             .collect();
+        let threads = threads.clamp(1, (out_side * out_side / MIN_PIXELS_PER_THREAD).max(1));
+        if threads == 1 {
+            self.rows(x, side, out_side, 0..out_side, &mut out);
+            return out;
+        }
+        let rows_per_thread = out_side.div_ceil(threads);
+        std::thread::scope(|scope| {
+            for (i, chunk) in out
+                .chunks_mut(rows_per_thread * out_side * self.out_channels)
+                .enumerate()
+            {
+                let start = i * rows_per_thread;
+                let rows = start..(start + rows_per_thread).min(out_side);
+                scope.spawn(move || self.rows(x, side, out_side, rows, chunk));
+            }
+        });
+        out
+    }
+
+    /// Output rows `rows` into `out` (which holds their biases): im2col, then one sgemm.
+    fn rows(&self, x: &[f32], side: usize, out_side: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let pixels = rows.len() * out_side;
+        let depth = self.kernel * self.kernel * self.in_channels;
+        let cols = self.im2col(x, side, out_side, rows);
+        debug_assert_eq!(out.len(), pixels * self.out_channels);
         // SAFETY: the strides describe row-major `pixels × depth`,
         // `depth × out_channels` and `pixels × out_channels` matrices, which
         // is exactly the lengths of `cols`, `self.weight` and `out`.
@@ -120,7 +148,6 @@ impl Conv {
                 1,
             );
         }
-        out
     }
 
     /// The output at `(oy, ox)`, which may lie outside the output grid (the
@@ -150,15 +177,17 @@ impl Conv {
         out
     }
 
-    /// One row per output pixel: the `k × k × in_channels` input patch it
-    /// sees, zeros where the patch leaves the image.
-    fn im2col(&self, x: &[f32], side: usize, out_side: usize) -> Vec<f32> {
+    /// One row per output pixel of output rows `rows`: the
+    /// `k × k × in_channels` input patch it sees, zeros where the patch
+    /// leaves the image.
+    fn im2col(&self, x: &[f32], side: usize, out_side: usize, rows: std::ops::Range<usize>) -> Vec<f32> {
         let (k, c, pad) = (self.kernel, self.in_channels, self.kernel / 2);
         let depth = k * k * c;
-        let mut cols = vec![0f32; out_side * out_side * depth];
-        for oy in 0..out_side {
+        let first = rows.start;
+        let mut cols = vec![0f32; rows.len() * out_side * depth];
+        for oy in rows {
             for ox in 0..out_side {
-                let row = &mut cols[(oy * out_side + ox) * depth..][..depth];
+                let row = &mut cols[((oy - first) * out_side + ox) * depth..][..depth];
                 for ky in 0..k {
                     let Some(iy) = (oy * self.stride + ky).checked_sub(pad).filter(|&y| y < side) else {
                         continue;
@@ -245,8 +274,8 @@ impl FoldedPair {
     }
 
     /// `conv2(conv1(x))` for HWC `x` of `side × side`.
-    pub fn forward(&self, x: &[f32], side: usize) -> Vec<f32> {
-        let mut out = self.folded.forward(x, side);
+    pub fn forward(&self, x: &[f32], side: usize, threads: usize) -> Vec<f32> {
+        let mut out = self.folded.forward(x, side, threads);
         let n = self.folded.output_side(side) as isize;
         let (mid, cout) = (self.conv1.out_channels, self.folded.out_channels);
         // conv1 at each position just outside its output grid, computed once.
@@ -330,20 +359,20 @@ impl ResidualBlock {
         }
     }
 
-    fn forward(&self, x: &[f32], side: usize) -> (Vec<f32>, usize) {
+    fn forward(&self, x: &[f32], side: usize, threads: usize) -> (Vec<f32>, usize) {
         let out_side = self.conv1.output_side(side);
         let mut y = match &self.folded {
-            Some(pair) => pair.forward(x, side),
+            Some(pair) => pair.forward(x, side, threads),
             None => {
-                let mut h = self.conv1.forward(x, side);
+                let mut h = self.conv1.forward(x, side, threads);
                 if self.act_after_conv1 {
                     relu(&mut h);
                 }
-                self.conv2.forward(&h, out_side)
+                self.conv2.forward(&h, out_side, threads)
             }
         };
         relu(&mut y);
-        let skip = self.skip.forward(x, side);
+        let skip = self.skip.forward(x, side, threads);
         for (a, b) in y.iter_mut().zip(&skip) {
             *a += b;
         }
@@ -384,8 +413,9 @@ impl Encoder {
         }
     }
 
-    /// Runs on one CHW image of `3 × side × side`; returns the CHW latent and its side.
-    pub fn forward(&self, image_chw: &[f32], side: usize) -> Result<(Vec<f32>, usize)> {
+    /// Runs on one CHW image of `3 × side × side` on up to `threads`
+    /// threads; returns the CHW latent and its side.
+    pub fn forward(&self, image_chw: &[f32], side: usize, threads: usize) -> Result<(Vec<f32>, usize)> {
         let channels = self.blocks.first().map_or(0, |b| b.conv1.in_channels());
         if image_chw.len() != channels * side * side {
             bail!(
@@ -396,7 +426,7 @@ impl Encoder {
         let mut x = chw_to_hwc(image_chw, channels, side);
         let mut side = side;
         for block in &self.blocks {
-            (x, side) = block.forward(&x, side);
+            (x, side) = block.forward(&x, side, threads);
         }
         let channels = self.blocks.last().map_or(channels, |b| b.conv2.out_channels());
         Ok((hwc_to_chw(&x, channels, side), side))
@@ -497,7 +527,7 @@ mod tests {
             let x = values(i * side * side, 3);
             let conv = Conv::from_torch(&w, &shape, &b, stride).unwrap();
             let out_side = conv.output_side(side);
-            let got = hwc_to_chw(&conv.forward(&chw_to_hwc(&x, i, side), side), o, out_side);
+            let got = hwc_to_chw(&conv.forward(&chw_to_hwc(&x, i, side), side, 1), o, out_side);
             let want = direct(&x, side, &w, shape, &b, stride);
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
@@ -516,8 +546,8 @@ mod tests {
             let conv2 = Conv::from_torch(&values(cout * mid * 9, 6), &[cout, mid, 3, 3], &values(cout, 7), 1).unwrap();
             let x = values(side * side * cin, 8);
             let pair = FoldedPair::new(&conv1, &conv2).unwrap();
-            let want = conv2.forward(&conv1.forward(&x, side), conv1.output_side(side));
-            let got = pair.forward(&x, side);
+            let want = conv2.forward(&conv1.forward(&x, side, 1), conv1.output_side(side), 1);
+            let got = pair.forward(&x, side, 1);
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert!(
@@ -560,6 +590,18 @@ mod tests {
         let mut activated = block(3, 48, true);
         activated.fold(224);
         assert!(activated.folded.is_none());
+    }
+
+    #[test]
+    fn threads_split_the_rows_without_changing_the_result() {
+        let conv = Conv::from_torch(&values(8 * 3 * 9, 15), &[8, 3, 3, 3], &values(8, 16), 1).unwrap();
+        for side in [40, 37, 64] {
+            let x = values(side * side * 3, 17);
+            let one = conv.forward(&x, side, 1);
+            for threads in [2, 3, 7] {
+                assert_eq!(conv.forward(&x, side, threads), one, "{side}² on {threads} threads");
+            }
+        }
     }
 
     #[test]

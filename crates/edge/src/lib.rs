@@ -32,6 +32,9 @@ pub struct EncodeArgs {
     /// Print one JSON object per image.
     #[arg(long)]
     json: bool,
+    /// Threads for the encoder (the device's cores).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
 }
 
 #[derive(Serialize)]
@@ -60,7 +63,9 @@ pub fn bpp(model: &EdgeModel, bytes: usize) -> f64 {
 
 /// `encode`: one payload file per image.
 pub fn run_encode(args: EncodeArgs) -> Result<()> {
-    let model = EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let mut model =
+        EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
+    model.threads = args.threads.max(1);
     for_each_image(&args.images, |path| {
         let encoded = encode_image(&model, path).and_then(|(payload, encode_ms)| {
             let stem = path

@@ -49,6 +49,8 @@ pub struct EdgeModel {
     pub preprocess: Preprocess,
     /// g_a, with its blocks folded where that is cheaper.
     pub encoder: Encoder,
+    /// Threads g_a may use (1 by default).
+    pub threads: usize,
     input_size: usize,
     shape: LatentShape,
     coder: EntropyBottleneck,
@@ -122,6 +124,7 @@ impl EdgeModel {
             fingerprint,
             preprocess: manifest.preprocess,
             encoder,
+            threads: 1,
             input_size: arch.input_size,
             shape: LatentShape::new(arch.latent_channels as u32, side as u32, side as u32),
             coder,
@@ -145,7 +148,7 @@ impl EdgeModel {
 
     /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
     pub fn encode_latent(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.encoder.forward(image_chw, self.input_size)?.0)
+        Ok(self.encoder.forward(image_chw, self.input_size, self.threads)?.0)
     }
 
     /// Image (preprocessed) → payload: g_a, rounding against the medians,

@@ -73,6 +73,7 @@ fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool) {
     random_bundle(&dir, arch, seed);
     let reference = Bundle::open(&dir, Device::Cpu).unwrap();
     let edge = EdgeModel::open(&dir).unwrap();
+    let mut threaded = EdgeModel::open(&dir).unwrap();
     assert_eq!(edge.fingerprint, reference.fingerprint);
     assert_eq!(edge.latent_shape(), reference.latent_shape());
     assert_eq!(edge.encoder.blocks[0].folded.is_some(), folds, "{name}");
@@ -113,6 +114,13 @@ fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool) {
                 "{name} image {i}"
             );
         }
+        // Threads split rows; every output is summed as on one thread.
+        threaded.threads = 3;
+        assert_eq!(
+            threaded.encode_latent(input).unwrap(),
+            got,
+            "{name} image {i} on 3 threads"
+        );
     }
     assert!(ties <= 2, "{name}: {ties} symbols on rounding boundaries");
     let _ = std::fs::remove_dir_all(&dir);
