@@ -10,6 +10,7 @@ mod demo;
 mod eval;
 mod latency;
 mod models;
+mod onnx;
 mod plot;
 mod serve;
 mod train;
@@ -66,6 +67,9 @@ enum Command {
     /// Rate vs accuracy of bundles (real entropy coding) against JPEG/WebP/PNG
     /// offloading on an ImageFolder: table, JSON, plot.
     Eval(eval::EvalArgs),
+    /// Write a bundle's part as an ONNX graph (the encoder so far), for
+    /// other runtimes; check it with tools/onnx/check_encoder.py.
+    ExportOnnx(onnx::ExportArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {
         #[command(subcommand)]
@@ -97,6 +101,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Train(args) => train::run_train(args),
         Command::SynthData(args) => train::run_synth(args),
         Command::Saliency(args) => train::run_saliency(args),
+        Command::ExportOnnx(args) => onnx::run(args),
         Command::Bench { target } => bench::run(target),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
     }

@@ -1,5 +1,7 @@
-//! `frankensplit bench edge` on the built-in demo model: both encoders run on
-//! the same weights and agree, and the report's arithmetic holds together.
+//! The device side's tooling on the built-in demo model: `bench edge` (both
+//! encoders run on the same weights and agree, and the report's arithmetic
+//! holds together) and `export-onnx` (the encoder graph carries every weight;
+//! the parts not exported yet are refused).
 
 use std::process::Command;
 
@@ -53,4 +55,63 @@ fn bench_edge_times_both_encoders_on_the_same_model() {
     }
     assert!(report["string_bytes"].as_u64().unwrap() > 8);
     let _ = std::fs::remove_dir_all(&cache);
+}
+
+#[test]
+fn export_onnx_writes_the_encoder_with_its_weights() {
+    let work = std::env::temp_dir().join(format!("frankensplit-onnx-{}", std::process::id()));
+    let run = |part: &str, output: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_frankensplit"))
+            .args([
+                "export-onnx",
+                "--model",
+                "demo",
+                "--part",
+                part,
+                "-o",
+                output.to_str().unwrap(),
+            ])
+            .env("FRANKENSPLIT_CACHE", work.join("cache"))
+            .output()
+            .expect("frankensplit runs")
+    };
+    let file = work.join("encoder.onnx");
+    let out = run("encoder", &file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bytes = std::fs::read(&file).unwrap();
+    // g_a of the demo model: 3 → 16 → 24 → 12, three 3×3 pairs and 1×1 skips.
+    let weights = 4
+        * (16 * 3 * 9
+            + 16 * 16 * 9
+            + 16 * 3
+            + 3 * 16
+            + 24 * 16 * 9
+            + 24 * 24 * 9
+            + 24 * 16
+            + 3 * 24
+            + 12 * 24 * 9
+            + 12 * 12 * 9
+            + 12 * 24
+            + 3 * 12);
+    assert!(
+        bytes.len() > weights && bytes.len() < weights + 4096,
+        "{} bytes",
+        bytes.len()
+    );
+    let text = String::from_utf8_lossy(&bytes);
+    for name in [
+        "compressor.g_a.rb1.conv1.weight",
+        "compressor.g_a.rb3.skip.bias",
+        "Conv",
+        "Relu",
+        "Add",
+        "latent",
+    ] {
+        assert!(text.contains(name), "{name} missing");
+    }
+    let refused = run("decoder", &work.join("decoder.onnx"));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not supported yet"));
+    assert!(!work.join("decoder.onnx").exists());
+    let _ = std::fs::remove_dir_all(&work);
 }
