@@ -175,22 +175,26 @@ fn view<'a>(tensors: &'a SafeTensors<'a>, name: &str, dtype: Dtype) -> Result<Te
     Ok(view)
 }
 
-fn floats(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-    let view = view(tensors, name, Dtype::F32)?;
+/// A 4-byte little-endian tensor's values and shape.
+fn read<T>(
+    tensors: &SafeTensors<'_>,
+    name: &str,
+    dtype: Dtype,
+    from_bytes: fn([u8; 4]) -> T,
+) -> Result<(Vec<T>, Vec<usize>)> {
+    let view = view(tensors, name, dtype)?;
     let values = view
         .data()
         .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .map(|b| from_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     Ok((values, view.shape().to_vec()))
 }
 
+fn floats(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+    read(tensors, name, Dtype::F32, f32::from_le_bytes)
+}
+
 fn ints(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<i32>, Vec<usize>)> {
-    let view = view(tensors, name, Dtype::I32)?;
-    let values = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| i32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((values, view.shape().to_vec()))
+    read(tensors, name, Dtype::I32, i32::from_le_bytes)
 }
