@@ -76,7 +76,7 @@ enum Command {
         target: bench::Target,
     },
     /// Print the header of a FrankenSplit payload file (model fingerprint,
-    /// latent shape, string size and bits per 224×224 input pixel).
+    /// latent shape, string size and bits per pixel of the 8×-larger input).
     Inspect(frankensplit_edge::InspectArgs),
 }
 

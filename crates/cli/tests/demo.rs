@@ -163,6 +163,34 @@ fn committed_demo_bundles_classify_synthetic_images() {
     let copy = unpacked[0].as_ref().unwrap().path().join("demo-l0.2");
     assert!(copy.join("model.toml").exists() && copy.join("weights.safetensors").exists());
 
+    // The device side encodes with it too; `inspect` reads the payload's
+    // header and counts bits per pixel of the 64×64 input the 8×8 latent implies.
+    let payloads = work.join("payloads");
+    ok(
+        frankensplit(
+            &[
+                "encode",
+                "--model",
+                "demo",
+                "-o",
+                payloads.to_str().unwrap(),
+                &images[0],
+            ],
+            &cache,
+        ),
+        "encode --model demo",
+    );
+    let payload = payloads.join("00000.fsp");
+    let header: Value = serde_json::from_str(&ok(
+        frankensplit(&["inspect", "--json", payload.to_str().unwrap()], &cache),
+        "inspect",
+    ))
+    .unwrap();
+    let total = std::fs::metadata(&payload).unwrap().len() as f64;
+    assert_eq!(header["input"], serde_json::json!([64, 64]));
+    assert_eq!(header["total_bytes"].as_f64().unwrap(), total);
+    assert!((header["bpp"].as_f64().unwrap() - total * 8.0 / 4096.0).abs() < 1e-12);
+
     // Each built-in model merges back into the bundle its fingerprint names
     // (opening checks the weights against the manifest's fingerprint).
     let mut fingerprints = Vec::new();

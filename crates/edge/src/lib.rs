@@ -143,7 +143,9 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
         let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
         let payload = Payload::parse(&bytes).with_context(|| format!("{} is not a valid payload", path.display()))?;
         let header = bytes.len() - payload.string.len();
-        let bpp = bytes.len() as f64 * 8.0 / (224.0 * 224.0);
+        // g_a downsamples by 8: the input the latent came from.
+        let (input_height, input_width) = (8 * u64::from(payload.shape.height), 8 * u64::from(payload.shape.width));
+        let bpp = bytes.len() as f64 * 8.0 / (input_height * input_width).max(1) as f64;
         if args.json {
             let line = serde_json::json!({
                 "path": path,
@@ -152,12 +154,13 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
                 "string_bytes": payload.string.len(),
                 "header_bytes": header,
                 "total_bytes": bytes.len(),
-                "bpp_224": bpp,
+                "input": [input_height, input_width],
+                "bpp": bpp,
             });
             println!("{line}");
         } else {
             println!(
-                "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at 224×224)",
+                "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at {input_height}×{input_width})",
                 path.display(),
                 payload.fingerprint,
                 payload.shape,
