@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use frankensplit_codec::{EntropyBottleneck, LatentShape, LikelihoodFormula};
-use frankensplit_edge::encoder::{Conv, Encoder, ResidualBlock};
+use frankensplit_edge::encoder::{Encoder, EncoderSpec};
 use frankensplit_edge::EdgeModel;
 use frankensplit_models::{Bundle, Compressor, CompressorConfig};
 use serde::Serialize;
@@ -49,8 +49,7 @@ struct Subject {
     ours: Encoder,
     reference: Box<dyn Fn(&Tensor) -> Tensor>,
     coder: EntropyBottleneck,
-    side: usize,
-    latent_channels: usize,
+    spec: EncoderSpec,
 }
 
 /// The reference's encoder and entropy bottleneck with weights drawn from seed 0.
@@ -60,61 +59,39 @@ fn random_reference() -> Result<Subject> {
     let vars = VarStore::new(Device::Cpu);
     let compressor = Compressor::new(&vars.root(), &config);
     let variables = vars.variables();
-    let conv = |name: &str, stride: usize| -> Result<Conv> {
-        let weight = &variables[&format!("g_a.{name}.weight")];
-        let bias = &variables[&format!("g_a.{name}.bias")];
-        let shape: Vec<usize> = weight.size().iter().map(|&d| d as usize).collect();
-        Conv::from_torch(
-            &Vec::<f32>::try_from(weight.flatten(0, -1))?,
-            &shape,
-            &Vec::<f32>::try_from(bias)?,
-            stride,
-        )
+    let spec = EncoderSpec {
+        input_size: config.input_size as usize,
+        encoder_hidden: config.encoder_hidden.map(|w| w as usize),
+        latent_channels: config.latent_channels as usize,
+        act_after_conv1: config.act_after_conv1,
     };
-    let blocks = (1..=3)
-        .map(|i| {
-            Ok(ResidualBlock::new(
-                conv(&format!("rb{i}.conv1"), 2)?,
-                conv(&format!("rb{i}.conv2"), 1)?,
-                conv(&format!("rb{i}.skip"), 2)?,
-                config.act_after_conv1,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let ours = Encoder::from_torch(&spec, |name| {
+        let tensor = variables
+            .get(&format!("g_a.{name}"))
+            .with_context(|| format!("g_a.{name} missing"))?;
+        let shape = tensor.size().iter().map(|&d| d as usize).collect();
+        Ok((Vec::<f32>::try_from(tensor.flatten(0, -1))?, shape))
+    })?;
     let coder = EntropyBottleneck::from_density(&compressor.entropy_bottleneck.density()?, LikelihoodFormula::Direct)?;
     Ok(Subject {
         name: "the reference's g_a (3 → 48 → 64 → 48), random weights".into(),
-        ours: Encoder { blocks },
+        ours,
         reference: Box::new(move |x| compressor.g_a.forward(x)),
         coder,
-        side: config.input_size as usize,
-        latent_channels: config.latent_channels as usize,
+        spec,
     })
 }
 
 fn from_bundle(dir: &Path) -> Result<Subject> {
     let edge = EdgeModel::open(dir).with_context(|| format!("cannot load model {}", dir.display()))?;
     let bundle = Bundle::open(dir, Device::Cpu)?;
-    let side = edge.input_size();
-    let latent_channels = edge.latent_shape().channels as usize;
     Ok(Subject {
         name: format!("{} ({})", dir.display(), edge.fingerprint),
         // As written; `run` folds a copy itself, to time both.
-        ours: Encoder {
-            blocks: edge
-                .encoder
-                .blocks
-                .iter()
-                .map(|b| ResidualBlock {
-                    folded: None,
-                    ..b.clone()
-                })
-                .collect(),
-        },
+        ours: edge.encoder.unfolded(),
         coder: edge.coder().clone(),
         reference: Box::new(move |x| bundle.compressor.g_a.forward(x)),
-        side,
-        latent_channels,
+        spec: edge.spec.clone(),
     })
 }
 
@@ -163,7 +140,7 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         Some(dir) => from_bundle(dir)?,
         None => random_reference()?,
     };
-    let side = subject.side;
+    let side = subject.spec.input_size;
     tch::manual_seed(1);
     let image = Tensor::randn([1, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
     let input: Vec<f32> = Vec::try_from(image.flatten(0, -1))?;
@@ -174,7 +151,11 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         .iter()
         .zip(&reference_latent)
         .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    let latent = LatentShape::new(subject.latent_channels as u32, latent_side as u32, latent_side as u32);
+    let latent = LatentShape::new(
+        subject.spec.latent_channels as u32,
+        latent_side as u32,
+        latent_side as u32,
+    );
 
     let mut folded = subject.ours.clone();
     folded.fold(side);

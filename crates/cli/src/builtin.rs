@@ -63,13 +63,11 @@ pub fn model_path(model: &Path) -> Result<PathBuf> {
             names.join(", ")
         );
     };
-    // Named by content, so that a newer binary's models never meet an older copy.
+    // Named by content (the manifest holds the weights' fingerprint), so
+    // that a newer binary's models never meet an older copy.
     let dir = cache_dir()
         .join("models")
-        .join(format!(
-            "{:016x}",
-            fnv1a([manifest.as_bytes(), compressor, SHARED_BACKBONE])
-        ))
+        .join(format!("{:016x}", fnv1a(manifest.as_bytes())))
         .join(name);
     if dir.join("model.toml").exists() {
         return Ok(dir);
@@ -156,11 +154,8 @@ fn cache_dir() -> PathBuf {
 }
 
 /// 64-bit FNV-1a: names the unpacked copy after its content.
-fn fnv1a<const N: usize>(parts: [&[u8]; N]) -> u64 {
-    parts
-        .iter()
-        .flat_map(|p| p.iter())
-        .fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }

@@ -47,10 +47,8 @@ pub struct DemoArgs {
 struct Plan {
     train_per_class: usize,
     val_per_class: usize,
-    /// Epochs of the teacher stage; `None` keeps the run file's.
-    teacher_epochs: Option<usize>,
-    /// Epochs of each compressor stage; `None` keeps the run file's.
-    compressor_epochs: Option<usize>,
+    /// Epochs of every stage; `None` keeps the run files'.
+    epochs: Option<usize>,
     codecs: &'static str,
     latency_iterations: usize,
     loopback_images: usize,
@@ -59,8 +57,7 @@ struct Plan {
 const FULL: Plan = Plan {
     train_per_class: 500,
     val_per_class: 40,
-    teacher_epochs: None,
-    compressor_epochs: None,
+    epochs: None,
     codecs: "jpeg:q=5,jpeg:q=20,jpeg:q=50,jpeg:q=90,webp:q=0,webp:q=20,webp:q=50,webp:q=90,png",
     latency_iterations: 10,
     loopback_images: 4,
@@ -69,8 +66,7 @@ const FULL: Plan = Plan {
 const QUICK: Plan = Plan {
     train_per_class: 12,
     val_per_class: 3,
-    teacher_epochs: Some(1),
-    compressor_epochs: Some(1),
+    epochs: Some(1),
     codecs: "jpeg:q=20,webp:q=20,png",
     latency_iterations: 2,
     loopback_images: 2,
@@ -209,7 +205,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &root,
         "teacher",
         None,
-        plan.teacher_epochs,
+        plan.epochs,
         &configs.join("teacher.toml"),
     )?;
     step(&strings([
@@ -229,7 +225,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
             &root,
             &name,
             Some(lmbda),
-            plan.compressor_epochs,
+            plan.epochs,
             &configs.join(format!("{name}.toml")),
         )?;
         step(&strings([

@@ -191,30 +191,12 @@ fn named(name: &str) -> Dimension {
     }
 }
 
-/// The fields of `model.toml` the encoder graph needs.
-#[derive(serde::Deserialize)]
-struct ManifestView {
-    architecture: ArchitectureView,
-}
-
-#[derive(serde::Deserialize)]
-struct ArchitectureView {
-    compressor: EncoderView,
-}
-
-#[derive(serde::Deserialize)]
-struct EncoderView {
-    input_size: usize,
-    latent_channels: usize,
-    act_after_conv1: bool,
-}
-
 /// g_a of the bundle in `dir` as an ONNX model.
 pub fn encoder_graph(dir: &Path) -> Result<ModelProto> {
     // Opening checks the fingerprint and every shape of g_a.
-    frankensplit_edge::EdgeModel::open(dir).with_context(|| format!("cannot load model {}", dir.display()))?;
-    let manifest: ManifestView = toml::from_str(&std::fs::read_to_string(dir.join("model.toml"))?)?;
-    let arch = manifest.architecture.compressor;
+    let arch = frankensplit_edge::EdgeModel::open(dir)
+        .with_context(|| format!("cannot load model {}", dir.display()))?
+        .spec;
     let bytes = std::fs::read(dir.join("weights.safetensors"))?;
     let tensors = SafeTensors::deserialize(&bytes)?;
     let mut graph = GraphProto {

@@ -11,7 +11,22 @@
 //! multiply-adds — the first block: 276 M → 89 M of g_a's 530 M at 224² —
 //! the block runs folded ([`FoldedPair`]).
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// g_a's shape: the `[compressor]` fields of a bundle's architecture that
+/// the encoder needs (the others are ignored when reading).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct EncoderSpec {
+    /// Input side in pixels (square).
+    pub input_size: usize,
+    /// Widths after the first two blocks.
+    pub encoder_hidden: [usize; 2],
+    /// Latent channels.
+    pub latent_channels: usize,
+    /// ReLU between each block's convolutions (the released reference has none).
+    pub act_after_conv1: bool,
+}
 
 /// Below this many output pixels per thread a convolution stays on one thread.
 const MIN_PIXELS_PER_THREAD: usize = 256;
@@ -403,6 +418,48 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// Builds g_a from PyTorch's tensors, named as under `g_a.`
+    /// (`rb1.conv1.weight`, …): `tensor(name)` gives values and shape, which
+    /// must be those `spec` implies. Not folded; see [`Encoder::fold`].
+    pub fn from_torch(spec: &EncoderSpec, tensor: impl Fn(&str) -> Result<(Vec<f32>, Vec<usize>)>) -> Result<Self> {
+        let widths = [3, spec.encoder_hidden[0], spec.encoder_hidden[1], spec.latent_channels];
+        let blocks = (0..3)
+            .map(|i| {
+                let conv = |part: &str, stride: usize, kernel: usize, inputs: usize| -> Result<Conv> {
+                    let name = format!("rb{}.{part}", i + 1);
+                    let expected = [widths[i + 1], inputs, kernel, kernel];
+                    let (weight, shape) = tensor(&format!("{name}.weight"))?;
+                    if shape != expected {
+                        bail!("{name}.weight has shape {shape:?}, the architecture says {expected:?}");
+                    }
+                    let (bias, _) = tensor(&format!("{name}.bias"))?;
+                    Conv::from_torch(&weight, &shape, &bias, stride).with_context(|| name.clone())
+                };
+                Ok(ResidualBlock::new(
+                    conv("conv1", 2, 3, widths[i])?,
+                    conv("conv2", 1, 3, widths[i + 1])?,
+                    conv("skip", 2, 1, widths[i])?,
+                    spec.act_after_conv1,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { blocks })
+    }
+
+    /// The blocks computed as written (no folded pairs).
+    pub fn unfolded(&self) -> Self {
+        Self {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| ResidualBlock {
+                    folded: None,
+                    ..b.clone()
+                })
+                .collect(),
+        }
+    }
+
     /// Folds every block whose convolution pair is cheaper folded, for
     /// inputs of `side` pixels.
     pub fn fold(&mut self, side: usize) {

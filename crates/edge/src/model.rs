@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::encoder::{Conv, Encoder, ResidualBlock};
+use crate::encoder::{Encoder, EncoderSpec};
 
 /// The bundle layout this crate reads (`frankensplit_models::bundle::BUNDLE_FORMAT`).
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -27,15 +27,7 @@ struct ManifestView {
 
 #[derive(Deserialize)]
 struct ArchitectureView {
-    compressor: EncoderView,
-}
-
-#[derive(Deserialize)]
-struct EncoderView {
-    input_size: usize,
-    encoder_hidden: [usize; 2],
-    latent_channels: usize,
-    act_after_conv1: bool,
+    compressor: EncoderSpec,
 }
 
 /// A bundle's device side.
@@ -51,8 +43,8 @@ pub struct EdgeModel {
     pub encoder: Encoder,
     /// Threads g_a may use (1 by default).
     pub threads: usize,
-    input_size: usize,
-    shape: LatentShape,
+    /// g_a's shape, from the manifest.
+    pub spec: EncoderSpec,
     coder: EntropyBottleneck,
 }
 
@@ -84,27 +76,8 @@ impl EdgeModel {
         let tensors =
             SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", weights_path.display()))?;
         let arch = &manifest.architecture.compressor;
-        let widths = [3, arch.encoder_hidden[0], arch.encoder_hidden[1], arch.latent_channels];
-        let blocks = (0..3)
-            .map(|i| {
-                let name = format!("compressor.g_a.rb{}", i + 1);
-                let conv = |part: &str, stride: usize, kernel: usize, inputs: usize| -> Result<Conv> {
-                    let expected = [widths[i + 1], inputs, kernel, kernel];
-                    let (weight, shape) = floats(&tensors, &format!("{name}.{part}.weight"))?;
-                    if shape != expected {
-                        bail!("{name}.{part}.weight has shape {shape:?}, the architecture says {expected:?}");
-                    }
-                    let (bias, _) = floats(&tensors, &format!("{name}.{part}.bias"))?;
-                    Conv::from_torch(&weight, &shape, &bias, stride).with_context(|| format!("{name}.{part}"))
-                };
-                Ok(ResidualBlock::new(
-                    conv("conv1", 2, 3, widths[i])?,
-                    conv("conv2", 1, 3, widths[i + 1])?,
-                    conv("skip", 2, 1, widths[i])?,
-                    arch.act_after_conv1,
-                ))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let mut encoder = Encoder::from_torch(arch, |name| floats(&tensors, &format!("compressor.g_a.{name}")))?;
+        encoder.fold(arch.input_size);
         let (quantiles, quantile_shape) = floats(&tensors, "compressor.entropy_bottleneck.quantiles")?;
         if quantile_shape != [arch.latent_channels, 1, 3] {
             bail!("entropy bottleneck quantiles have shape {quantile_shape:?}");
@@ -116,24 +89,21 @@ impl EdgeModel {
         let width = cdf_shape.last().copied().unwrap_or(0);
         let tables = CdfTables::from_compressai(&cdf, width, &lengths, &offsets)?;
         let coder = EntropyBottleneck::from_tables(tables, medians)?;
-        let side = arch.input_size / 8;
-        let mut encoder = Encoder { blocks };
-        encoder.fold(arch.input_size);
         Ok(Self {
             dir: dir.to_path_buf(),
             fingerprint,
             preprocess: manifest.preprocess,
             encoder,
             threads: 1,
-            input_size: arch.input_size,
-            shape: LatentShape::new(arch.latent_channels as u32, side as u32, side as u32),
+            spec: arch.clone(),
             coder,
         })
     }
 
     /// Shape of one image's latent.
     pub fn latent_shape(&self) -> LatentShape {
-        self.shape
+        let side = (self.spec.input_size / 8) as u32;
+        LatentShape::new(self.spec.latent_channels as u32, side, side)
     }
 
     /// The entropy coder (tables and per-channel medians).
@@ -143,22 +113,23 @@ impl EdgeModel {
 
     /// Side of the (square) input the encoder takes.
     pub fn input_size(&self) -> usize {
-        self.input_size
+        self.spec.input_size
     }
 
     /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
     pub fn encode_latent(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.encoder.forward(image_chw, self.input_size, self.threads)?.0)
+        Ok(self.encoder.forward(image_chw, self.spec.input_size, self.threads)?.0)
     }
 
     /// Image (preprocessed) → payload: g_a, rounding against the medians,
     /// rANS, and the container with this model's fingerprint.
     pub fn compress(&self, image_chw: &[f32]) -> Result<Vec<u8>> {
         let latent = self.encode_latent(image_chw)?;
-        let string = self.coder.compress(&latent, self.shape)?;
+        let shape = self.latent_shape();
+        let string = self.coder.compress(&latent, shape)?;
         Ok(Payload {
             fingerprint: self.fingerprint,
-            shape: self.shape,
+            shape,
             string: &string,
         }
         .to_bytes())

@@ -608,23 +608,18 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                     val.bpp.map(|b| format!(", {b:.4} bpp")).unwrap_or_default()
                 );
             }
-            let keep_last = config.keep == Keep::Last;
-            match stage.kind {
-                StageKind::Teacher => {
-                    if progress.best_teacher_top1.is_none_or(|best| val.top1 > best) {
-                        progress.best_teacher_top1 = Some(val.top1);
-                        write_teacher(&out.join(TEACHER), &models)?;
-                    } else if keep_last {
-                        write_teacher(&out.join(TEACHER), &models)?;
-                    }
-                }
-                _ => {
-                    if progress.best_top1.is_none_or(|best| val.top1 > best) {
-                        progress.best_top1 = Some(val.top1);
-                        write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?;
-                    } else if keep_last {
-                        write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?;
-                    }
+            let best = match stage.kind {
+                StageKind::Teacher => &mut progress.best_teacher_top1,
+                _ => &mut progress.best_top1,
+            };
+            let improved = best.is_none_or(|best| val.top1 > best);
+            if improved {
+                *best = Some(val.top1);
+            }
+            if improved || config.keep == Keep::Last {
+                match stage.kind {
+                    StageKind::Teacher => write_teacher(&out.join(TEACHER), &models)?,
+                    _ => write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?,
                 }
             }
             progress.epoch += 1;
