@@ -16,6 +16,11 @@ Weights: random (seed 0), or g_a and the entropy bottleneck of a bundle
     python3 -m venv /tmp/eb && /tmp/eb/bin/pip install torch==2.11.0 compressai==1.2.8 \
         safetensors onnx onnxruntime
     /tmp/eb/bin/python tools/bench/edge_reference.py --iterations 50 --json out.json
+
+--save-onnx PATH keeps the exported graph at PATH and writes, next to it, the
+input (`<PATH without .onnx>.input.npy`), PyTorch's output (`.torch.npy`) and
+ONNX Runtime's output at the first thread count (`.ort.npy`), for other
+engines to time and check on the same graph (tools/bench/tract/compare.sh).
 """
 
 import argparse
@@ -102,6 +107,7 @@ def main():
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--save-onnx", metavar="PATH", help="keep the ONNX export here, with its input and outputs as .npy")
     args = parser.parse_args()
 
     encoder, eb, side = load(args.model)
@@ -124,7 +130,14 @@ def main():
         h.remove()
 
     results = {"input": [1, 3, side, side], "latent": list(latent.shape), "macs": macs, "runs": []}
-    onnx_path = tempfile.mktemp(suffix=".onnx")
+    onnx_path = args.save_onnx or tempfile.mktemp(suffix=".onnx")
+    stem = onnx_path[: -len(".onnx")] if onnx_path.endswith(".onnx") else onnx_path
+    if args.save_onnx:
+        import numpy as np
+
+        np.save(f"{stem}.input.npy", x.numpy())
+        np.save(f"{stem}.torch.npy", latent.numpy())
+        results["onnx"] = onnx_path
     torch.onnx.export(encoder, x, onnx_path, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
     import onnxruntime as ort
 
@@ -146,6 +159,8 @@ def main():
         feed = {"x": x.numpy()}
         ort_out = session.run(None, feed)[0]
         run["onnxruntime_max_abs_difference"] = float((torch.from_numpy(ort_out) - latent).abs().max())
+        if args.save_onnx and len(results["runs"]) == 0:
+            np.save(f"{stem}.ort.npy", ort_out)
         run["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.iterations)
         run["compressai_compress_ms"] = median_ms(lambda: eb.compress(latent), args.warmup, args.iterations)
         run["string_bytes"] = len(eb.compress(latent)[0])

@@ -67,8 +67,8 @@ enum Command {
     /// Rate vs accuracy of bundles (real entropy coding) against JPEG/WebP/PNG
     /// offloading on an ImageFolder: table, JSON, plot.
     Eval(eval::EvalArgs),
-    /// Write a bundle's part as an ONNX graph (the encoder so far), for
-    /// other runtimes; check it with tools/onnx/check_encoder.py.
+    /// Write a bundle's part (encoder, decoder or backbone tail) as an ONNX
+    /// graph for other runtimes; --check-data and tools/onnx/check_parts.py check it.
     ExportOnnx(onnx::ExportArgs),
     /// Measure performance; see `frankensplit bench codec --help`.
     Bench {

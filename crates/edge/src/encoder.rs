@@ -1,8 +1,9 @@
 //! The edge encoder g_a without a tensor framework: three residual blocks
 //! (3×3 stride-2 conv, 3×3 conv, ReLU, plus a 1×1 stride-2 skip), computed
-//! on HWC activations as convolutions lowered to matrix products
-//! (im2col, then `matrixmultiply`'s packed, runtime-dispatched sgemm).
-//! Weights are repacked once at load time from PyTorch's `[out, in, kh, kw]`.
+//! as direct convolutions on zero-padded HWC activations by the
+//! register-blocked tiles of [`crate::kernel`]. Weights are repacked once
+//! at load time from PyTorch's `[out, in, kh, kw]`; the buffers of one
+//! image size live in a [`Workspace`], so encoding allocates only the result.
 //!
 //! The released reference has no activation between a block's two
 //! convolutions, so `conv2 ∘ conv1` is one linear map: a 7×7 stride-2
@@ -13,6 +14,9 @@
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
+
+use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
+use crate::winograd::Winograd;
 
 /// g_a's shape: the `[compressor]` fields of a bundle's architecture that
 /// the encoder needs (the others are ignored when reading).
@@ -31,6 +35,104 @@ pub struct EncoderSpec {
 /// Below this many output pixels per thread a convolution stays on one thread.
 const MIN_PIXELS_PER_THREAD: usize = 256;
 
+/// A square HWC activation inside a zero border of `pad` pixels, so that
+/// convolutions read their padding instead of testing bounds. The border
+/// is written once, when the buffer is made.
+#[derive(Debug, Clone)]
+pub struct Activation {
+    side: usize,
+    pad: usize,
+    channels: usize,
+    data: Vec<f32>,
+}
+
+impl Activation {
+    /// Zeros.
+    pub fn new(side: usize, pad: usize, channels: usize) -> Self {
+        let padded = side + 2 * pad;
+        Self {
+            side,
+            pad,
+            channels,
+            data: vec![0.0; padded * padded * channels],
+        }
+    }
+
+    /// HWC values of `side × side × channels` inside a border of `pad`.
+    pub fn from_hwc(hwc: &[f32], side: usize, channels: usize, pad: usize) -> Self {
+        let mut a = Self::new(side, pad, channels);
+        for y in 0..side {
+            let start = a.offset(y, 0);
+            a.data[start..][..side * channels].copy_from_slice(&hwc[y * side * channels..][..side * channels]);
+        }
+        a
+    }
+
+    /// The values without the border, HWC.
+    pub fn to_hwc(&self) -> Vec<f32> {
+        (0..self.side)
+            .flat_map(|y| &self.data[self.offset(y, 0)..][..self.side * self.channels])
+            .copied()
+            .collect()
+    }
+
+    /// Side of the interior.
+    pub fn side(&self) -> usize {
+        self.side
+    }
+
+    /// Width of the zero border.
+    pub fn pad(&self) -> usize {
+        self.pad
+    }
+
+    /// Channels per pixel.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// All values, border included, row by padded row.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Interior rows `rows`, each with its border columns.
+    pub fn rows_mut(&mut self, rows: std::ops::Range<usize>) -> &mut [f32] {
+        let step = self.row_step();
+        &mut self.data[(self.pad + rows.start) * step..(self.pad + rows.end) * step]
+    }
+
+    /// Floats from one padded row to the next.
+    pub fn row_step(&self) -> usize {
+        (self.side + 2 * self.pad) * self.channels
+    }
+
+    /// Where pixel `(y, x)` of the interior starts.
+    fn offset(&self, y: usize, x: usize) -> usize {
+        (y + self.pad) * self.row_step() + (x + self.pad) * self.channels
+    }
+
+    fn pixel(&self, y: usize, x: usize) -> &[f32] {
+        &self.data[self.offset(y, x)..][..self.channels]
+    }
+
+    fn pixel_mut(&mut self, y: usize, x: usize) -> &mut [f32] {
+        let start = self.offset(y, x);
+        &mut self.data[start..][..self.channels]
+    }
+
+    /// `self = max(0, update) + self` over the interior.
+    pub fn add_relu_of(&mut self, update: &Activation) {
+        for y in 0..self.side {
+            for x in 0..self.side {
+                for (a, b) in self.pixel_mut(y, x).iter_mut().zip(update.pixel(y, x)) {
+                    *a += b.max(0.0);
+                }
+            }
+        }
+    }
+}
+
 /// One 2-D convolution with bias, `padding = kernel / 2` as in the reference.
 #[derive(Debug, Clone)]
 pub struct Conv {
@@ -38,9 +140,15 @@ pub struct Conv {
     out_channels: usize,
     kernel: usize,
     stride: usize,
-    /// `[(ky, kx, c_in), c_out]`, row-major: the right-hand matrix of the product.
+    /// `[(ky, kx, c_in), c_out]`, row-major: what folding and the border
+    /// correction read.
     weight: Vec<f32>,
     bias: Vec<f32>,
+    /// The tiles' layout: per block of [`TILE_CHANNELS`] output channels,
+    /// `[ky][kx·c_in + c][TILE_CHANNELS]`, zero-padded to whole blocks.
+    blocked: Vec<f32>,
+    /// Biases zero-padded to whole blocks.
+    blocked_bias: Vec<f32>,
 }
 
 impl Conv {
@@ -60,25 +168,57 @@ impl Conv {
             );
         }
         let k = kh;
-        let mut packed = vec![0f32; weight.len()];
+        let mut matrix = vec![0f32; weight.len()];
         for o in 0..out_channels {
             for i in 0..in_channels {
                 for ky in 0..k {
                     for kx in 0..k {
                         let row = (ky * k + kx) * in_channels + i;
-                        packed[row * out_channels + o] = weight[((o * in_channels + i) * k + ky) * k + kx];
+                        matrix[row * out_channels + o] = weight[((o * in_channels + i) * k + ky) * k + kx];
                     }
                 }
             }
         }
-        Ok(Self {
+        Ok(Self::from_matrix(
             in_channels,
             out_channels,
-            kernel: k,
+            k,
             stride,
-            weight: packed,
-            bias: bias.to_vec(),
-        })
+            matrix,
+            bias.to_vec(),
+        ))
+    }
+
+    /// From the `[(ky, kx, c_in), c_out]` matrix.
+    fn from_matrix(
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        stride: usize,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+    ) -> Self {
+        let blocks = out_channels.div_ceil(TILE_CHANNELS);
+        let depth = kernel * kernel * in_channels;
+        let mut blocked = vec![0f32; blocks * depth * TILE_CHANNELS];
+        for (row, taps) in weight.chunks_exact(out_channels).enumerate() {
+            for (o, &w) in taps.iter().enumerate() {
+                let (block, lane) = (o / TILE_CHANNELS, o % TILE_CHANNELS);
+                blocked[(block * depth + row) * TILE_CHANNELS + lane] = w;
+            }
+        }
+        let mut blocked_bias = bias.clone();
+        blocked_bias.resize(blocks * TILE_CHANNELS, 0.0);
+        Self {
+            in_channels,
+            out_channels,
+            kernel,
+            stride,
+            weight,
+            bias,
+            blocked,
+            blocked_bias,
+        }
     }
 
     /// Input channels.
@@ -89,6 +229,26 @@ impl Conv {
     /// Output channels.
     pub fn out_channels(&self) -> usize {
         self.out_channels
+    }
+
+    /// Kernel side.
+    pub fn kernel(&self) -> usize {
+        self.kernel
+    }
+
+    /// Stride.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+
+    /// The taps as the `[(ky, kx, c_in), c_out]` matrix.
+    pub fn weight_matrix(&self) -> &[f32] {
+        &self.weight
+    }
+
+    /// Biases.
+    pub fn bias(&self) -> &[f32] {
+        &self.bias
     }
 
     /// Output side for a square input of `side` pixels.
@@ -103,120 +263,106 @@ impl Conv {
         out * out * self.kernel * self.kernel * self.in_channels * self.out_channels
     }
 
-    /// `x`: HWC, `side × side × in_channels`; returns HWC of the output
-    /// side. With `threads > 1` the output rows are split among that many
-    /// scoped threads (each lowering and multiplying its own rows), when
-    /// there are enough of them to pay for the threads.
+    /// The convolution of an unpadded HWC `x` of `side × side`, as HWC.
     pub fn forward(&self, x: &[f32], side: usize, threads: usize) -> Vec<f32> {
-        debug_assert_eq!(x.len(), side * side * self.in_channels);
-        let out_side = self.output_side(side);
-        let mut out: Vec<f32> = self
-            .bias
-            .iter()
-            .copied()
-            .cycle()
-            .take(out_side * out_side * self.out_channels)
-            .collect();
+        let input = Activation::from_hwc(x, side, self.in_channels, self.kernel / 2);
+        let mut output = Activation::new(self.output_side(side), 0, self.out_channels);
+        self.run(&input, &mut output, Epilogue::Store, threads);
+        output.data
+    }
+
+    /// Writes the convolution of `input` into the interior of `output`
+    /// through `epilogue`. With `threads > 1` the output rows are split
+    /// among that many scoped threads, when there are enough of them to pay
+    /// for the threads; every row is computed the same way either way.
+    ///
+    /// Panics unless `input` has this convolution's input channels and a
+    /// border of at least `kernel / 2`, and `output` its output side and channels.
+    pub fn run(&self, input: &Activation, output: &mut Activation, epilogue: Epilogue, threads: usize) {
+        assert!(
+            input.channels == self.in_channels
+                && input.pad >= self.kernel / 2
+                && output.side == self.output_side(input.side)
+                && output.channels == self.out_channels,
+            "activations do not fit the convolution"
+        );
+        let out_side = output.side;
+        let row_step = output.row_step();
+        let out_pad = output.pad;
+        let body = output.rows_mut(0..out_side);
         let threads = threads.clamp(1, (out_side * out_side / MIN_PIXELS_PER_THREAD).max(1));
         if threads == 1 {
-            self.rows(x, side, out_side, 0..out_side, &mut out);
-            return out;
+            self.rows(input, 0..out_side, body, out_pad, epilogue);
+            return;
         }
         let rows_per_thread = out_side.div_ceil(threads);
         std::thread::scope(|scope| {
-            for (i, chunk) in out
-                .chunks_mut(rows_per_thread * out_side * self.out_channels)
-                .enumerate()
-            {
-                let start = i * rows_per_thread;
-                let rows = start..(start + rows_per_thread).min(out_side);
-                scope.spawn(move || self.rows(x, side, out_side, rows, chunk));
+            for (i, chunk) in body.chunks_mut(rows_per_thread * row_step).enumerate() {
+                let first = i * rows_per_thread;
+                let rows = first..(first + rows_per_thread).min(out_side);
+                scope.spawn(move || self.rows(input, rows, chunk, out_pad, epilogue));
             }
         });
-        out
     }
 
-    /// Output rows `rows` into `out` (which holds their biases): im2col, then one sgemm.
-    fn rows(&self, x: &[f32], side: usize, out_side: usize, rows: std::ops::Range<usize>, out: &mut [f32]) {
-        let pixels = rows.len() * out_side;
-        let depth = self.kernel * self.kernel * self.in_channels;
-        let cols = self.im2col(x, side, out_side, rows);
-        debug_assert_eq!(out.len(), pixels * self.out_channels);
-        // SAFETY: the strides describe row-major `pixels × depth`,
-        // `depth × out_channels` and `pixels × out_channels` matrices, which
-        // is exactly the lengths of `cols`, `self.weight` and `out`.
-        unsafe {
-            matrixmultiply::sgemm(
-                pixels,
-                depth,
-                self.out_channels,
-                1.0,
-                cols.as_ptr(),
-                depth as isize,
-                1,
-                self.weight.as_ptr(),
-                self.out_channels as isize,
-                1,
-                1.0,
-                out.as_mut_ptr(),
-                self.out_channels as isize,
-                1,
-            );
+    /// Output rows `rows` into `out`, which starts at the first of them
+    /// (border columns of `out_pad` pixels included).
+    fn rows(
+        &self,
+        input: &Activation,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        out_pad: usize,
+        epilogue: Epilogue,
+    ) {
+        let out_side = self.output_side(input.side);
+        let out_step = (out_side + 2 * out_pad) * self.out_channels;
+        for (oy, row) in rows.zip(out.chunks_exact_mut(out_step)) {
+            let pixels = &mut row[out_pad * self.out_channels..][..out_side * self.out_channels];
+            self.span(input, oy as isize, 0, out_side, pixels, epilogue);
         }
     }
 
-    /// The output at `(oy, ox)`, which may lie outside the output grid (the
-    /// input is zero-padded without bound): what a larger padding would compute there.
-    fn at(&self, x: &[f32], side: usize, oy: isize, ox: isize) -> Vec<f32> {
-        let (k, c, pad) = (self.kernel as isize, self.in_channels, (self.kernel / 2) as isize);
-        let mut out = self.bias.clone();
-        for ky in 0..k {
-            let iy = oy * self.stride as isize + ky - pad;
-            if iy < 0 || iy >= side as isize {
-                continue;
-            }
-            for kx in 0..k {
-                let ix = ox * self.stride as isize + kx - pad;
-                if ix < 0 || ix >= side as isize {
-                    continue;
-                }
-                let pixel = &x[(iy as usize * side + ix as usize) * c..][..c];
-                for (i, &v) in pixel.iter().enumerate() {
-                    let row = &self.weight[((ky * k + kx) as usize * c + i) * self.out_channels..][..self.out_channels];
-                    for (o, w) in out.iter_mut().zip(row) {
-                        *o += v * w;
-                    }
-                }
-            }
-        }
-        out
-    }
-
-    /// One row per output pixel of output rows `rows`: the
-    /// `k × k × in_channels` input patch it sees, zeros where the patch
-    /// leaves the image.
-    fn im2col(&self, x: &[f32], side: usize, out_side: usize, rows: std::ops::Range<usize>) -> Vec<f32> {
-        let (k, c, pad) = (self.kernel, self.in_channels, self.kernel / 2);
-        let depth = k * k * c;
-        let first = rows.start;
-        let mut cols = vec![0f32; rows.len() * out_side * depth];
-        for oy in rows {
-            for ox in 0..out_side {
-                let row = &mut cols[((oy - first) * out_side + ox) * depth..][..depth];
-                for ky in 0..k {
-                    let Some(iy) = (oy * self.stride + ky).checked_sub(pad).filter(|&y| y < side) else {
-                        continue;
-                    };
-                    for kx in 0..k {
-                        let Some(ix) = (ox * self.stride + kx).checked_sub(pad).filter(|&x| x < side) else {
-                            continue;
-                        };
-                        row[(ky * k + kx) * c..][..c].copy_from_slice(&x[(iy * side + ix) * c..][..c]);
-                    }
-                }
+    /// Output pixels `(oy, ox + i)` for `i < count` into `out` (HWC, `count
+    /// × out_channels`). They may lie outside the output grid — what a
+    /// larger padding would compute there — as far as `input`'s border
+    /// reaches; panics beyond it.
+    fn span(&self, input: &Activation, oy: isize, ox: isize, count: usize, out: &mut [f32], epilogue: Epilogue) {
+        let (k, s, cin, cout) = (self.kernel, self.stride, self.in_channels, self.out_channels);
+        let shift = input.pad as isize - (k / 2) as isize;
+        let (top, left) = (oy * s as isize + shift, ox * s as isize + shift);
+        let padded = (input.side + 2 * input.pad) as isize;
+        let right = left + ((count.max(1) - 1) * s + k) as isize;
+        assert!(
+            top >= 0 && left >= 0 && top + k as isize <= padded && right <= padded && out.len() >= count * cout,
+            "outputs ({oy}, {ox}..+{count}) read beyond the input's border"
+        );
+        let in_step = input.row_step();
+        let first = top as usize * in_step + left as usize * cin;
+        let depth = k * k * cin;
+        for block in 0..cout.div_ceil(TILE_CHANNELS) {
+            for i in (0..count).step_by(TILE_PIXELS) {
+                let tile = Tile {
+                    input: input.data[first + i * s * cin..].as_ptr(),
+                    pixel_step: s * cin,
+                    row_step: in_step,
+                    kernel: k,
+                    row_len: k * cin,
+                    weights: self.blocked[block * depth * TILE_CHANNELS..].as_ptr(),
+                    bias: self.blocked_bias[block * TILE_CHANNELS..].as_ptr(),
+                    out: out[i * cout + block * TILE_CHANNELS..].as_mut_ptr(),
+                    out_step: cout,
+                    channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
+                    epilogue,
+                };
+                // SAFETY: the taps span padded rows `top..top + k` and
+                // columns `left..right`, inside `input` (asserted); the
+                // weights and biases are whole blocks; the outputs are
+                // `channels` floats of each of the tile's pixels, inside
+                // `out` (asserted), which is not `input`.
+                unsafe { kernel::compute(&tile, (count - i).min(TILE_PIXELS)) };
             }
         }
-        cols
     }
 }
 
@@ -225,13 +371,15 @@ impl Conv {
 /// padded by 3: `W[2d + e] = Σ W2[d]·W1[e]`, `b = b2 + Σ_d W2[d]·b1`.
 /// That equals the pair wherever conv2's 3×3 window lies inside conv1's
 /// output; on the border it also counts conv1 at the positions just outside
-/// (where conv2 reads zeros), whose terms [`FoldedPair::forward`] subtracts.
+/// (where conv2 reads zeros). [`FoldedPair::run`] subtracts those terms:
+/// conv1 on that ring (the input's border is wide enough to compute it
+/// there), convolved with `-W2` at the border pixels.
 #[derive(Debug, Clone)]
 pub struct FoldedPair {
     folded: Conv,
     conv1: Conv,
-    /// conv2's taps, `[(dy, dx, c_mid), c_out]`.
-    conv2_weight: Vec<f32>,
+    /// conv2's taps negated, without bias.
+    correction: Conv,
 }
 
 impl FoldedPair {
@@ -269,17 +417,11 @@ impl FoldedPair {
                 }
             }
         }
+        let negated = conv2.weight.iter().map(|w| -w).collect();
         Some(Self {
-            folded: Conv {
-                in_channels: cin,
-                out_channels: cout,
-                kernel: 7,
-                stride: 2,
-                weight,
-                bias,
-            },
+            folded: Conv::from_matrix(cin, cout, 7, 2, weight, bias),
             conv1: conv1.clone(),
-            conv2_weight: conv2.weight.clone(),
+            correction: Conv::from_matrix(mid, cout, 3, 1, negated, vec![0.0; cout]),
         })
     }
 
@@ -288,47 +430,57 @@ impl FoldedPair {
         self.folded.macs(side)
     }
 
-    /// `conv2(conv1(x))` for HWC `x` of `side × side`.
+    /// Border the input needs: the folded kernel's, which also covers
+    /// conv1 one position outside its grid.
+    fn input_pad(&self) -> usize {
+        self.folded.kernel / 2
+    }
+
+    /// The scratch for conv1's values just outside its `side × side`
+    /// output: a zero interior inside a border of one.
+    fn ring(&self, side: usize) -> Activation {
+        Activation::new(side, 1, self.conv1.out_channels)
+    }
+
+    /// `conv2(conv1(x))` of an unpadded HWC `x` of `side × side`, as HWC.
     pub fn forward(&self, x: &[f32], side: usize, threads: usize) -> Vec<f32> {
-        let mut out = self.folded.forward(x, side, threads);
-        let n = self.folded.output_side(side) as isize;
+        let input = Activation::from_hwc(x, side, self.folded.in_channels, self.input_pad());
+        let out_side = self.folded.output_side(side);
+        let mut output = Activation::new(out_side, 0, self.folded.out_channels);
+        self.run(&input, &mut self.ring(out_side), &mut output, threads);
+        output.data
+    }
+
+    /// Writes `conv2(conv1(x))` into `output` (which has no border), with
+    /// `ring` (from [`FoldedPair::ring`]) as scratch.
+    fn run(&self, x: &Activation, ring: &mut Activation, output: &mut Activation, threads: usize) {
+        self.folded.run(x, output, Epilogue::Store, threads);
+        let n = output.side;
         let (mid, cout) = (self.conv1.out_channels, self.folded.out_channels);
-        // conv1 at each position just outside its output grid, computed once.
-        let mut ring = std::collections::HashMap::new();
-        for q in border(n) {
-            for dy in 0..3isize {
-                for dx in 0..3isize {
-                    let p = (q.0 + dy - 1, q.1 + dx - 1);
-                    if (0..n).contains(&p.0) && (0..n).contains(&p.1) {
-                        continue;
-                    }
-                    let y1 = ring.entry(p).or_insert_with(|| self.conv1.at(x, side, p.0, p.1));
-                    let taps = &self.conv2_weight[((dy * 3 + dx) as usize) * mid * cout..][..mid * cout];
-                    let target = &mut out[((q.0 * n + q.1) as usize) * cout..][..cout];
-                    for (m, &v) in y1.iter().enumerate() {
-                        for (t, w) in target.iter_mut().zip(&taps[m * cout..][..cout]) {
-                            *t -= v * w;
-                        }
-                    }
-                }
+        let step = ring.row_step();
+        let last = n as isize;
+        self.conv1
+            .span(x, -1, -1, n + 2, &mut ring.data[..step], Epilogue::Store);
+        self.conv1
+            .span(x, last, -1, n + 2, &mut ring.data[(n + 1) * step..], Epilogue::Store);
+        for y in 0..n {
+            let row = &mut ring.data[(y + 1) * step..][..step];
+            let (left, right) = row.split_at_mut((n + 1) * mid);
+            self.conv1.span(x, y as isize, -1, 1, left, Epilogue::Store);
+            self.conv1.span(x, y as isize, last, 1, right, Epilogue::Store);
+        }
+        for y in 0..n {
+            let row = &mut output.data[y * n * cout..][..n * cout];
+            if y == 0 || y == n - 1 {
+                self.correction.span(ring, y as isize, 0, n, row, Epilogue::Add);
+            } else {
+                let (left, right) = row.split_at_mut((n - 1) * cout);
+                self.correction.span(ring, y as isize, 0, 1, left, Epilogue::Add);
+                self.correction
+                    .span(ring, y as isize, last - 1, 1, right, Epilogue::Add);
             }
         }
-        out
     }
-}
-
-/// The positions on the edge of an `n × n` grid, each once.
-fn border(n: isize) -> impl Iterator<Item = (isize, isize)> {
-    (0..n).flat_map(move |y| {
-        let xs: Vec<isize> = if y == 0 || y == n - 1 {
-            (0..n).collect()
-        } else if n > 1 {
-            vec![0, n - 1]
-        } else {
-            vec![0]
-        };
-        xs.into_iter().map(move |x| (y, x))
-    })
 }
 
 /// FrankenSplit's `ResidualBlockWithStride` with ReLU:
@@ -345,6 +497,8 @@ pub struct ResidualBlock {
     pub act_after_conv1: bool,
     /// conv2 ∘ conv1 as one convolution, when that is cheaper (see [`ResidualBlock::fold`]).
     pub folded: Option<FoldedPair>,
+    /// conv2 by Winograd's F(2×2, 3×3), where chosen (see [`ResidualBlock::use_winograd`]).
+    pub winograd: Option<Winograd>,
 }
 
 impl ResidualBlock {
@@ -356,7 +510,17 @@ impl ResidualBlock {
             skip,
             act_after_conv1,
             folded: None,
+            winograd: None,
         }
+    }
+
+    /// Computes conv2 by Winograd's F(2×2, 3×3) when the block is not
+    /// folded and conv2's side (conv1's output for inputs of `side`) is even.
+    pub fn use_winograd(&mut self, side: usize) {
+        let out = self.conv1.output_side(side);
+        self.winograd = (self.folded.is_none() && Winograd::applies_to(out))
+            .then(|| Winograd::new(&self.conv2))
+            .flatten();
     }
 
     /// Folds conv2 ∘ conv1 into one convolution when there is no activation
@@ -374,39 +538,68 @@ impl ResidualBlock {
         }
     }
 
-    fn forward(&self, x: &[f32], side: usize, threads: usize) -> (Vec<f32>, usize) {
-        let out_side = self.conv1.output_side(side);
-        let mut y = match &self.folded {
-            Some(pair) => pair.forward(x, side, threads),
-            None => {
-                let mut h = self.conv1.forward(x, side, threads);
-                if self.act_after_conv1 {
-                    relu(&mut h);
-                }
-                self.conv2.forward(&h, out_side, threads)
-            }
-        };
-        relu(&mut y);
-        let skip = self.skip.forward(x, side, threads);
-        for (a, b) in y.iter_mut().zip(&skip) {
-            *a += b;
+    /// Border the block's input needs.
+    fn input_pad(&self) -> usize {
+        self.folded
+            .as_ref()
+            .map_or(self.conv1.kernel / 2, FoldedPair::input_pad)
+    }
+
+    /// The buffer between the convolutions — conv1's output with conv2's
+    /// border, or the folded pair's output before ReLU — and the folded
+    /// pair's ring.
+    fn scratch(&self, side: usize) -> (Activation, Option<Activation>) {
+        let out = self.conv1.output_side(side);
+        match &self.folded {
+            Some(pair) => (Activation::new(out, 0, self.conv2.out_channels), Some(pair.ring(out))),
+            None => (
+                Activation::new(out, self.conv2.kernel / 2, self.conv1.out_channels),
+                None,
+            ),
         }
-        (y, out_side)
+    }
+
+    /// `output = relu(conv2(act(conv1(x)))) + skip(x)`; the skip branch is
+    /// written first so that conv2's tiles add to it as they store.
+    fn run(
+        &self,
+        x: &Activation,
+        scratch: &mut (Activation, Option<Activation>),
+        output: &mut Activation,
+        threads: usize,
+    ) {
+        self.skip.run(x, output, Epilogue::Store, threads);
+        let (middle, ring) = scratch;
+        match (&self.folded, ring) {
+            (Some(pair), Some(ring)) => {
+                pair.run(x, ring, middle, threads);
+                output.add_relu_of(middle);
+            }
+            _ => {
+                let epilogue = if self.act_after_conv1 {
+                    Epilogue::Relu
+                } else {
+                    Epilogue::Store
+                };
+                self.conv1.run(x, middle, epilogue, threads);
+                match &self.winograd {
+                    Some(winograd) => winograd.run(middle, output, Epilogue::ReluAdd, threads),
+                    None => self.conv2.run(middle, output, Epilogue::ReluAdd, threads),
+                }
+            }
+        }
     }
 
     fn macs(&self, side: usize) -> usize {
         let out = self.conv1.output_side(side);
         let pair = match &self.folded {
             Some(pair) => pair.macs(side),
-            None => self.conv1.macs(side) + self.conv2.macs(out),
+            None => {
+                let conv2 = self.winograd.as_ref().map_or(self.conv2.macs(out), |w| w.macs(out));
+                self.conv1.macs(side) + conv2
+            }
         };
         pair + self.skip.macs(side)
-    }
-}
-
-fn relu(values: &mut [f32]) {
-    for v in values {
-        *v = v.max(0.0);
     }
 }
 
@@ -415,6 +608,15 @@ fn relu(values: &mut [f32]) {
 pub struct Encoder {
     /// `rb1`, `rb2`, `rb3`.
     pub blocks: Vec<ResidualBlock>,
+}
+
+/// The activations of one image size, made once and reused by every
+/// [`Encoder::run`]: block `i` reads `inputs[i]` (whose border fits it),
+/// goes through `scratch[i]` and writes `inputs[i + 1]`.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    inputs: Vec<Activation>,
+    scratch: Vec<(Activation, Option<Activation>)>,
 }
 
 impl Encoder {
@@ -446,7 +648,7 @@ impl Encoder {
         Ok(Self { blocks })
     }
 
-    /// The blocks computed as written (no folded pairs).
+    /// The blocks computed as written (no folded pairs, no Winograd).
     pub fn unfolded(&self) -> Self {
         Self {
             blocks: self
@@ -454,6 +656,7 @@ impl Encoder {
                 .iter()
                 .map(|b| ResidualBlock {
                     folded: None,
+                    winograd: None,
                     ..b.clone()
                 })
                 .collect(),
@@ -470,23 +673,90 @@ impl Encoder {
         }
     }
 
+    /// Computes every unfolded block's conv2 by Winograd's F(2×2, 3×3)
+    /// where its side is even, for inputs of `side` pixels.
+    pub fn use_winograd(&mut self, side: usize) {
+        let mut side = side;
+        for block in &mut self.blocks {
+            block.use_winograd(side);
+            side = block.conv1.output_side(side);
+        }
+    }
+
+    /// The fastest exact form for inputs of `side` pixels: folded pairs
+    /// where cheaper, Winograd for the other blocks' conv2.
+    pub fn prepare(&mut self, side: usize) {
+        self.fold(side);
+        self.use_winograd(side);
+    }
+
+    /// The buffers for `side × side` images, with the borders this
+    /// encoder's blocks (folded or not) read.
+    pub fn workspace(&self, side: usize) -> Workspace {
+        let mut inputs = Vec::new();
+        let mut scratch = Vec::new();
+        let mut side = side;
+        let mut channels = self.blocks.first().map_or(0, |b| b.conv1.in_channels());
+        for block in &self.blocks {
+            inputs.push(Activation::new(side, block.input_pad(), channels));
+            scratch.push(block.scratch(side));
+            side = block.conv1.output_side(side);
+            channels = block.conv2.out_channels();
+        }
+        inputs.push(Activation::new(side, 0, channels));
+        Workspace { inputs, scratch }
+    }
+
+    /// Whether `workspace` has the borders this encoder, folded as it is now, reads.
+    pub fn fits(&self, workspace: &Workspace) -> bool {
+        self.blocks.len() == workspace.scratch.len()
+            && self
+                .blocks
+                .iter()
+                .zip(&workspace.inputs)
+                .zip(&workspace.scratch)
+                .all(|((block, input), (_, ring))| {
+                    input.pad == block.input_pad() && ring.is_some() == block.folded.is_some()
+                })
+    }
+
     /// Runs on one CHW image of `3 × side × side` on up to `threads`
     /// threads; returns the CHW latent and its side.
     pub fn forward(&self, image_chw: &[f32], side: usize, threads: usize) -> Result<(Vec<f32>, usize)> {
-        let channels = self.blocks.first().map_or(0, |b| b.conv1.in_channels());
+        self.run(&mut self.workspace(side), image_chw, threads)
+    }
+
+    /// [`Encoder::forward`] in the buffers of `workspace`, which must have
+    /// come from [`Encoder::workspace`] of this encoder, folded as it is now.
+    pub fn run(&self, workspace: &mut Workspace, image_chw: &[f32], threads: usize) -> Result<(Vec<f32>, usize)> {
+        if !self.fits(workspace) {
+            bail!("the workspace was made for another encoder or folding");
+        }
+        let Some(first) = workspace.inputs.first_mut() else {
+            bail!("an encoder without blocks");
+        };
+        let (side, channels) = (first.side, first.channels);
         if image_chw.len() != channels * side * side {
             bail!(
                 "expected a {channels}×{side}×{side} input, got {} values",
                 image_chw.len()
             );
         }
-        let mut x = chw_to_hwc(image_chw, channels, side);
-        let mut side = side;
-        for block in &self.blocks {
-            (x, side) = block.forward(&x, side, threads);
+        let plane = side * side;
+        for y in 0..side {
+            for x in 0..side {
+                let pixel = first.pixel_mut(y, x);
+                for (c, v) in pixel.iter_mut().enumerate() {
+                    *v = image_chw[c * plane + y * side + x];
+                }
+            }
         }
-        let channels = self.blocks.last().map_or(channels, |b| b.conv2.out_channels());
-        Ok((hwc_to_chw(&x, channels, side), side))
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (before, after) = workspace.inputs.split_at_mut(i + 1);
+            block.run(&before[i], &mut workspace.scratch[i], &mut after[0], threads);
+        }
+        let latent = workspace.inputs.last().expect("one more input than blocks");
+        Ok((hwc_to_chw(&latent.to_hwc(), latent.channels, latent.side), latent.side))
     }
 
     /// Multiply-adds for one `side × side` image.
@@ -499,17 +769,6 @@ impl Encoder {
         }
         total
     }
-}
-
-fn chw_to_hwc(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
-    let plane = side * side;
-    let mut out = vec![0f32; x.len()];
-    for c in 0..channels {
-        for (p, &v) in x[c * plane..][..plane].iter().enumerate() {
-            out[p * channels + c] = v;
-        }
-    }
-    out
 }
 
 fn hwc_to_chw(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
@@ -526,6 +785,17 @@ fn hwc_to_chw(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chw_to_hwc(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
+        let plane = side * side;
+        let mut out = vec![0f32; x.len()];
+        for c in 0..channels {
+            for (p, &v) in x[c * plane..][..plane].iter().enumerate() {
+                out[p * channels + c] = v;
+            }
+        }
+        out
+    }
 
     /// The definition of a convolution, straight from the indices (CHW).
     fn direct(x: &[f32], side: usize, w: &[f32], shape: [usize; 4], bias: &[f32], stride: usize) -> Vec<f32> {

@@ -5,7 +5,9 @@
 //! lowering to sgemm, [`encoder`]), and no server, HTTP or training code.
 
 pub mod encoder;
+pub mod kernel;
 pub mod model;
+pub mod winograd;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

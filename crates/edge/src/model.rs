@@ -3,6 +3,7 @@
 //! without libtorch (the rest of the bundle, the server's part, is skipped).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::{bail, Context, Result};
 use frankensplit_codec::{CdfTables, EntropyBottleneck, LatentShape, ModelFingerprint, Payload};
@@ -11,7 +12,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::Deserialize;
 
-use crate::encoder::{Encoder, EncoderSpec};
+use crate::encoder::{Encoder, EncoderSpec, Workspace};
 
 /// The bundle layout this crate reads (`frankensplit_models::bundle::BUNDLE_FORMAT`).
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -46,6 +47,8 @@ pub struct EdgeModel {
     /// g_a's shape, from the manifest.
     pub spec: EncoderSpec,
     coder: EntropyBottleneck,
+    /// g_a's buffers, reused by every image.
+    workspace: Mutex<Workspace>,
 }
 
 impl EdgeModel {
@@ -77,7 +80,7 @@ impl EdgeModel {
             SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", weights_path.display()))?;
         let arch = &manifest.architecture.compressor;
         let mut encoder = Encoder::from_torch(arch, |name| floats(&tensors, &format!("compressor.g_a.{name}")))?;
-        encoder.fold(arch.input_size);
+        encoder.prepare(arch.input_size);
         let (quantiles, quantile_shape) = floats(&tensors, "compressor.entropy_bottleneck.quantiles")?;
         if quantile_shape != [arch.latent_channels, 1, 3] {
             bail!("entropy bottleneck quantiles have shape {quantile_shape:?}");
@@ -89,6 +92,7 @@ impl EdgeModel {
         let width = cdf_shape.last().copied().unwrap_or(0);
         let tables = CdfTables::from_compressai(&cdf, width, &lengths, &offsets)?;
         let coder = EntropyBottleneck::from_tables(tables, medians)?;
+        let workspace = Mutex::new(encoder.workspace(arch.input_size));
         Ok(Self {
             dir: dir.to_path_buf(),
             fingerprint,
@@ -97,6 +101,7 @@ impl EdgeModel {
             threads: 1,
             spec: arch.clone(),
             coder,
+            workspace,
         })
     }
 
@@ -118,7 +123,11 @@ impl EdgeModel {
 
     /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
     pub fn encode_latent(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
-        Ok(self.encoder.forward(image_chw, self.spec.input_size, self.threads)?.0)
+        let mut workspace = self.workspace.lock().unwrap_or_else(PoisonError::into_inner);
+        if !self.encoder.fits(&workspace) {
+            *workspace = self.encoder.workspace(self.spec.input_size);
+        }
+        Ok(self.encoder.run(&mut workspace, image_chw, self.threads)?.0)
     }
 
     /// Image (preprocessed) → payload: g_a, rounding against the medians,

@@ -1,6 +1,7 @@
 //! The libtorch-free encoder against the libtorch model it replaces on the
 //! device: same features (to float rounding), same symbols, same payload
-//! bytes, with the folded first block where it folds; and damaged bundles
+//! bytes, with the folded first block where it folds and the other blocks'
+//! second convolutions by Winograd's F(2×2, 3×3); and damaged bundles
 //! refused.
 
 use std::path::{Path, PathBuf};
@@ -66,8 +67,9 @@ fn inputs(bundle: &Bundle) -> Vec<Vec<f32>> {
         .collect()
 }
 
-/// `folds`: whether the first block runs as one folded convolution.
-fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool) {
+/// `folds`: whether the first block runs as one folded convolution;
+/// `winograd`: how many blocks compute conv2 by Winograd.
+fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool, winograd: usize) {
     let dir = std::env::temp_dir().join(format!("frankensplit-edge-parity-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     random_bundle(&dir, arch, seed);
@@ -77,6 +79,8 @@ fn check_parity(arch: &Architecture, seed: i64, name: &str, folds: bool) {
     assert_eq!(edge.fingerprint, reference.fingerprint);
     assert_eq!(edge.latent_shape(), reference.latent_shape());
     assert_eq!(edge.encoder.blocks[0].folded.is_some(), folds, "{name}");
+    let by_winograd = edge.encoder.blocks.iter().filter(|b| b.winograd.is_some()).count();
+    assert_eq!(by_winograd, winograd, "{name}");
     let shape = edge.latent_shape();
     let plane = shape.plane();
     let mut ties = 0;
@@ -136,10 +140,10 @@ fn edge_encoder_matches_the_libtorch_model() {
         &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
     )
     .unwrap();
-    check_parity(&small, 1, "small", false);
+    check_parity(&small, 1, "small", false, 3);
     let mut with_activation = small.clone();
     with_activation.compressor.act_after_conv1 = true;
-    check_parity(&with_activation, 2, "act", false);
+    check_parity(&with_activation, 2, "act", false, 3);
     // The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the small backbone.
     let mut full = small.clone();
     full.compressor.input_size = 224;
@@ -148,7 +152,7 @@ fn edge_encoder_matches_the_libtorch_model() {
     full.backbone.img_size = 224;
     full.backbone.window_sizes = vec![7, 7, 7, 7];
     full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
-    check_parity(&full, 3, "full", true);
+    check_parity(&full, 3, "full", true, 2);
 }
 
 #[test]

@@ -71,7 +71,8 @@ impl CompressorConfig {
         self.input_size / 8
     }
 
-    fn block(&self, dim: i64, num_heads: i64) -> BlockSpec {
+    /// How the decoder's Swin blocks of width `dim` are laid out (the grid is the latent's).
+    pub fn block(&self, dim: i64, num_heads: i64) -> BlockSpec {
         let side = self.latent_size();
         BlockSpec {
             dim,

@@ -129,6 +129,22 @@ impl SwinConfig {
         (self.img_size / self.patch_size) >> i
     }
 
+    /// How the blocks of stage `i` are laid out (shift and drop-path per
+    /// block come from [`BlockSpec::in_stage`]).
+    pub fn stage_block_spec(&self, i: usize) -> BlockSpec {
+        let side = self.stage_resolution(i);
+        BlockSpec {
+            dim: self.stage_dim(i),
+            resolution: (side, side),
+            num_heads: self.num_heads[i],
+            window: self.window_sizes[i],
+            shift: 0,
+            mlp_ratio: self.mlp_ratio,
+            qkv_bias: self.qkv_bias,
+            drop_path: 0.0,
+        }
+    }
+
     /// Shape `(tokens, channels)` of what stage `i` receives: the output of
     /// timm 0.8's `layers[i - 1]` (FrankenSplit's injection point for `i = 2`).
     pub fn stage_input_shape(&self, i: usize) -> (i64, i64) {
@@ -300,15 +316,34 @@ pub struct BlockSpec {
     pub drop_path: f64,
 }
 
+impl BlockSpec {
+    /// Block `i` of a stage laid out as `self`: odd blocks shift by half a
+    /// window; `drop_paths` holds the stage's rates (missing ones are 0).
+    pub fn in_stage(self, i: usize, drop_paths: &[f64]) -> Self {
+        Self {
+            shift: if i % 2 == 0 { 0 } else { self.window / 2 },
+            drop_path: drop_paths.get(i).copied().unwrap_or(0.0),
+            ..self
+        }
+    }
+
+    /// The `(window, shift)` the block really uses: a window that covers the
+    /// grid shrinks to it and drops the shift, as timm does.
+    pub fn effective_window(&self) -> (i64, i64) {
+        let (h, w) = self.resolution;
+        if h.min(w) <= self.window {
+            (h.min(w), 0)
+        } else {
+            (self.window, self.shift)
+        }
+    }
+}
+
 impl SwinBlock {
     /// Registers `norm1`, `attn`, `norm2`, `mlp.fc1`, `mlp.fc2` under `p`.
     pub fn new(p: &nn::Path, spec: BlockSpec) -> Self {
         let (h, w) = spec.resolution;
-        let (window, shift) = if h.min(w) <= spec.window {
-            (h.min(w), 0)
-        } else {
-            (spec.window, spec.shift)
-        };
+        let (window, shift) = spec.effective_window();
         let ln = nn::LayerNormConfig {
             eps: 1e-5,
             ..Default::default()
@@ -331,14 +366,7 @@ impl SwinBlock {
     /// Blocks `0..depth` of a stage: shifts alternate, drop-path rates given per block.
     pub fn stage(p: &nn::Path, spec: BlockSpec, depth: usize, drop_paths: &[f64]) -> Vec<Self> {
         (0..depth)
-            .map(|i| {
-                let spec = BlockSpec {
-                    shift: if i % 2 == 0 { 0 } else { spec.window / 2 },
-                    drop_path: drop_paths.get(i).copied().unwrap_or(0.0),
-                    ..spec
-                };
-                Self::new(&(p / i as i64), spec)
-            })
+            .map(|i| Self::new(&(p / i as i64), spec.in_stage(i, drop_paths)))
             .collect()
     }
 }
@@ -507,16 +535,7 @@ impl SwinTransformer {
                 let side = config.stage_resolution(i);
                 let dim = config.stage_dim(i);
                 let first = config.depths[..i].iter().sum::<i64>() as usize;
-                let spec = BlockSpec {
-                    dim,
-                    resolution: (side, side),
-                    num_heads: config.num_heads[i],
-                    window: config.window_sizes[i],
-                    shift: 0,
-                    mlp_ratio: config.mlp_ratio,
-                    qkv_bias: config.qkv_bias,
-                    drop_path: 0.0,
-                };
+                let spec = config.stage_block_spec(i);
                 let depth = config.depths[i] as usize;
                 SwinStage {
                     blocks: SwinBlock::stage(&(&lp / "blocks"), spec, depth, &rates[first..first + depth]),
