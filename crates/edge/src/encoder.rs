@@ -32,8 +32,9 @@ pub struct EncoderSpec {
     pub act_after_conv1: bool,
 }
 
-/// Below this many output pixels per thread a convolution stays on one thread.
-const MIN_PIXELS_PER_THREAD: usize = 256;
+/// Below this many multiply-adds per thread (≈ 0.1 ms) a convolution stays
+/// on fewer threads: starting one costs tens of microseconds.
+pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// A square HWC activation inside a zero border of `pad` pixels, so that
 /// convolutions read their padding instead of testing bounds. The border
@@ -290,7 +291,7 @@ impl Conv {
         let row_step = output.row_step();
         let out_pad = output.pad;
         let body = output.rows_mut(0..out_side);
-        let threads = threads.clamp(1, (out_side * out_side / MIN_PIXELS_PER_THREAD).max(1));
+        let threads = threads.clamp(1, (self.macs(input.side) / MIN_MACS_PER_THREAD).max(1));
         if threads == 1 {
             self.rows(input, 0..out_side, body, out_pad, epilogue);
             return;
@@ -921,9 +922,11 @@ mod tests {
 
     #[test]
     fn threads_split_the_rows_without_changing_the_result() {
-        let conv = Conv::from_torch(&values(8 * 3 * 9, 15), &[8, 3, 3, 3], &values(8, 16), 1).unwrap();
-        for side in [40, 37, 64] {
-            let x = values(side * side * 3, 17);
+        // 16 → 32 channels: 17–42 M multiply-adds, enough for several threads.
+        let conv = Conv::from_torch(&values(32 * 16 * 9, 15), &[32, 16, 3, 3], &values(32, 16), 1).unwrap();
+        for side in [64, 61, 96] {
+            assert!(conv.macs(side) >= 4 * MIN_MACS_PER_THREAD);
+            let x = values(side * side * 16, 17);
             let one = conv.forward(&x, side, 1);
             for threads in [2, 3, 7] {
                 assert_eq!(conv.forward(&x, side, threads), one, "{side}² on {threads} threads");

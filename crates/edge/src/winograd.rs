@@ -11,14 +11,11 @@
 //! One row of 2×2 tiles is transformed, multiplied and written back at a
 //! time, so that the transformed values stay in the cache.
 
-use crate::encoder::{Activation, Conv};
+use crate::encoder::{Activation, Conv, MIN_MACS_PER_THREAD};
 use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
 
 /// Transform positions: a 4×4 patch.
 const POSITIONS: usize = 16;
-
-/// Below this many tiles per thread a convolution stays on one thread.
-const MIN_TILES_PER_THREAD: usize = 64;
 
 /// A 3×3 stride-1 convolution with padding 1, computed by F(2×2, 3×3).
 #[derive(Debug, Clone)]
@@ -99,7 +96,7 @@ impl Winograd {
         let row_step = output.row_step();
         let out_pad = output.pad();
         let body = output.rows_mut(0..side);
-        let threads = threads.clamp(1, (tile_rows * tile_rows / MIN_TILES_PER_THREAD).max(1));
+        let threads = threads.clamp(1, (self.macs(side) / MIN_MACS_PER_THREAD).max(1));
         let per_thread = tile_rows.div_ceil(threads);
         if threads == 1 {
             self.tile_rows(input, 0..tile_rows, body, out_pad, epilogue);
@@ -499,13 +496,13 @@ mod tests {
     /// 16-lane groups, borders wider than needed, every epilogue, threads.
     #[test]
     fn winograd_equals_the_direct_convolution() {
-        // 24² makes 144 tiles: enough for two threads.
+        // The last, 32 → 32 channels at 64², is work enough for several threads.
         for (cin, cout, side, pad) in [
             (5, 7, 6, 1),
             (16, 24, 10, 2),
             (8, 16, 2, 1),
             (13, 33, 14, 1),
-            (8, 16, 24, 1),
+            (32, 32, 64, 1),
         ] {
             let conv = Conv::from_torch(&values(cout * cin * 9, 1), &[cout, cin, 3, 3], &values(cout, 2), 1).unwrap();
             let winograd = Winograd::new(&conv).unwrap();
