@@ -69,12 +69,18 @@ impl Activation {
         a
     }
 
-    /// The values without the border, HWC.
-    pub fn to_hwc(&self) -> Vec<f32> {
-        (0..self.side)
-            .flat_map(|y| &self.data[self.offset(y, 0)..][..self.side * self.channels])
-            .copied()
-            .collect()
+    /// The values without the border, CHW (PyTorch's layout).
+    pub fn to_chw(&self) -> Vec<f32> {
+        let plane = self.side * self.side;
+        let mut out = vec![0f32; plane * self.channels];
+        for y in 0..self.side {
+            for x in 0..self.side {
+                for (c, &v) in self.pixel(y, x).iter().enumerate() {
+                    out[c * plane + y * self.side + x] = v;
+                }
+            }
+        }
+        out
     }
 
     /// Side of the interior.
@@ -757,7 +763,7 @@ impl Encoder {
             block.run(&before[i], &mut workspace.scratch[i], &mut after[0], threads);
         }
         let latent = workspace.inputs.last().expect("one more input than blocks");
-        Ok((hwc_to_chw(&latent.to_hwc(), latent.channels, latent.side), latent.side))
+        Ok((latent.to_chw(), latent.side))
     }
 
     /// Multiply-adds for one `side × side` image.
@@ -772,20 +778,20 @@ impl Encoder {
     }
 }
 
-fn hwc_to_chw(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
-    let plane = side * side;
-    let mut out = vec![0f32; x.len()];
-    for (p, pixel) in x.chunks_exact(channels).enumerate() {
-        for (c, &v) in pixel.iter().enumerate() {
-            out[c * plane + p] = v;
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hwc_to_chw(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
+        let plane = side * side;
+        let mut out = vec![0f32; x.len()];
+        for (p, pixel) in x.chunks_exact(channels).enumerate() {
+            for (c, &v) in pixel.iter().enumerate() {
+                out[c * plane + p] = v;
+            }
+        }
+        out
+    }
 
     fn chw_to_hwc(x: &[f32], channels: usize, side: usize) -> Vec<f32> {
         let plane = side * side;

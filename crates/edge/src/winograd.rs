@@ -122,23 +122,40 @@ impl Winograd {
     ) {
         let (cin, cout, side) = (self.in_channels, self.out_channels, input.side());
         let tiles = side / 2;
+        // Scratch kept per thread, so that the encoder's own thread never
+        // allocates it twice.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with_borrow_mut(|(transformed, products)| {
+            transformed.resize(POSITIONS * tiles * cin, 0.0);
+            products.resize(POSITIONS * tiles * cout, 0.0);
+            self.tile_rows_in(input, rows, out, out_pad, epilogue, transformed, products);
+        });
+    }
+
+    /// [`Winograd::tile_rows`] with its scratch (at least the sizes it needs).
+    #[allow(clippy::too_many_arguments)]
+    fn tile_rows_in(
+        &self,
+        input: &Activation,
+        rows: std::ops::Range<usize>,
+        out: &mut [f32],
+        out_pad: usize,
+        epilogue: Epilogue,
+        transformed: &mut [f32],
+        products: &mut [f32],
+    ) {
+        let (cin, cout, side) = (self.in_channels, self.out_channels, input.side());
+        let tiles = side / 2;
         let blocks = cout.div_ceil(TILE_CHANNELS);
-        let mut transformed = vec![0f32; POSITIONS * tiles * cin];
-        let mut products = vec![0f32; POSITIONS * tiles * cout];
         let out_step = (side + 2 * out_pad) * cout;
         let in_step = input.row_step();
         for ty in rows.clone() {
             let top = (2 * ty + input.pad() - 1) * in_step;
             for tx in 0..tiles {
                 let patch = top + (2 * tx + input.pad() - 1) * cin;
-                transforms::input(
-                    &input.data()[patch..],
-                    in_step,
-                    cin,
-                    &mut transformed,
-                    tiles * cin,
-                    tx * cin,
-                );
+                transforms::input(&input.data()[patch..], in_step, cin, transformed, tiles * cin, tx * cin);
             }
             // One product per position: tiles × c_in by c_in × c_out.
             for position in 0..POSITIONS {
@@ -173,7 +190,7 @@ impl Winograd {
             for tx in 0..tiles {
                 let at = (out_pad + 2 * tx) * cout;
                 transforms::output(
-                    &products,
+                    products,
                     tiles * cout,
                     tx * cout,
                     &self.bias,
