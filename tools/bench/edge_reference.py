@@ -17,6 +17,14 @@ Weights: random (seed 0), or g_a and the entropy bottleneck of a bundle
         safetensors onnx onnxruntime
     /tmp/eb/bin/python tools/bench/edge_reference.py --iterations 50 --json out.json
 
+--ours BINARY interleaves our side: after each thread count's measurements
+it runs `BINARY bench edge --threads N --json` (same iterations, the same
+--model) and records ours (folded + Winograd) and our coding next to ONNX
+Runtime + CompressAI, so that the ratio compares timings seconds apart (this
+machine's speed drifts by up to 50 % over minutes); --rounds R repeats it all.
+
+    tools/bench/edge_reference.py --ours target/release/frankensplit --rounds 3 --json out.json
+
 --save-onnx PATH keeps the exported graph at PATH and writes, next to it, the
 input (`<PATH without .onnx>.input.npy`), PyTorch's output (`.torch.npy`) and
 ONNX Runtime's output at the first thread count (`.ort.npy`), for other
@@ -100,6 +108,24 @@ def load(model_dir):
     return encoder, eb, side
 
 
+def ours_report(args, threads, run):
+    """Runs `bench edge` of our binary and adds its figures to `run`."""
+    import subprocess
+
+    command = [args.ours, "bench", "edge", "--threads", str(threads), "--json"]
+    command += ["--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    if args.model:
+        command += ["--model", args.model]
+    report = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+    ours = next(m for m in report["encoder"] if "Winograd" in m["name"])
+    run["ours_ms"] = ours["ms"]
+    run["ours_coding_ms"] = report["coding_ms"]
+    run["ours_max_abs_difference_from_libtorch"] = ours["max_abs_difference"]
+    ours_total = ours["ms"] + report["coding_ms"]
+    run["speedup_vs_onnxruntime_compressai"] = (run["onnxruntime_ms"] + run["compressai_compress_ms"]) / ours_total
+    run["speedup_vs_channels_last"] = run["pytorch_channels_last_ms"] / ours["ms"]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="bundle directory (default: random weights)")
@@ -108,6 +134,8 @@ def main():
     parser.add_argument("--threads", default="1,2")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--save-onnx", metavar="PATH", help="keep the ONNX export here, with its input and outputs as .npy")
+    parser.add_argument("--ours", metavar="BINARY", help="frankensplit binary to time right after each measurement")
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement this many times")
     args = parser.parse_args()
 
     encoder, eb, side = load(args.model)
@@ -141,9 +169,10 @@ def main():
     torch.onnx.export(encoder, x, onnx_path, input_names=["x"], output_names=["y"], opset_version=17, dynamo=False)
     import onnxruntime as ort
 
-    for threads in [int(t) for t in args.threads.split(",")]:
+    rounds = [(r, int(t)) for r in range(args.rounds) for t in args.threads.split(",")]
+    for round_index, threads in rounds:
         torch.set_num_threads(threads)
-        run = {"threads": threads}
+        run = {"round": round_index, "threads": threads}
         a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
         run["peak_gflops"] = 2 * 1024**3 / median_ms(lambda: a @ b, 2, 7) / 1e6
         with torch.no_grad():
@@ -164,11 +193,20 @@ def main():
         run["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.iterations)
         run["compressai_compress_ms"] = median_ms(lambda: eb.compress(latent), args.warmup, args.iterations)
         run["string_bytes"] = len(eb.compress(latent)[0])
+        if args.ours:
+            ours_report(args, threads, run)
         results["runs"].append(run)
         print(
-            f"{threads} thread(s): peak {run['peak_gflops']:.1f} GFLOP/s | g_a: eager {run['pytorch_eager_ms']:.2f} ms, "
+            f"round {round_index}, {threads} thread(s): peak {run['peak_gflops']:.1f} GFLOP/s | g_a: eager {run['pytorch_eager_ms']:.2f} ms, "
             f"channels_last {run['pytorch_channels_last_ms']:.2f} ms, ONNX Runtime {run['onnxruntime_ms']:.2f} ms | "
             f"CompressAI compress {run['compressai_compress_ms']:.2f} ms ({run['string_bytes']} B)"
+            + (
+                f" | ours {run['ours_ms']:.2f} ms + coding {run['ours_coding_ms']:.2f} ms: "
+                f"{run['speedup_vs_onnxruntime_compressai']:.2f}x ONNX Runtime + CompressAI, "
+                f"g_a {run['speedup_vs_channels_last']:.2f}x channels_last"
+                if args.ours
+                else ""
+            )
         )
     print(f"{macs / 1e6:.1f} M multiply-adds; ONNX Runtime {ort.__version__}, torch {torch.__version__}")
     if args.json:
