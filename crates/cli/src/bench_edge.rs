@@ -1,7 +1,8 @@
 //! `frankensplit bench edge`: g_a and entropy coding at batch 1, ours (the
-//! libtorch-free `frankensplit-edge` path) against libtorch's kernels on the
-//! same weights and input, each also as a fraction of the machine's peak
-//! (the faster of libtorch's and matrixmultiply's sgemm on large matrices).
+//! libtorch-free `frankensplit-edge` path: as written, folded, folded +
+//! Winograd) against libtorch's kernels on the same weights and input, each
+//! also as a fraction of the machine's peak (the faster of libtorch's and
+//! matrixmultiply's sgemm on large matrices).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -303,17 +303,11 @@ impl Conv {
             return;
         }
         let rows_per_thread = out_side.div_ceil(threads);
-        // The calling thread computes the first chunk itself.
-        std::thread::scope(|scope| {
-            let mut chunks = body.chunks_mut(rows_per_thread * row_step).enumerate();
-            let own = chunks.next();
-            for (i, chunk) in chunks {
+        rayon::scope(|scope| {
+            for (i, chunk) in body.chunks_mut(rows_per_thread * row_step).enumerate() {
                 let first = i * rows_per_thread;
                 let rows = first..(first + rows_per_thread).min(out_side);
-                scope.spawn(move || self.rows(input, rows, chunk, out_pad, epilogue));
-            }
-            if let Some((_, chunk)) = own {
-                self.rows(input, 0..rows_per_thread.min(out_side), chunk, out_pad, epilogue);
+                scope.spawn(move |_| self.rows(input, rows, chunk, out_pad, epilogue));
             }
         });
     }

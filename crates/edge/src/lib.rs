@@ -2,7 +2,8 @@
 //! decoded and preprocessed, the encoder g_a runs, and the latent is
 //! entropy-coded into a payload (docs/format.md). This crate and its binary
 //! `frankensplit-edge` carry no tensor framework (g_a runs on our own
-//! lowering to sgemm, [`encoder`]), and no server, HTTP or training code.
+//! convolution kernels: [`encoder`], [`kernel`], [`winograd`]), and no
+//! server, HTTP or training code.
 
 pub mod encoder;
 pub mod kernel;

@@ -102,17 +102,11 @@ impl Winograd {
             self.tile_rows(input, 0..tile_rows, body, out_pad, epilogue);
             return;
         }
-        // The calling thread computes the first chunk itself.
-        std::thread::scope(|scope| {
-            let mut chunks = body.chunks_mut(2 * per_thread * row_step).enumerate();
-            let own = chunks.next();
-            for (i, chunk) in chunks {
+        rayon::scope(|scope| {
+            for (i, chunk) in body.chunks_mut(2 * per_thread * row_step).enumerate() {
                 let first = i * per_thread;
                 let rows = first..(first + per_thread).min(tile_rows);
-                scope.spawn(move || self.tile_rows(input, rows, chunk, out_pad, epilogue));
-            }
-            if let Some((_, chunk)) = own {
-                self.tile_rows(input, 0..per_thread.min(tile_rows), chunk, out_pad, epilogue);
+                scope.spawn(move |_| self.tile_rows(input, rows, chunk, out_pad, epilogue));
             }
         });
     }
