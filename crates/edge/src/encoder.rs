@@ -104,7 +104,7 @@ impl Activation {
     }
 
     /// Interior rows `rows`, each with its border columns.
-    pub fn rows_mut(&mut self, rows: std::ops::Range<usize>) -> &mut [f32] {
+    pub(crate) fn rows_mut(&mut self, rows: std::ops::Range<usize>) -> &mut [f32] {
         let step = self.row_step();
         &mut self.data[(self.pad + rows.start) * step..(self.pad + rows.end) * step]
     }
@@ -129,7 +129,7 @@ impl Activation {
     }
 
     /// `self = max(0, update) + self` over the interior.
-    pub fn add_relu_of(&mut self, update: &Activation) {
+    fn add_relu_of(&mut self, update: &Activation) {
         for y in 0..self.side {
             for x in 0..self.side {
                 for (a, b) in self.pixel_mut(y, x).iter_mut().zip(update.pixel(y, x)) {
