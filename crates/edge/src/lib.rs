@@ -21,6 +21,19 @@ use serde::Serialize;
 
 pub use model::EdgeModel;
 
+/// Deterministic values in [-0.5, 0.5) for the kernels' tests (a small LCG:
+/// no dependency, the same on every machine).
+#[cfg(test)]
+fn test_values(n: usize, seed: u32) -> Vec<f32> {
+    let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 #[derive(Args)]
 pub struct EncodeArgs {
     /// Model bundle directory (only the encoder and entropy tables are used).

@@ -11,7 +11,7 @@
 //! One row of 2×2 tiles is transformed, multiplied and written back at a
 //! time, so that the transformed values stay in the cache.
 
-use crate::encoder::{Activation, Conv, MIN_MACS_PER_THREAD};
+use crate::encoder::{split_rows, Activation, Conv, MIN_MACS_PER_THREAD};
 use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
 
 /// Transform positions: a 4×4 patch.
@@ -97,17 +97,8 @@ impl Winograd {
         let out_pad = output.pad();
         let body = output.rows_mut(0..side);
         let threads = threads.clamp(1, (self.macs(side) / MIN_MACS_PER_THREAD).max(1));
-        let per_thread = tile_rows.div_ceil(threads);
-        if threads == 1 {
-            self.tile_rows(input, 0..tile_rows, body, out_pad, epilogue);
-            return;
-        }
-        rayon::scope(|scope| {
-            for (i, chunk) in body.chunks_mut(2 * per_thread * row_step).enumerate() {
-                let first = i * per_thread;
-                let rows = first..(first + per_thread).min(tile_rows);
-                scope.spawn(move |_| self.tile_rows(input, rows, chunk, out_pad, epilogue));
-            }
+        split_rows(body, tile_rows, 2 * row_step, threads, |rows, chunk| {
+            self.tile_rows(input, rows, chunk, out_pad, epilogue)
         });
     }
 
@@ -248,37 +239,55 @@ mod transforms {
         }
     }
 
-    /// `Bᵀ d B` of the 4×4 patch whose top-left pixel starts `input`
-    /// (rows `row_step` apart, pixels `channels` apart), written to
-    /// `transformed[position · position_step + at + c]`.
-    pub fn input(
-        input: &[f32],
-        row_step: usize,
-        channels: usize,
-        transformed: &mut [f32],
-        position_step: usize,
-        at: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernel::vectorised() {
-            // SAFETY: the machine has AVX2 and FMA (checked above).
-            unsafe { input_avx2(input, row_step, channels, transformed, position_step, at) };
-            return;
+    /// Calls `group(first, n)` for the channel groups `first..first + n` of
+    /// 8 (the last one shorter); with `n` a constant in the whole groups,
+    /// their loads and stores are single vector moves.
+    #[inline(always)]
+    fn by_groups(channels: usize, mut group: impl FnMut(usize, usize)) {
+        for first in (0..channels).step_by(8) {
+            match channels - first {
+                8.. => group(first, 8),
+                n => group(first, n),
+            }
         }
-        input_body(input, row_step, channels, transformed, position_step, at);
     }
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn input_avx2(
-        input: &[f32],
-        row_step: usize,
-        channels: usize,
-        transformed: &mut [f32],
-        position_step: usize,
-        at: usize,
-    ) {
-        input_body(input, row_step, channels, transformed, position_step, at);
+    /// Defines `$name`, which runs `$body` compiled for AVX2 + FMA where the
+    /// CPU has them (the `[f32; 8]` arithmetic becomes one instruction per
+    /// operation) and for the baseline elsewhere.
+    macro_rules! dispatched {
+        ($(#[$meta:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+            $(#[$meta])*
+            #[allow(clippy::too_many_arguments)]
+            pub fn $name($($arg: $ty),*) {
+                #[cfg(target_arch = "x86_64")]
+                if crate::kernel::vectorised() {
+                    #[target_feature(enable = "avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    unsafe fn avx2($($arg: $ty),*) {
+                        $body($($arg),*)
+                    }
+                    // SAFETY: the CPU has AVX2 and FMA (checked above).
+                    unsafe { avx2($($arg),*) };
+                    return;
+                }
+                $body($($arg),*)
+            }
+        };
+    }
+
+    dispatched! {
+        /// `Bᵀ d B` of the 4×4 patch whose top-left pixel starts `input`
+        /// (rows `row_step` apart, pixels `channels` apart), written to
+        /// `transformed[position · position_step + at + c]`.
+        input => input_body(
+            input: &[f32],
+            row_step: usize,
+            channels: usize,
+            transformed: &mut [f32],
+            position_step: usize,
+            at: usize,
+        )
     }
 
     #[inline(always)]
@@ -290,113 +299,56 @@ mod transforms {
         position_step: usize,
         at: usize,
     ) {
-        for first in (0..channels).step_by(8) {
-            // With `n` a constant, every load and store is one vector move.
-            match channels - first {
-                8.. => input_group(
-                    input,
-                    row_step,
-                    channels,
-                    transformed,
-                    position_step,
-                    at + first,
-                    first,
-                    8,
-                ),
-                n => input_group(
-                    input,
-                    row_step,
-                    channels,
-                    transformed,
-                    position_step,
-                    at + first,
-                    first,
-                    n,
-                ),
-            }
-        }
+        by_groups(
+            channels,
+            #[inline(always)]
+            |first, n| {
+                let mut d = [[[0f32; 8]; 4]; 4];
+                for (y, row) in d.iter_mut().enumerate() {
+                    for (x, lanes) in row.iter_mut().enumerate() {
+                        *lanes = load(&input[y * row_step + x * channels + first..], n);
+                    }
+                }
+                // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows…
+                let mut t = [[[0f32; 8]; 4]; 4];
+                for (x, column) in t.iter_mut().enumerate() {
+                    *column = [
+                        sub(d[0][x], d[2][x]),
+                        add(d[1][x], d[2][x]),
+                        sub(d[2][x], d[1][x]),
+                        sub(d[1][x], d[3][x]),
+                    ];
+                }
+                // …then on the columns (`t` is indexed by column first).
+                for i in 0..4 {
+                    let v = [
+                        sub(t[0][i], t[2][i]),
+                        add(t[1][i], t[2][i]),
+                        sub(t[2][i], t[1][i]),
+                        sub(t[1][i], t[3][i]),
+                    ];
+                    for (j, lanes) in v.iter().enumerate() {
+                        store(&mut transformed[(i * 4 + j) * position_step + at + first..], lanes, n);
+                    }
+                }
+            },
+        );
     }
 
-    /// Channels `first..first + n` of [`input`].
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn input_group(
-        input: &[f32],
-        row_step: usize,
-        channels: usize,
-        transformed: &mut [f32],
-        position_step: usize,
-        at: usize,
-        first: usize,
-        n: usize,
-    ) {
-        let mut d = [[[0f32; 8]; 4]; 4];
-        for (y, row) in d.iter_mut().enumerate() {
-            for (x, lanes) in row.iter_mut().enumerate() {
-                *lanes = load(&input[y * row_step + x * channels + first..], n);
-            }
-        }
-        // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows…
-        let mut t = [[[0f32; 8]; 4]; 4];
-        for (x, column) in t.iter_mut().enumerate() {
-            *column = [
-                sub(d[0][x], d[2][x]),
-                add(d[1][x], d[2][x]),
-                sub(d[2][x], d[1][x]),
-                sub(d[1][x], d[3][x]),
-            ];
-        }
-        // …then on the columns (`t` is indexed by column first).
-        for i in 0..4 {
-            let v = [
-                sub(t[0][i], t[2][i]),
-                add(t[1][i], t[2][i]),
-                sub(t[2][i], t[1][i]),
-                sub(t[1][i], t[3][i]),
-            ];
-            for (j, lanes) in v.iter().enumerate() {
-                store(&mut transformed[(i * 4 + j) * position_step + at..], lanes, n);
-            }
-        }
-    }
-
-    /// `Aᵀ m A` of the products `products[position · position_step + at + c]`,
-    /// plus the bias, through `epilogue` into the 2×2 pixels starting at
-    /// `out[start]` (rows `out_step` apart).
-    #[allow(clippy::too_many_arguments)]
-    pub fn output(
-        products: &[f32],
-        position_step: usize,
-        at: usize,
-        bias: &[f32],
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_step: usize,
-        start: usize,
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if crate::kernel::vectorised() {
-            // SAFETY: the machine has AVX2 and FMA (checked above).
-            unsafe { output_avx2(products, position_step, at, bias, epilogue, out, out_step, start) };
-            return;
-        }
-        output_body(products, position_step, at, bias, epilogue, out, out_step, start);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn output_avx2(
-        products: &[f32],
-        position_step: usize,
-        at: usize,
-        bias: &[f32],
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_step: usize,
-        start: usize,
-    ) {
-        output_body(products, position_step, at, bias, epilogue, out, out_step, start);
+    dispatched! {
+        /// `Aᵀ m A` of the products `products[position · position_step + at + c]`,
+        /// plus the bias, through `epilogue` into the 2×2 pixels starting at
+        /// `out[start]` (rows `out_step` apart).
+        output => output_body(
+            products: &[f32],
+            position_step: usize,
+            at: usize,
+            bias: &[f32],
+            epilogue: Epilogue,
+            out: &mut [f32],
+            out_step: usize,
+            start: usize,
+        )
     }
 
     #[inline(always)]
@@ -412,102 +364,53 @@ mod transforms {
         start: usize,
     ) {
         let channels = bias.len();
-        for first in (0..channels).step_by(8) {
-            // With `n` a constant, every load and store is one vector move.
-            match channels - first {
-                8.. => output_group(
-                    products,
-                    position_step,
-                    at,
-                    bias,
-                    epilogue,
-                    out,
-                    out_step,
-                    start,
-                    first,
-                    8,
-                ),
-                n => output_group(
-                    products,
-                    position_step,
-                    at,
-                    bias,
-                    epilogue,
-                    out,
-                    out_step,
-                    start,
-                    first,
-                    n,
-                ),
-            }
-        }
-    }
-
-    /// Channels `first..first + n` of [`output`].
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn output_group(
-        products: &[f32],
-        position_step: usize,
-        at: usize,
-        bias: &[f32],
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_step: usize,
-        start: usize,
-        first: usize,
-        n: usize,
-    ) {
-        let channels = bias.len();
-        let mut m = [[0f32; 8]; 16];
-        for (position, lanes) in m.iter_mut().enumerate() {
-            *lanes = load(&products[position * position_step + at + first..], n);
-        }
-        let b = load(&bias[first..], n);
-        // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows…
-        let mut s = [[[0f32; 8]; 4]; 2];
-        for j in 0..4 {
-            s[0][j] = add(add(m[j], m[4 + j]), m[8 + j]);
-            s[1][j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
-        }
-        // …then on the columns.
-        for (i, r) in s.iter().enumerate() {
-            let y = [add(add(r[0], r[1]), r[2]), sub(sub(r[1], r[2]), r[3])];
-            for (j, lanes) in y.iter().enumerate() {
-                let target = &mut out[start + i * out_step + j * channels + first..];
-                let sum = add(*lanes, b);
-                let relu = || {
-                    let mut r = sum;
-                    for v in &mut r {
-                        *v = v.max(0.0);
+        by_groups(
+            channels,
+            #[inline(always)]
+            |first, n| {
+                let mut m = [[0f32; 8]; 16];
+                for (position, lanes) in m.iter_mut().enumerate() {
+                    *lanes = load(&products[position * position_step + at + first..], n);
+                }
+                let b = load(&bias[first..], n);
+                // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows…
+                let mut s = [[[0f32; 8]; 4]; 2];
+                for j in 0..4 {
+                    s[0][j] = add(add(m[j], m[4 + j]), m[8 + j]);
+                    s[1][j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
+                }
+                // …then on the columns.
+                for (i, r) in s.iter().enumerate() {
+                    let y = [add(add(r[0], r[1]), r[2]), sub(sub(r[1], r[2]), r[3])];
+                    for (j, lanes) in y.iter().enumerate() {
+                        let target = &mut out[start + i * out_step + j * channels + first..];
+                        let sum = add(*lanes, b);
+                        // A loop, not `map`: that one is not inlined into the AVX2 copy.
+                        let relu = || {
+                            let mut r = sum;
+                            for v in &mut r {
+                                *v = v.max(0.0);
+                            }
+                            r
+                        };
+                        let value = match epilogue {
+                            Epilogue::Store => sum,
+                            Epilogue::Add => add(sum, load(target, n)),
+                            Epilogue::Relu => relu(),
+                            Epilogue::ReluAdd => add(relu(), load(target, n)),
+                        };
+                        store(target, &value, n);
                     }
-                    r
-                };
-                let value = match epilogue {
-                    Epilogue::Store => sum,
-                    Epilogue::Add => add(sum, load(target, n)),
-                    Epilogue::Relu => relu(),
-                    Epilogue::ReluAdd => add(relu(), load(target, n)),
-                };
-                store(target, &value, n);
-            }
-        }
+                }
+            },
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(2_654_435_761).wrapping_add(3);
-        (0..n)
-            .map(|_| {
-                state = state.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (state >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::test_values as values;
 
     /// Against the direct convolution: channel counts off the 8- and
     /// 16-lane groups, borders wider than needed, every epilogue, threads.
