@@ -304,8 +304,9 @@ impl Conv {
 
     /// Writes the convolution of `input` into the interior of `output`
     /// through `epilogue`. With `threads > 1` the output rows are split
-    /// among that many scoped threads, when there are enough of them to pay
-    /// for the threads; every row is computed the same way either way.
+    /// into up to that many parts on rayon's pool, as far as each part
+    /// keeps [`MIN_MACS_PER_THREAD`]; every row is computed the same way
+    /// either way.
     ///
     /// Panics unless `input` has this convolution's input channels and a
     /// border of at least `kernel / 2`, and `output` its output side and channels.
