@@ -33,7 +33,8 @@ pub struct EncoderSpec {
 }
 
 /// Below this many multiply-adds per thread (≈ 0.1 ms) a convolution stays
-/// on fewer threads: starting one costs tens of microseconds.
+/// on fewer threads: handing rows to another thread (a wake-up, cold
+/// caches) would cost more than it saves.
 pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
@@ -61,8 +62,9 @@ pub(crate) fn split_rows(
 }
 
 /// A square HWC activation inside a zero border of `pad` pixels, so that
-/// convolutions read their padding instead of testing bounds. The border
-/// is written once, when the buffer is made.
+/// convolutions read their padding instead of testing bounds. Convolutions
+/// write only the interior, so the border stays zero (the folded pair's
+/// ring is the one buffer whose border holds values).
 #[derive(Debug, Clone)]
 pub struct Activation {
     side: usize,
