@@ -5,6 +5,7 @@
 //! convolution kernels: [`encoder`], [`kernel`], [`winograd`]), and no
 //! server, HTTP or training code.
 
+pub mod bench;
 pub mod encoder;
 pub mod kernel;
 pub mod model;

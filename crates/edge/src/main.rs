@@ -1,4 +1,4 @@
-//! `frankensplit-edge`: the device-side program, encode and inspect only.
+//! `frankensplit-edge`: the device-side program: encode, inspect, bench.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,11 +20,14 @@ enum Command {
     Encode(frankensplit_edge::EncodeArgs),
     /// Print the header of payload files.
     Inspect(frankensplit_edge::InspectArgs),
+    /// Time the encoder (each step: as written, folded, + Winograd) and the entropy coder on this device.
+    Bench(frankensplit_edge::bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Encode(args) => frankensplit_edge::run_encode(args),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
+        Command::Bench(args) => frankensplit_edge::bench::run_bench(args),
     }
 }

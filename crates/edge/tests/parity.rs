@@ -4,57 +4,13 @@
 //! second convolutions by Winograd's F(2×2, 3×3); and damaged bundles
 //! refused.
 
-use std::path::{Path, PathBuf};
+mod common;
 
-use frankensplit_codec::LikelihoodFormula;
+use common::{fixtures, random_bundle};
 use frankensplit_edge::EdgeModel;
-use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
-use frankensplit_models::{Architecture, Bundle, Compressor, SwinTransformer};
+use frankensplit_models::{Architecture, Bundle};
 use frankensplit_preprocess::RgbImage;
-use tch::nn::VarStore;
 use tch::Device;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A bundle of `arch` with weights drawn from `seed`.
-fn random_bundle(dir: &Path, arch: &Architecture, seed: i64) {
-    tch::manual_seed(seed);
-    let compressor_vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
-    let backbone_vars = VarStore::new(Device::Cpu);
-    let stages = arch.backbone.num_stages();
-    let _tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
-    // Medians away from zero, so that rounding against them is exercised.
-    tch::no_grad(|| {
-        let quantiles = &compressor_vars.variables()["entropy_bottleneck.quantiles"];
-        let _ = quantiles
-            .shallow_clone()
-            .g_add_(&(tch::Tensor::rand_like(quantiles) - 0.5));
-    });
-    let tables = compressor
-        .entropy_bottleneck
-        .density()
-        .unwrap()
-        .build_tables(LikelihoodFormula::Direct)
-        .unwrap();
-    write_bundle(
-        dir,
-        BundleContents {
-            architecture: arch,
-            compressor_vars: &compressor_vars,
-            backbone_vars: &backbone_vars,
-            backbone_head: false,
-            tables: &tables,
-            likelihood_formula: LikelihoodFormula::Direct,
-            table_source: TableSource::Recomputed,
-            labels: Vec::new(),
-            source: format!("edge parity test, seed {seed}"),
-        },
-    )
-    .unwrap();
-}
 
 fn inputs(bundle: &Bundle) -> Vec<Vec<f32>> {
     let images = fixtures().join("preprocess/tests/fixtures");

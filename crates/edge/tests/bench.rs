@@ -1,0 +1,77 @@
+//! `frankensplit-edge bench` on a bundle: every step of g_a is reported with
+//! the multiply-adds it executes and a throughput consistent with its time,
+//! and bad arguments are refused.
+
+mod common;
+
+use std::process::Command;
+
+use common::{fixtures, random_bundle};
+use frankensplit_models::Architecture;
+use serde_json::Value;
+
+#[test]
+fn bench_reports_each_step_of_the_encoder() {
+    let dir = std::env::temp_dir().join(format!("frankensplit-edge-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    // The small test architecture: 3 → 8 → 12 → 6 at 64², no activation
+    // between the convolutions.
+    let arch = Architecture::from_toml(
+        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
+    )
+    .unwrap();
+    random_bundle(&dir, &arch, 5);
+    let bench = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_frankensplit-edge"))
+            .args(["bench", "--model"])
+            .arg(&dir)
+            .args(extra)
+            .output()
+            .expect("frankensplit-edge runs")
+    };
+    let out = bench(&["--iterations", "3", "--warmup", "1", "--threads", "2", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["latent"]["channels"], 6);
+    assert_eq!(report["latent"]["height"], 8);
+    assert_eq!(report["threads"], 2);
+    // Per block: conv1 (3×3, stride 2), conv2 (3×3), skip (1×1, stride 2).
+    let block = |side: f64, cin: f64, cout: f64| side * side * (9.0 * cin * cout + 9.0 * cout * cout + cin * cout);
+    let written = block(32.0, 3.0, 8.0) + block(16.0, 8.0, 12.0) + block(8.0, 12.0, 6.0);
+    // Folding 3 → 8 would cost 147·8 multiply-adds per output instead of
+    // the pair's 27·8 + 72·8, so nothing folds; Winograd then computes every
+    // conv2 with 16 products per 2×2 outputs instead of 36.
+    let steps = report["encoder"].as_array().unwrap();
+    let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["as written", "folded", "folded + Winograd"]);
+    assert_eq!(steps[0]["macs"].as_f64().unwrap(), written);
+    assert_eq!(steps[1]["macs"].as_f64().unwrap(), written);
+    let winograd: f64 = [(32.0, 8.0), (16.0, 12.0), (8.0, 6.0)]
+        .iter()
+        .map(|&(side, c): &(f64, f64)| (side * side * 9.0 - side * side / 4.0 * 16.0) * c * c)
+        .sum();
+    assert_eq!(steps[2]["macs"].as_f64().unwrap(), written - winograd);
+    for step in steps {
+        let (ms, macs, gflops) = (
+            step["ms"].as_f64().unwrap(),
+            step["macs"].as_f64().unwrap(),
+            step["gflops"].as_f64().unwrap(),
+        );
+        assert!(ms > 0.0 && (gflops - 2.0 * macs / ms / 1e6).abs() <= 1e-9 * gflops);
+    }
+    let total = report["encode_and_code_ms"].as_f64().unwrap();
+    assert!((total - steps[2]["ms"].as_f64().unwrap() - report["coding_ms"].as_f64().unwrap()).abs() < 1e-9);
+    assert!(report["string_bytes"].as_u64().unwrap() > 0);
+
+    let refused = bench(&["--iterations", "0"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("--iterations must be at least 1"));
+    let missing = Command::new(env!("CARGO_BIN_EXE_frankensplit-edge"))
+        .args(["bench", "--model"])
+        .arg(dir.join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot load model"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
