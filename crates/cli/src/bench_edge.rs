@@ -89,7 +89,7 @@ fn from_bundle(dir: &Path) -> Result<Subject> {
     let bundle = Bundle::open(dir, Device::Cpu)?;
     Ok(Subject {
         name: format!("{} ({})", dir.display(), edge.fingerprint),
-        // As written; `run` folds a copy itself, to time both.
+        // `run` times each of its steps (`Encoder::steps`).
         ours: edge.encoder.unfolded(),
         coder: edge.coder().clone(),
         reference: Box::new(move |x| bundle.compressor.g_a.forward(x)),
@@ -177,19 +177,10 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
     };
 
     // Each step of ours, measured on its own: as written, folded, folded + Winograd.
-    let written = subject.ours.unfolded();
-    let mut folded = written.clone();
-    folded.fold(side);
-    let mut prepared = written.clone();
-    prepared.prepare(side);
     let mut methods = Vec::new();
     let mut latent_side = 0;
     let mut ours_latent = Vec::new();
-    for (label, encoder) in [
-        ("ours, as written", &written),
-        ("ours, folded", &folded),
-        ("ours, folded + Winograd", &prepared),
-    ] {
+    for (label, encoder) in subject.ours.steps(side) {
         let mut workspace = encoder.workspace(side);
         let (latent, out_side) = encoder.run(&mut workspace, &input, threads as usize)?;
         let t = time(warmup, iterations, || {
@@ -199,11 +190,11 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
                     .expect("input fits"),
             );
         });
-        let name = format!("{label} ({threads} thread(s))");
+        let name = format!("ours, {label} ({threads} thread(s))");
         methods.push(method(name, t, encoder.macs(side), difference(&latent)));
         (ours_latent, latent_side) = (latent, out_side);
     }
-    let macs = written.macs(side);
+    let macs = subject.ours.unfolded().macs(side);
     methods.push(method(
         format!("libtorch 2.11 eager, NCHW, {threads} thread(s)"),
         libtorch,

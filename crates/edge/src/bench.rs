@@ -13,7 +13,6 @@ use clap::Args;
 use frankensplit_codec::LatentShape;
 use serde::Serialize;
 
-use crate::encoder::Encoder;
 use crate::EdgeModel;
 
 #[derive(Args)]
@@ -94,16 +93,8 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
     let threads = args.threads.max(1);
     let side = model.input_size();
     let image = input(3 * side * side);
-    let written = model.encoder.unfolded();
-    let mut folded = written.clone();
-    folded.fold(side);
-    let steps: [(&'static str, &Encoder); 3] = [
-        ("as written", &written),
-        ("folded", &folded),
-        ("folded + Winograd", &model.encoder),
-    ];
     let mut encoder = Vec::new();
-    for (name, e) in steps {
+    for (name, e) in model.encoder.steps(side) {
         let mut workspace = e.workspace(side);
         let ms = median_ms(args.warmup, args.iterations, || {
             std::hint::black_box(

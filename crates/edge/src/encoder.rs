@@ -39,14 +39,17 @@ pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
 /// floats each), split into at most `threads` runs of whole rows on rayon's
-/// pool (which keeps its threads: starting one per call costs ≈ 85 µs).
+/// pool (which keeps its threads: starting one per call costs ≈ 85 µs),
+/// and into fewer where each would get less than [`MIN_MACS_PER_THREAD`]
+/// of the `macs` the whole work executes.
 pub(crate) fn split_rows(
     body: &mut [f32],
     rows: usize,
     row_len: usize,
-    threads: usize,
+    (threads, macs): (usize, usize),
     work: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
 ) {
+    let threads = threads.min(macs / MIN_MACS_PER_THREAD);
     if threads <= 1 {
         work(0..rows, body);
         return;
@@ -324,8 +327,8 @@ impl Conv {
         let row_step = output.row_step();
         let out_pad = output.pad;
         let body = output.rows_mut(0..out_side);
-        let threads = threads.clamp(1, (self.macs(input.side) / MIN_MACS_PER_THREAD).max(1));
-        split_rows(body, out_side, row_step, threads, |rows, chunk| {
+        let work = (threads, self.macs(input.side));
+        split_rows(body, out_side, row_step, work, |rows, chunk| {
             self.rows(input, rows, chunk, out_pad, epilogue)
         });
     }
@@ -713,6 +716,21 @@ impl Encoder {
     pub fn prepare(&mut self, side: usize) {
         self.fold(side);
         self.use_winograd(side);
+    }
+
+    /// This encoder's forms, one optimisation added at a time, named for
+    /// benchmarks: as written, folded, folded + Winograd (= [`Encoder::prepare`]).
+    pub fn steps(&self, side: usize) -> [(&'static str, Encoder); 3] {
+        let written = self.unfolded();
+        let mut folded = written.clone();
+        folded.fold(side);
+        let mut prepared = written.clone();
+        prepared.prepare(side);
+        [
+            ("as written", written),
+            ("folded", folded),
+            ("folded + Winograd", prepared),
+        ]
     }
 
     /// The buffers for `side × side` images, with the borders this

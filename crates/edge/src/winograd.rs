@@ -11,7 +11,7 @@
 //! One row of 2×2 tiles is transformed, multiplied and written back at a
 //! time, so that the transformed values stay in the cache.
 
-use crate::encoder::{split_rows, Activation, Conv, MIN_MACS_PER_THREAD};
+use crate::encoder::{split_rows, Activation, Conv};
 use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
 
 /// Transform positions: a 4×4 patch.
@@ -96,8 +96,8 @@ impl Winograd {
         let row_step = output.row_step();
         let out_pad = output.pad();
         let body = output.rows_mut(0..side);
-        let threads = threads.clamp(1, (self.macs(side) / MIN_MACS_PER_THREAD).max(1));
-        split_rows(body, tile_rows, 2 * row_step, threads, |rows, chunk| {
+        let work = (threads, self.macs(side));
+        split_rows(body, tile_rows, 2 * row_step, work, |rows, chunk| {
             self.tile_rows(input, rows, chunk, out_pad, epilogue)
         });
     }
@@ -252,26 +252,30 @@ mod transforms {
         }
     }
 
-    /// Defines `$name`, which runs `$body` compiled for AVX2 + FMA where the
-    /// CPU has them (the `[f32; 8]` arithmetic becomes one instruction per
-    /// operation) and for the baseline elsewhere.
+    /// Defines the function `$name` with `$body` compiled twice — for AVX2 +
+    /// FMA, used where the CPU has them (the `[f32; 8]` arithmetic becomes one
+    /// instruction per operation), and for the baseline elsewhere.
     macro_rules! dispatched {
-        ($(#[$meta:meta])* $name:ident => $body:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+        ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
             $(#[$meta])*
             #[allow(clippy::too_many_arguments)]
             pub fn $name($($arg: $ty),*) {
+                #[inline(always)]
+                #[allow(clippy::too_many_arguments)]
+                fn body($($arg: $ty),*) $body
+
                 #[cfg(target_arch = "x86_64")]
                 if crate::kernel::vectorised() {
                     #[target_feature(enable = "avx2,fma")]
                     #[allow(clippy::too_many_arguments)]
                     unsafe fn avx2($($arg: $ty),*) {
-                        $body($($arg),*)
+                        body($($arg),*)
                     }
                     // SAFETY: the CPU has AVX2 and FMA (checked above).
                     unsafe { avx2($($arg),*) };
                     return;
                 }
-                $body($($arg),*)
+                body($($arg),*)
             }
         };
     }
@@ -280,66 +284,56 @@ mod transforms {
         /// `Bᵀ d B` of the 4×4 patch whose top-left pixel starts `input`
         /// (rows `row_step` apart, pixels `channels` apart), written to
         /// `transformed[position · position_step + at + c]`.
-        input => input_body(
+        fn input(
             input: &[f32],
             row_step: usize,
             channels: usize,
             transformed: &mut [f32],
             position_step: usize,
             at: usize,
-        )
-    }
-
-    #[inline(always)]
-    fn input_body(
-        input: &[f32],
-        row_step: usize,
-        channels: usize,
-        transformed: &mut [f32],
-        position_step: usize,
-        at: usize,
-    ) {
-        by_groups(
-            channels,
-            #[inline(always)]
-            |first, n| {
-                let mut d = [[[0f32; 8]; 4]; 4];
-                for (y, row) in d.iter_mut().enumerate() {
-                    for (x, lanes) in row.iter_mut().enumerate() {
-                        *lanes = load(&input[y * row_step + x * channels + first..], n);
+        ) {
+            by_groups(
+                channels,
+                #[inline(always)]
+                |first, n| {
+                    let mut d = [[[0f32; 8]; 4]; 4];
+                    for (y, row) in d.iter_mut().enumerate() {
+                        for (x, lanes) in row.iter_mut().enumerate() {
+                            *lanes = load(&input[y * row_step + x * channels + first..], n);
+                        }
                     }
-                }
-                // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows…
-                let mut t = [[[0f32; 8]; 4]; 4];
-                for (x, column) in t.iter_mut().enumerate() {
-                    *column = [
-                        sub(d[0][x], d[2][x]),
-                        add(d[1][x], d[2][x]),
-                        sub(d[2][x], d[1][x]),
-                        sub(d[1][x], d[3][x]),
-                    ];
-                }
-                // …then on the columns (`t` is indexed by column first).
-                for i in 0..4 {
-                    let v = [
-                        sub(t[0][i], t[2][i]),
-                        add(t[1][i], t[2][i]),
-                        sub(t[2][i], t[1][i]),
-                        sub(t[1][i], t[3][i]),
-                    ];
-                    for (j, lanes) in v.iter().enumerate() {
-                        store(&mut transformed[(i * 4 + j) * position_step + at + first..], lanes, n);
+                    // Bᵀ = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]] on the rows…
+                    let mut t = [[[0f32; 8]; 4]; 4];
+                    for (x, column) in t.iter_mut().enumerate() {
+                        *column = [
+                            sub(d[0][x], d[2][x]),
+                            add(d[1][x], d[2][x]),
+                            sub(d[2][x], d[1][x]),
+                            sub(d[1][x], d[3][x]),
+                        ];
                     }
-                }
-            },
-        );
+                    // …then on the columns (`t` is indexed by column first).
+                    for i in 0..4 {
+                        let v = [
+                            sub(t[0][i], t[2][i]),
+                            add(t[1][i], t[2][i]),
+                            sub(t[2][i], t[1][i]),
+                            sub(t[1][i], t[3][i]),
+                        ];
+                        for (j, lanes) in v.iter().enumerate() {
+                            store(&mut transformed[(i * 4 + j) * position_step + at + first..], lanes, n);
+                        }
+                    }
+                },
+            );
+        }
     }
 
     dispatched! {
         /// `Aᵀ m A` of the products `products[position · position_step + at + c]`,
         /// plus the bias, through `epilogue` into the 2×2 pixels starting at
         /// `out[start]` (rows `out_step` apart).
-        output => output_body(
+        fn output(
             products: &[f32],
             position_step: usize,
             at: usize,
@@ -348,62 +342,49 @@ mod transforms {
             out: &mut [f32],
             out_step: usize,
             start: usize,
-        )
-    }
-
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    fn output_body(
-        products: &[f32],
-        position_step: usize,
-        at: usize,
-        bias: &[f32],
-        epilogue: Epilogue,
-        out: &mut [f32],
-        out_step: usize,
-        start: usize,
-    ) {
-        let channels = bias.len();
-        by_groups(
-            channels,
-            #[inline(always)]
-            |first, n| {
-                let mut m = [[0f32; 8]; 16];
-                for (position, lanes) in m.iter_mut().enumerate() {
-                    *lanes = load(&products[position * position_step + at + first..], n);
-                }
-                let b = load(&bias[first..], n);
-                // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows…
-                let mut s = [[[0f32; 8]; 4]; 2];
-                for j in 0..4 {
-                    s[0][j] = add(add(m[j], m[4 + j]), m[8 + j]);
-                    s[1][j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
-                }
-                // …then on the columns.
-                for (i, r) in s.iter().enumerate() {
-                    let y = [add(add(r[0], r[1]), r[2]), sub(sub(r[1], r[2]), r[3])];
-                    for (j, lanes) in y.iter().enumerate() {
-                        let target = &mut out[start + i * out_step + j * channels + first..];
-                        let sum = add(*lanes, b);
-                        // A loop, not `map`: that one is not inlined into the AVX2 copy.
-                        let relu = || {
-                            let mut r = sum;
-                            for v in &mut r {
-                                *v = v.max(0.0);
-                            }
-                            r
-                        };
-                        let value = match epilogue {
-                            Epilogue::Store => sum,
-                            Epilogue::Add => add(sum, load(target, n)),
-                            Epilogue::Relu => relu(),
-                            Epilogue::ReluAdd => add(relu(), load(target, n)),
-                        };
-                        store(target, &value, n);
+        ) {
+            let channels = bias.len();
+            by_groups(
+                channels,
+                #[inline(always)]
+                |first, n| {
+                    let mut m = [[0f32; 8]; 16];
+                    for (position, lanes) in m.iter_mut().enumerate() {
+                        *lanes = load(&products[position * position_step + at + first..], n);
                     }
-                }
-            },
-        );
+                    let b = load(&bias[first..], n);
+                    // Aᵀ = [[1, 1, 1, 0], [0, 1, -1, -1]] on the rows…
+                    let mut s = [[[0f32; 8]; 4]; 2];
+                    for j in 0..4 {
+                        s[0][j] = add(add(m[j], m[4 + j]), m[8 + j]);
+                        s[1][j] = sub(sub(m[4 + j], m[8 + j]), m[12 + j]);
+                    }
+                    // …then on the columns.
+                    for (i, r) in s.iter().enumerate() {
+                        let y = [add(add(r[0], r[1]), r[2]), sub(sub(r[1], r[2]), r[3])];
+                        for (j, lanes) in y.iter().enumerate() {
+                            let target = &mut out[start + i * out_step + j * channels + first..];
+                            let sum = add(*lanes, b);
+                            // A loop, not `map`: that one is not inlined into the AVX2 copy.
+                            let relu = || {
+                                let mut r = sum;
+                                for v in &mut r {
+                                    *v = v.max(0.0);
+                                }
+                                r
+                            };
+                            let value = match epilogue {
+                                Epilogue::Store => sum,
+                                Epilogue::Add => add(sum, load(target, n)),
+                                Epilogue::Relu => relu(),
+                                Epilogue::ReluAdd => add(relu(), load(target, n)),
+                            };
+                            store(target, &value, n);
+                        }
+                    }
+                },
+            );
+        }
     }
 }
 
