@@ -13,6 +13,7 @@ use clap::Args;
 use frankensplit_codec::LatentShape;
 use serde::Serialize;
 
+use crate::int8::QuantizedEncoder;
 use crate::EdgeModel;
 
 #[derive(Args)]
@@ -41,6 +42,9 @@ struct Step {
     /// Multiply-adds it executes.
     macs: usize,
     gflops: f64,
+    /// Largest difference of its latent from the f32 encoder's (int8 only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_abs_difference: Option<f32>,
 }
 
 #[derive(Serialize)]
@@ -57,6 +61,8 @@ struct Report {
     string_bytes: usize,
     /// What `encode` spends per image after preprocessing: g_a as it runs + coding.
     encode_and_code_ms: f64,
+    /// The same with `encode --int8`.
+    int8_encode_and_code_ms: f64,
 }
 
 /// The median of `iterations` timed calls after `warmup` untimed ones, in ms.
@@ -86,6 +92,11 @@ fn input(len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// The largest `|a − b|`.
+pub fn max_abs_difference(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
 /// `bench`: each step of g_a, then the coder, on one input.
 pub fn run_bench(args: BenchArgs) -> Result<()> {
     ensure!(args.iterations > 0, "--iterations must be at least 1");
@@ -108,9 +119,30 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             ms,
             macs,
             gflops: 2.0 * macs as f64 / ms / 1e6,
+            max_abs_difference: None,
         });
     }
     let latent = model.encoder.forward(&image, side, threads)?.0;
+    // Calibrated on the timed input itself: the ranges do not change the work.
+    let ranges = QuantizedEncoder::calibrate(&model.encoder, std::slice::from_ref(&image), side, threads)?;
+    let quantized = QuantizedEncoder::new(&model.encoder, &ranges)?;
+    let mut workspace = quantized.workspace(side);
+    let ms = median_ms(args.warmup, args.iterations, || {
+        std::hint::black_box(
+            quantized
+                .run(&mut workspace, std::hint::black_box(&image), threads)
+                .expect("input fits"),
+        );
+    });
+    let int8_latent = quantized.run(&mut workspace, &image, threads)?.0;
+    let macs = quantized.macs(side);
+    encoder.push(Step {
+        name: "int8",
+        ms,
+        macs,
+        gflops: 2.0 * macs as f64 / ms / 1e6,
+        max_abs_difference: Some(max_abs_difference(&int8_latent, &latent)),
+    });
     let shape = model.latent_shape();
     let string = model.coder().compress(&latent, shape)?;
     let coding_ms = median_ms(args.warmup, args.iterations, || {
@@ -124,6 +156,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         iterations: args.iterations,
         vectorised: crate::kernel::vectorised(),
         encode_and_code_ms: encoder[2].ms + coding_ms,
+        int8_encode_and_code_ms: encoder[3].ms + coding_ms,
         encoder,
         coding_ms,
         string_bytes: string.len(),
@@ -149,11 +182,18 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
             step.macs as f64 / 1e6,
             step.gflops
         );
+        if let Some(d) = step.max_abs_difference {
+            println!("  {:<20} latent within {d:.3e} of f32's", "");
+        }
     }
     println!(
         "  {:<20} {:8.2} ms ({} bytes)",
         "entropy coding", report.coding_ms, report.string_bytes
     );
     println!("  {:<20} {:8.2} ms", "encode + code", report.encode_and_code_ms);
+    println!(
+        "  {:<20} {:8.2} ms",
+        "int8 encode + code", report.int8_encode_and_code_ms
+    );
     Ok(())
 }

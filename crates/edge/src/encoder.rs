@@ -38,16 +38,16 @@ pub struct EncoderSpec {
 pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
-/// floats each), split into at most `threads` runs of whole rows on rayon's
+/// values each), split into at most `threads` runs of whole rows on rayon's
 /// pool (which keeps its threads: starting one per call costs ≈ 85 µs),
 /// and into fewer where each would get less than [`MIN_MACS_PER_THREAD`]
 /// of the `macs` the whole work executes.
-pub(crate) fn split_rows(
-    body: &mut [f32],
+pub(crate) fn split_rows<T: Send>(
+    body: &mut [T],
     rows: usize,
     row_len: usize,
     (threads, macs): (usize, usize),
-    work: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+    work: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
 ) {
     let threads = threads.min(macs / MIN_MACS_PER_THREAD);
     if threads <= 1 {
@@ -157,15 +157,21 @@ impl Activation {
         &mut self.data[start..][..self.channels]
     }
 
-    /// `self = max(0, update) + self` over the interior.
-    fn add_relu_of(&mut self, update: &Activation) {
-        for y in 0..self.side {
-            for x in 0..self.side {
-                for (a, b) in self.pixel_mut(y, x).iter_mut().zip(update.pixel(y, x)) {
-                    *a += b.max(0.0);
+    /// Sets the interior to a CHW image of this activation's side and channels.
+    pub(crate) fn fill_from_chw(&mut self, chw: &[f32]) -> Result<()> {
+        let (side, channels) = (self.side, self.channels);
+        if chw.len() != channels * side * side {
+            bail!("expected a {channels}×{side}×{side} input, got {} values", chw.len());
+        }
+        let plane = side * side;
+        for y in 0..side {
+            for x in 0..side {
+                for (c, v) in self.pixel_mut(y, x).iter_mut().enumerate() {
+                    *v = chw[c * plane + y * side + x];
                 }
             }
         }
+        Ok(())
     }
 }
 
@@ -356,34 +362,63 @@ impl Conv {
     /// larger padding would compute there — as far as `input`'s border
     /// reaches; panics beyond it.
     fn span(&self, input: &Activation, oy: isize, ox: isize, count: usize, out: &mut [f32], epilogue: Epilogue) {
+        let line = Line {
+            from: (oy, ox),
+            count,
+            down: false,
+            out_step: self.out_channels,
+        };
+        self.line(input, line, out, epilogue);
+    }
+
+    /// The output pixels of `line` into `out`, where pixel `i` starts at
+    /// `i · line.out_step`; as [`Conv::span`], also outside the grid.
+    fn line(&self, input: &Activation, line: Line, out: &mut [f32], epilogue: Epilogue) {
         let (k, s, cin, cout) = (self.kernel, self.stride, self.in_channels, self.out_channels);
+        let Line {
+            from: (oy, ox),
+            count,
+            down,
+            out_step,
+        } = line;
         let shift = input.pad as isize - (k / 2) as isize;
         let (top, left) = (oy * s as isize + shift, ox * s as isize + shift);
         let padded = (input.side + 2 * input.pad) as isize;
-        let right = left + ((count.max(1) - 1) * s + k) as isize;
+        let extent = ((count.max(1) - 1) * s) as isize;
+        let (bottom, right) = if down {
+            (top + extent + k as isize, left + k as isize)
+        } else {
+            (top + k as isize, left + extent + k as isize)
+        };
         assert!(
-            top >= 0 && left >= 0 && top + k as isize <= padded && right <= padded && out.len() >= count * cout,
-            "outputs ({oy}, {ox}..+{count}) read beyond the input's border"
+            top >= 0
+                && left >= 0
+                && bottom <= padded
+                && right <= padded
+                && out_step >= cout
+                && out.len() >= (count.max(1) - 1) * out_step + cout,
+            "outputs {line:?} read beyond the input's border"
         );
         let in_step = input.row_step();
         let first = top as usize * in_step + left as usize * cin;
+        let pixel_step = if down { s * in_step } else { s * cin };
         let depth = k * k * cin;
         for block in 0..cout.div_ceil(TILE_CHANNELS) {
             for i in (0..count).step_by(TILE_PIXELS) {
                 let tile = Tile {
-                    input: input.data[first + i * s * cin..].as_ptr(),
-                    pixel_step: s * cin,
+                    input: input.data[first + i * pixel_step..].as_ptr(),
+                    pixel_step,
                     row_step: in_step,
                     kernel: k,
                     row_len: k * cin,
                     weights: self.blocked[block * depth * TILE_CHANNELS..].as_ptr(),
                     bias: self.blocked_bias[block * TILE_CHANNELS..].as_ptr(),
-                    out: out[i * cout + block * TILE_CHANNELS..].as_mut_ptr(),
-                    out_step: cout,
+                    out: out[i * out_step + block * TILE_CHANNELS..].as_mut_ptr(),
+                    out_step,
                     channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
                     epilogue,
                 };
-                // SAFETY: the taps span padded rows `top..top + k` and
+                // SAFETY: the taps span padded rows `top..bottom` and
                 // columns `left..right`, inside `input` (asserted); the
                 // weights and biases are whole blocks; the outputs are
                 // `channels` floats of each of the tile's pixels, inside
@@ -392,6 +427,17 @@ impl Conv {
             }
         }
     }
+}
+
+/// Output pixels in a row or a column: `count` of them from `from` (which
+/// may lie outside the grid), to the right or `down`; in the output
+/// buffer, `out_step` floats apart.
+#[derive(Debug, Clone, Copy)]
+struct Line {
+    from: (isize, isize),
+    count: usize,
+    down: bool,
+    out_step: usize,
 }
 
 /// `conv2 ∘ conv1` of a block without activation between them (3×3 stride 2,
@@ -458,15 +504,20 @@ impl FoldedPair {
         self.folded.macs(side)
     }
 
+    /// The folded convolution (exact away from the border).
+    pub(crate) fn folded(&self) -> &Conv {
+        &self.folded
+    }
+
     /// Border the input needs: the folded kernel's, which also covers
     /// conv1 one position outside its grid.
-    fn input_pad(&self) -> usize {
+    pub(crate) fn input_pad(&self) -> usize {
         self.folded.kernel / 2
     }
 
     /// The scratch for conv1's values just outside its `side × side`
     /// output: a zero interior inside a border of one.
-    fn ring(&self, side: usize) -> Activation {
+    pub(crate) fn ring(&self, side: usize) -> Activation {
         Activation::new(side, 1, self.conv1.out_channels)
     }
 
@@ -479,33 +530,54 @@ impl FoldedPair {
         output.data
     }
 
-    /// Writes `conv2(conv1(x))` into `output` (which has no border), with
+    /// Writes `conv2(conv1(x))` into the interior of `output`, with
     /// `ring` (from [`FoldedPair::ring`]) as scratch.
     fn run(&self, x: &Activation, ring: &mut Activation, output: &mut Activation, threads: usize) {
         self.folded.run(x, output, Epilogue::Store, threads);
+        self.correct_border(x, ring, output);
+    }
+
+    /// Subtracts from the folded convolution's `output` of `x` what it
+    /// counted of conv1 outside its grid (see [`FoldedPair`]).
+    pub(crate) fn correct_border(&self, x: &Activation, ring: &mut Activation, output: &mut Activation) {
         let n = output.side;
         let (mid, cout) = (self.conv1.out_channels, self.folded.out_channels);
         let step = ring.row_step();
         let last = n as isize;
+        // conv1 on the ring: its top and bottom rows, then its left and
+        // right columns (down, so that the tiles hold 6 pixels, not one).
         self.conv1
             .span(x, -1, -1, n + 2, &mut ring.data[..step], Epilogue::Store);
         self.conv1
             .span(x, last, -1, n + 2, &mut ring.data[(n + 1) * step..], Epilogue::Store);
-        for y in 0..n {
-            let row = &mut ring.data[(y + 1) * step..][..step];
-            let (left, right) = row.split_at_mut((n + 1) * mid);
-            self.conv1.span(x, y as isize, -1, 1, left, Epilogue::Store);
-            self.conv1.span(x, y as isize, last, 1, right, Epilogue::Store);
+        for (column, at) in [(-1, step), (last, step + (n + 1) * mid)] {
+            let line = Line {
+                from: (0, column),
+                count: n,
+                down: true,
+                out_step: step,
+            };
+            self.conv1.line(x, line, &mut ring.data[at..], Epilogue::Store);
         }
-        for y in 0..n {
-            let row = &mut output.data[y * n * cout..][..n * cout];
-            if y == 0 || y == n - 1 {
-                self.correction.span(ring, y as isize, 0, n, row, Epilogue::Add);
-            } else {
-                let (left, right) = row.split_at_mut((n - 1) * cout);
-                self.correction.span(ring, y as isize, 0, 1, left, Epilogue::Add);
-                self.correction
-                    .span(ring, y as isize, last - 1, 1, right, Epilogue::Add);
+        // The correction on the output's first and last rows, then on its
+        // first and last columns in between (the output may have a border).
+        let (out_step, pad) = (output.row_step(), output.pad);
+        let interior = |y: usize, x: usize| (y + pad) * out_step + (x + pad) * cout;
+        let edges: &[usize] = if n > 1 { &[0, n - 1] } else { &[0] };
+        for &y in edges {
+            let row = &mut output.data[interior(y, 0)..][..n * cout];
+            self.correction.span(ring, y as isize, 0, n, row, Epilogue::Add);
+        }
+        if n > 2 {
+            for column in [0, n - 1] {
+                let line = Line {
+                    from: (1, column as isize),
+                    count: n - 2,
+                    down: true,
+                    out_step,
+                };
+                let at = interior(1, column);
+                self.correction.line(ring, line, &mut output.data[at..], Epilogue::Add);
             }
         }
     }
@@ -573,37 +645,26 @@ impl ResidualBlock {
             .map_or(self.conv1.kernel / 2, FoldedPair::input_pad)
     }
 
-    /// The buffer between the convolutions — conv1's output with conv2's
-    /// border, or the folded pair's output before ReLU — and the folded
-    /// pair's ring.
-    fn scratch(&self, side: usize) -> (Activation, Option<Activation>) {
+    /// The scratch the block needs for inputs of `side`.
+    fn scratch(&self, side: usize) -> Scratch {
         let out = self.conv1.output_side(side);
         match &self.folded {
-            Some(pair) => (Activation::new(out, 0, self.conv2.out_channels), Some(pair.ring(out))),
-            None => (
-                Activation::new(out, self.conv2.kernel / 2, self.conv1.out_channels),
-                None,
-            ),
+            Some(pair) => Scratch::Ring(pair.ring(out)),
+            None => Scratch::Middle(Activation::new(out, self.conv2.kernel / 2, self.conv1.out_channels)),
         }
     }
 
-    /// `output = relu(conv2(act(conv1(x)))) + skip(x)`; the skip branch is
-    /// written first so that conv2's tiles add to it as they store.
-    fn run(
-        &self,
-        x: &Activation,
-        scratch: &mut (Activation, Option<Activation>),
-        output: &mut Activation,
-        threads: usize,
-    ) {
-        self.skip.run(x, output, Epilogue::Store, threads);
-        let (middle, ring) = scratch;
-        match (&self.folded, ring) {
-            (Some(pair), Some(ring)) => {
-                pair.run(x, ring, middle, threads);
-                output.add_relu_of(middle);
+    /// `output = relu(conv2(act(conv1(x)))) + skip(x)`. Unfolded, the skip
+    /// branch is written first so that conv2's tiles add to it as they
+    /// store; folded, the pair is, and the skip's tiles add its ReLU.
+    fn run(&self, x: &Activation, scratch: &mut Scratch, output: &mut Activation, threads: usize) {
+        match (&self.folded, scratch) {
+            (Some(pair), Scratch::Ring(ring)) => {
+                pair.run(x, ring, output, threads);
+                self.skip.run(x, output, Epilogue::AddToRelu, threads);
             }
-            _ => {
+            (None, Scratch::Middle(middle)) => {
+                self.skip.run(x, output, Epilogue::Store, threads);
                 let epilogue = if self.act_after_conv1 {
                     Epilogue::Relu
                 } else {
@@ -615,6 +676,7 @@ impl ResidualBlock {
                     None => self.conv2.run(middle, output, Epilogue::ReluAdd, threads),
                 }
             }
+            _ => unreachable!("Encoder::run checks that the workspace fits"),
         }
     }
 
@@ -631,6 +693,15 @@ impl ResidualBlock {
     }
 }
 
+/// What a block computes through besides its input and output.
+#[derive(Debug, Clone)]
+enum Scratch {
+    /// conv1's output, with conv2's border (unfolded blocks).
+    Middle(Activation),
+    /// conv1's values just outside its grid (folded blocks).
+    Ring(Activation),
+}
+
 /// g_a: the residual blocks in order.
 #[derive(Debug, Clone)]
 pub struct Encoder {
@@ -644,7 +715,7 @@ pub struct Encoder {
 #[derive(Debug, Clone)]
 pub struct Workspace {
     inputs: Vec<Activation>,
-    scratch: Vec<(Activation, Option<Activation>)>,
+    scratch: Vec<Scratch>,
 }
 
 impl Encoder {
@@ -758,8 +829,8 @@ impl Encoder {
                 .iter()
                 .zip(&workspace.inputs)
                 .zip(&workspace.scratch)
-                .all(|((block, input), (_, ring))| {
-                    input.pad == block.input_pad() && ring.is_some() == block.folded.is_some()
+                .all(|((block, input), scratch)| {
+                    input.pad == block.input_pad() && matches!(scratch, Scratch::Ring(_)) == block.folded.is_some()
                 })
     }
 
@@ -778,22 +849,7 @@ impl Encoder {
         let Some(first) = workspace.inputs.first_mut() else {
             bail!("an encoder without blocks");
         };
-        let (side, channels) = (first.side, first.channels);
-        if image_chw.len() != channels * side * side {
-            bail!(
-                "expected a {channels}×{side}×{side} input, got {} values",
-                image_chw.len()
-            );
-        }
-        let plane = side * side;
-        for y in 0..side {
-            for x in 0..side {
-                let pixel = first.pixel_mut(y, x);
-                for (c, v) in pixel.iter_mut().enumerate() {
-                    *v = image_chw[c * plane + y * side + x];
-                }
-            }
-        }
+        first.fill_from_chw(image_chw)?;
         for (i, block) in self.blocks.iter().enumerate() {
             let (before, after) = workspace.inputs.split_at_mut(i + 1);
             block.run(&before[i], &mut workspace.scratch[i], &mut after[0], threads);
@@ -908,8 +964,16 @@ mod tests {
             let pair = FoldedPair::new(&conv1, &conv2).unwrap();
             let want = conv2.forward(&conv1.forward(&x, side, 1), conv1.output_side(side), 1);
             let got = pair.forward(&x, side, 1);
+            // Into an output with a border (the next block's), as in the encoder.
+            let input = Activation::from_hwc(&x, side, cin, pair.input_pad());
+            let out_side = conv1.output_side(side);
+            let mut bordered = Activation::new(out_side, 1, cout);
+            pair.run(&input, &mut pair.ring(out_side), &mut bordered, 1);
+            let interior: Vec<f32> = (0..out_side * out_side)
+                .flat_map(|p| bordered.pixel(p / out_side, p % out_side).to_vec())
+                .collect();
             assert_eq!(got.len(), want.len());
-            for (g, w) in got.iter().zip(&want) {
+            for (g, w) in got.iter().chain(&interior).zip(want.iter().chain(&want)) {
                 assert!(
                     (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
                     "{cin}→{mid}→{cout} at {side}²: {g} vs {w}"

@@ -5,7 +5,9 @@
 //! accumulators and the block's epilogue (ReLU, residual add) applied
 //! before the one store. On x86-64 with AVX2 and FMA the tile lives in 12
 //! ymm registers (6 pixels × 2 × 8 lanes), chosen at run time; elsewhere a
-//! portable loop computes the same sums.
+//! portable loop computes the same sums. The int8 tile ([`QuantizedTile`])
+//! has the same shape over u8 inputs and s8 weights, 4 taps per 32-bit
+//! lane, with exact i32 sums scaled to floats before the same epilogue.
 
 /// Output channels per tile: two 8-lane vectors.
 pub const TILE_CHANNELS: usize = 16;
@@ -25,9 +27,22 @@ pub enum Epilogue {
     /// Store `max(0, sum) + out`, `out` being what the output held (the
     /// residual block's skip branch, computed first into the same place).
     ReluAdd,
+    /// Store `sum + max(0, out)`: the skip branch added to a folded pair's
+    /// output, computed first into the same place.
+    AddToRelu,
 }
 
 impl Epilogue {
+    /// Every epilogue.
+    #[cfg(test)]
+    pub(crate) const ALL: [Epilogue; 5] = [
+        Epilogue::Store,
+        Epilogue::Add,
+        Epilogue::Relu,
+        Epilogue::ReluAdd,
+        Epilogue::AddToRelu,
+    ];
+
     /// The stored value for `sum`, where the output held `old`.
     pub fn apply(self, sum: f32, old: f32) -> f32 {
         match self {
@@ -35,6 +50,7 @@ impl Epilogue {
             Epilogue::Add => sum + old,
             Epilogue::Relu => sum.max(0.0),
             Epilogue::ReluAdd => sum.max(0.0) + old,
+            Epilogue::AddToRelu => sum + old.max(0.0),
         }
     }
 }
@@ -101,6 +117,93 @@ pub fn vectorised() -> bool {
     }
 }
 
+/// Input channels read together by the int8 tile: `vpmaddubsw` multiplies
+/// byte pairs and `vpmaddwd` sums two pairs, so each 32-bit lane takes 4
+/// consecutive taps.
+pub const QUANTIZED_GROUP: usize = 4;
+
+/// One int8 tile's operands: u8 inputs (asymmetric, zero point included in
+/// `offset`), s8 weights, i32 sums turned into floats by a per-channel
+/// `scale` and `offset` before the epilogue. Offsets are in bytes for the
+/// input, in floats for the output.
+#[derive(Debug, Clone, Copy)]
+pub struct QuantizedTile {
+    /// The first tap of the tile's first pixel.
+    pub input: *const u8,
+    /// From one output pixel's first tap to the next one's.
+    pub pixel_step: usize,
+    /// From one padded input row to the next.
+    pub row_step: usize,
+    /// Kernel rows.
+    pub kernel: usize,
+    /// Groups of [`QUANTIZED_GROUP`] taps per kernel row (`kernel × in_channels`
+    /// rounded up; the taps past the row have zero weights).
+    pub groups: usize,
+    /// The channel block's weights, `[ky][group][TILE_CHANNELS][QUANTIZED_GROUP]`.
+    pub weights: *const i8,
+    /// Per channel of the block: the value of one unit of the sum.
+    pub scale: *const f32,
+    /// Per channel of the block: bias minus the zero point's share of the sum.
+    pub offset: *const f32,
+    /// The first output pixel's first channel of this block.
+    pub out: *mut f32,
+    /// From one output pixel to the next.
+    pub out_step: usize,
+    /// Channels of the block that exist.
+    pub channels: usize,
+    /// What to do before storing.
+    pub epilogue: Epilogue,
+}
+
+/// Computes `pixels` (1 to [`TILE_PIXELS`]) output pixels of an int8 `tile`:
+/// `scale · Σ x·w + offset`, through the epilogue.
+///
+/// # Safety
+/// As [`compute`], where each kernel row reads `groups × QUANTIZED_GROUP`
+/// bytes from its first tap (up to 3 past the taps, which must be readable).
+pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        match pixels {
+            1 => avx2::quantized_tile::<1>(tile),
+            2 => avx2::quantized_tile::<2>(tile),
+            3 => avx2::quantized_tile::<3>(tile),
+            4 => avx2::quantized_tile::<4>(tile),
+            5 => avx2::quantized_tile::<5>(tile),
+            _ => avx2::quantized_tile::<6>(tile),
+        }
+        return;
+    }
+    portable_quantized(tile, pixels.min(TILE_PIXELS));
+}
+
+/// The int8 sums in plain Rust; the integer sums are exact and the float
+/// step is the same multiply then add, so the results equal the AVX2 tile's.
+unsafe fn portable_quantized(tile: &QuantizedTile, pixels: usize) {
+    const BLOCK: usize = TILE_CHANNELS * QUANTIZED_GROUP;
+    let mut acc = [[0i32; TILE_CHANNELS]; TILE_PIXELS];
+    for ky in 0..tile.kernel {
+        let row = tile.input.add(ky * tile.row_step);
+        let weights = std::slice::from_raw_parts(tile.weights.add(ky * tile.groups * BLOCK), tile.groups * BLOCK);
+        for (g, w) in weights.chunks_exact(BLOCK).enumerate() {
+            for (p, a) in acc[..pixels].iter_mut().enumerate() {
+                let x = std::slice::from_raw_parts(row.add(p * tile.pixel_step + g * QUANTIZED_GROUP), QUANTIZED_GROUP);
+                for (a, w) in a.iter_mut().zip(w.chunks_exact(QUANTIZED_GROUP)) {
+                    *a += x.iter().zip(w).map(|(&x, &w)| i32::from(x) * i32::from(w)).sum::<i32>();
+                }
+            }
+        }
+    }
+    let scale = std::slice::from_raw_parts(tile.scale, TILE_CHANNELS);
+    let offset = std::slice::from_raw_parts(tile.offset, TILE_CHANNELS);
+    for (p, a) in acc[..pixels].iter().enumerate() {
+        let out = std::slice::from_raw_parts_mut(tile.out.add(p * tile.out_step), tile.channels);
+        for (c, o) in out.iter_mut().enumerate() {
+            *o = tile.epilogue.apply(a[c] as f32 * scale[c] + offset[c], *o);
+        }
+    }
+}
+
 /// The same sums in plain Rust, for machines without AVX2/FMA.
 unsafe fn portable(tile: &Tile, pixels: usize) {
     let bias = std::slice::from_raw_parts(tile.bias, TILE_CHANNELS);
@@ -132,10 +235,10 @@ unsafe fn portable(tile: &Tile, pixels: usize) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Epilogue, Tile, TILE_CHANNELS};
+    use super::{Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
 
     /// `P` pixels × 16 channels in 2·P accumulators.
     #[target_feature(enable = "avx2,fma")]
@@ -157,31 +260,84 @@ mod avx2 {
                 }
             }
         }
-        let zero = _mm256_setzero_ps();
         for (p, a) in acc.iter().enumerate() {
-            let out = t.out.add(p * t.out_step);
-            let mut v = *a;
-            if matches!(t.epilogue, Epilogue::Relu | Epilogue::ReluAdd) {
-                v = [_mm256_max_ps(v[0], zero), _mm256_max_ps(v[1], zero)];
+            store(*a, t.out.add(p * t.out_step), t.channels, t.epilogue);
+        }
+    }
+
+    /// `P` pixels × 16 channels of u8 × s8 products in 2·P i32 accumulators:
+    /// `vpmaddubsw` (byte pairs to i16, which cannot saturate with weights
+    /// in ±63), `vpmaddwd` by ones (pairs of those to i32), `vpaddd`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [[_mm256_setzero_si256(); 2]; P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.groups * TILE_CHANNELS * QUANTIZED_GROUP);
+            for g in 0..t.groups {
+                let w0 = _mm256_loadu_si256(w as *const __m256i);
+                let w1 = _mm256_loadu_si256(w.add(32) as *const __m256i);
+                w = w.add(TILE_CHANNELS * QUANTIZED_GROUP);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let taps = row.add(p * t.pixel_step + g * QUANTIZED_GROUP) as *const i32;
+                    let x = _mm256_set1_epi32(taps.read_unaligned());
+                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
+                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
+                }
             }
-            let add = matches!(t.epilogue, Epilogue::Add | Epilogue::ReluAdd);
-            if t.channels == TILE_CHANNELS {
-                if add {
+        }
+        let scale = [_mm256_loadu_ps(t.scale), _mm256_loadu_ps(t.scale.add(8))];
+        let offset = [_mm256_loadu_ps(t.offset), _mm256_loadu_ps(t.offset.add(8))];
+        for (p, a) in acc.iter().enumerate() {
+            let sums = [
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[0]), scale[0]), offset[0]),
+                _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(a[1]), scale[1]), offset[1]),
+            ];
+            store(sums, t.out.add(p * t.out_step), t.channels, t.epilogue);
+        }
+    }
+
+    /// Applies `epilogue` to one pixel's 16 sums and stores its first
+    /// `channels` at `out` (also what the int8 tiles end with).
+    #[inline(always)]
+    pub(crate) unsafe fn store(sums: [__m256; 2], out: *mut f32, channels: usize, epilogue: Epilogue) {
+        let mut v = sums;
+        if matches!(epilogue, Epilogue::Relu | Epilogue::ReluAdd) {
+            let zero = _mm256_setzero_ps();
+            v = [_mm256_max_ps(v[0], zero), _mm256_max_ps(v[1], zero)];
+        }
+        if channels == TILE_CHANNELS {
+            match epilogue {
+                Epilogue::Add | Epilogue::ReluAdd => {
+                    let old = [_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8))];
+                    v = [_mm256_add_ps(v[0], old[0]), _mm256_add_ps(v[1], old[1])];
+                }
+                Epilogue::AddToRelu => {
+                    let old = [_mm256_loadu_ps(out), _mm256_loadu_ps(out.add(8))];
+                    let zero = _mm256_setzero_ps();
                     v = [
-                        _mm256_add_ps(v[0], _mm256_loadu_ps(out)),
-                        _mm256_add_ps(v[1], _mm256_loadu_ps(out.add(8))),
+                        _mm256_add_ps(v[0], _mm256_max_ps(old[0], zero)),
+                        _mm256_add_ps(v[1], _mm256_max_ps(old[1], zero)),
                     ];
                 }
-                _mm256_storeu_ps(out, v[0]);
-                _mm256_storeu_ps(out.add(8), v[1]);
-            } else {
-                let mut lanes = [0f32; TILE_CHANNELS];
-                _mm256_storeu_ps(lanes.as_mut_ptr(), v[0]);
-                _mm256_storeu_ps(lanes.as_mut_ptr().add(8), v[1]);
-                for (c, &value) in lanes[..t.channels].iter().enumerate() {
-                    let o = out.add(c);
-                    *o = if add { value + *o } else { value };
-                }
+                Epilogue::Store | Epilogue::Relu => {}
+            }
+            _mm256_storeu_ps(out, v[0]);
+            _mm256_storeu_ps(out.add(8), v[1]);
+        } else {
+            // ReLU on the sums is done; the epilogue's part on `out` per lane.
+            let rest = match epilogue {
+                Epilogue::Relu => Epilogue::Store,
+                Epilogue::ReluAdd => Epilogue::Add,
+                other => other,
+            };
+            let mut lanes = [0f32; TILE_CHANNELS];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), v[0]);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(8), v[1]);
+            for (c, &value) in lanes[..channels].iter().enumerate() {
+                let o = out.add(c);
+                *o = rest.apply(value, *o);
             }
         }
     }
@@ -203,7 +359,7 @@ mod tests {
         let input = values(kernel * row_step, 1);
         let weights = values(kernel * row_len * TILE_CHANNELS, 2);
         let bias = values(TILE_CHANNELS, 3);
-        for epilogue in [Epilogue::Store, Epilogue::Add, Epilogue::Relu, Epilogue::ReluAdd] {
+        for epilogue in Epilogue::ALL {
             for channels in [TILE_CHANNELS, 7] {
                 for pixels in 1..=TILE_PIXELS {
                     let before = values(TILE_PIXELS * 20, 4);
@@ -223,6 +379,7 @@ mod tests {
                                 Epilogue::Add => sum + *o,
                                 Epilogue::Relu => sum.max(0.0),
                                 Epilogue::ReluAdd => sum.max(0.0) + *o,
+                                Epilogue::AddToRelu => sum + o.max(0.0),
                             };
                         }
                     }
@@ -260,6 +417,89 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The int8 tile against the portable loop and against the sums
+    /// written out, for every pixel count, partial channel blocks, each
+    /// epilogue, and a row of taps that is not a whole number of groups
+    /// (the bytes past it have zero weights).
+    #[test]
+    fn int8_tiles_compute_the_scaled_sums_through_each_epilogue() {
+        let (kernel, cin, stride) = (3, 5, 2);
+        let row_len: usize = kernel * cin;
+        let groups = row_len.div_ceil(QUANTIZED_GROUP);
+        let row_step = 80;
+        let bytes =
+            |n: usize, seed: u32| -> Vec<u8> { values(n, seed).iter().map(|v| ((v + 0.5) * 255.0) as u8).collect() };
+        let input = bytes(kernel * row_step + QUANTIZED_GROUP, 5);
+        let mut weights = vec![0i8; kernel * groups * TILE_CHANNELS * QUANTIZED_GROUP];
+        let taps = values(kernel * row_len * TILE_CHANNELS, 6);
+        let weight =
+            |ky: usize, j: usize, c: usize| (taps[(ky * row_len + j) * TILE_CHANNELS + c] * 126.0).round() as i8;
+        for ky in 0..kernel {
+            for j in 0..row_len {
+                for c in 0..TILE_CHANNELS {
+                    let (g, b) = (j / QUANTIZED_GROUP, j % QUANTIZED_GROUP);
+                    weights[((ky * groups + g) * TILE_CHANNELS + c) * QUANTIZED_GROUP + b] = weight(ky, j, c);
+                }
+            }
+        }
+        let scale: Vec<f32> = values(TILE_CHANNELS, 7).iter().map(|v| (v + 0.75) * 1e-3).collect();
+        let offset = values(TILE_CHANNELS, 8);
+        for epilogue in Epilogue::ALL {
+            for channels in [TILE_CHANNELS, 7] {
+                for pixels in 1..=TILE_PIXELS {
+                    let before = values(TILE_PIXELS * 20, 9);
+                    let mut want = before.clone();
+                    for p in 0..pixels {
+                        for c in 0..channels {
+                            let mut sum = 0i32;
+                            for ky in 0..kernel {
+                                for j in 0..row_len {
+                                    let x = input[ky * row_step + p * stride * cin + j];
+                                    sum += i32::from(x) * i32::from(weight(ky, j, c));
+                                }
+                            }
+                            let o = &mut want[p * 20 + c];
+                            *o = epilogue.apply(sum as f32 * scale[c] + offset[c], *o);
+                        }
+                    }
+                    let mut dispatched = before.clone();
+                    let mut plain = before.clone();
+                    for (out, vectorised) in [(&mut dispatched, true), (&mut plain, false)] {
+                        let tile = QuantizedTile {
+                            input: input.as_ptr(),
+                            pixel_step: stride * cin,
+                            row_step,
+                            kernel,
+                            groups,
+                            weights: weights.as_ptr(),
+                            scale: scale.as_ptr(),
+                            offset: offset.as_ptr(),
+                            out: out.as_mut_ptr(),
+                            out_step: 20,
+                            channels,
+                            epilogue,
+                        };
+                        // SAFETY: the taps, with the last group's overrun, reach
+                        // `2·row_step + 5·10 + 16 < input.len()`; weights, scales,
+                        // offsets and outputs have the sizes the tile reads.
+                        unsafe {
+                            if vectorised {
+                                compute_quantized(&tile, pixels);
+                            } else {
+                                portable_quantized(&tile, pixels);
+                            }
+                        }
+                    }
+                    assert_eq!(dispatched, want, "{epilogue:?}, {channels} channels, {pixels} pixels");
+                    assert_eq!(
+                        plain, want,
+                        "{epilogue:?}, {channels} channels, {pixels} pixels (portable)"
+                    );
                 }
             }
         }

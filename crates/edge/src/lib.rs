@@ -2,11 +2,13 @@
 //! decoded and preprocessed, the encoder g_a runs, and the latent is
 //! entropy-coded into a payload (docs/format.md). This crate and its binary
 //! `frankensplit-edge` carry no tensor framework (g_a runs on our own
-//! convolution kernels: [`encoder`], [`kernel`], [`winograd`]), and no
+//! convolution kernels: [`encoder`], [`kernel`], [`winograd`]; in 8-bit
+//! integers after calibration: [`int8`]), and no
 //! server, HTTP or training code.
 
 pub mod bench;
 pub mod encoder;
+pub mod int8;
 pub mod kernel;
 pub mod model;
 pub mod winograd;
@@ -20,7 +22,7 @@ use frankensplit_codec::Payload;
 use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
 
-pub use model::EdgeModel;
+pub use model::{EdgeModel, Int8Calibration, CALIBRATION_FILE};
 
 /// Deterministic values in [-0.5, 0.5) for the kernels' tests (a small LCG:
 /// no dependency, the same on every machine).
@@ -52,6 +54,13 @@ pub struct EncodeArgs {
     /// Threads for the encoder (the device's cores).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Run g_a in 8-bit integers, quantized with the model's calibration
+    /// (see `calibrate`): faster, with payloads that differ slightly from f32's.
+    #[arg(long)]
+    int8: bool,
+    /// The int8 calibration file [default: MODEL/int8-calibration.json].
+    #[arg(long, requires = "int8")]
+    calibration: Option<PathBuf>,
 }
 
 #[derive(Serialize)]
@@ -78,11 +87,28 @@ pub fn bpp(model: &EdgeModel, bytes: usize) -> f64 {
     bytes as f64 * 8.0 / (crop * crop)
 }
 
+/// Reads the int8 calibration at `file`, or the bundle's default one,
+/// saying how to make it when there is none.
+pub fn load_calibration(model: &Path, file: Option<&Path>) -> Result<Int8Calibration> {
+    let path = file.map_or_else(|| model.join(CALIBRATION_FILE), Path::to_path_buf);
+    if !path.exists() {
+        bail!(
+            "no int8 calibration at {}: run `frankensplit-edge calibrate --model {} IMAGES…` first (a few dozen images like those to encode)",
+            path.display(),
+            model.display()
+        );
+    }
+    Int8Calibration::load(&path)
+}
+
 /// `encode`: one payload file per image.
 pub fn run_encode(args: EncodeArgs) -> Result<()> {
     let mut model =
         EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
     model.threads = args.threads.max(1);
+    if args.int8 {
+        model.use_int8(&load_calibration(&args.model, args.calibration.as_deref())?)?;
+    }
     for_each_image(&args.images, |path| {
         let encoded = encode_image(&model, path).and_then(|(payload, encode_ms)| {
             let stem = path
@@ -142,6 +168,56 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = std::path::PathBuf::from(tmp);
     std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    /// Model bundle directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Images like those the device will encode (JPEG, PNG or WebP); a few dozen suffice.
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Where to write the calibration [default: MODEL/int8-calibration.json].
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Threads for the encoder.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Print the calibration as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `calibrate`: the ranges of g_a's tensors on the images, for `encode --int8`.
+pub fn run_calibrate(args: CalibrateArgs) -> Result<()> {
+    let mut model =
+        EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
+    model.threads = args.threads.max(1);
+    let mut inputs = Vec::new();
+    for_each_image(&args.images, |path| {
+        inputs.push(model.preprocess.apply(&RgbImage::open(path)?)?);
+        Ok(())
+    })?;
+    let calibration = model.calibrate(&inputs)?;
+    let path = args.output.unwrap_or_else(|| args.model.join(CALIBRATION_FILE));
+    calibration.save(&path)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&calibration)?);
+    } else {
+        println!("{} images → {}", calibration.images, path.display());
+        for (i, block) in calibration.blocks.iter().enumerate() {
+            println!(
+                "  rb{}: input [{:.3}, {:.3}], after conv1 [{:.3}, {:.3}]",
+                i + 1,
+                block.input.min,
+                block.input.max,
+                block.middle.min,
+                block.middle.max
+            );
+        }
+    }
+    Ok(())
 }
 
 #[derive(Args)]

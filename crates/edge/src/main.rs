@@ -18,6 +18,8 @@ struct Cli {
 enum Command {
     /// Encode images into payload files and report bytes, bpp and encode time.
     Encode(frankensplit_edge::EncodeArgs),
+    /// Measure g_a's value ranges on a few images, for `encode --int8`.
+    Calibrate(frankensplit_edge::CalibrateArgs),
     /// Print the header of payload files.
     Inspect(frankensplit_edge::InspectArgs),
     /// Time the encoder (each step: as written, folded, + Winograd) and the entropy coder on this device.
@@ -27,6 +29,7 @@ enum Command {
 fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Encode(args) => frankensplit_edge::run_encode(args),
+        Command::Calibrate(args) => frankensplit_edge::run_calibrate(args),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
         Command::Bench(args) => frankensplit_edge::bench::run_bench(args),
     }

@@ -10,9 +10,38 @@ use frankensplit_codec::{CdfTables, EntropyBottleneck, LatentShape, ModelFingerp
 use frankensplit_preprocess::Preprocess;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::encoder::{Encoder, EncoderSpec, Workspace};
+use crate::int8::{BlockRanges, QuantizedEncoder, QuantizedWorkspace};
+
+/// Where `frankensplit-edge calibrate` writes a bundle's int8 calibration by default.
+pub const CALIBRATION_FILE: &str = "int8-calibration.json";
+
+/// The ranges the int8 encoder quantizes with, observed on a few images;
+/// tied to one model's weights by their fingerprint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Int8Calibration {
+    /// The weights it was made for.
+    pub fingerprint: String,
+    /// Images it saw.
+    pub images: usize,
+    /// Per block of g_a.
+    pub blocks: Vec<BlockRanges>,
+}
+
+impl Int8Calibration {
+    /// Reads a calibration file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not an int8 calibration", path.display()))
+    }
+
+    /// Writes it as JSON (through a temporary file).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        crate::write_atomically(path, serde_json::to_string_pretty(self)?.as_bytes())
+    }
+}
 
 /// The bundle layout this crate reads (`frankensplit_models::bundle::BUNDLE_FORMAT`).
 pub const BUNDLE_FORMAT: u32 = 1;
@@ -49,6 +78,8 @@ pub struct EdgeModel {
     coder: EntropyBottleneck,
     /// g_a's buffers, reused by every image.
     workspace: Mutex<Workspace>,
+    /// g_a in int8 with its buffers, when chosen ([`EdgeModel::use_int8`]).
+    int8: Option<(QuantizedEncoder, Mutex<QuantizedWorkspace>)>,
 }
 
 impl EdgeModel {
@@ -102,7 +133,38 @@ impl EdgeModel {
             spec: arch.clone(),
             coder,
             workspace,
+            int8: None,
         })
+    }
+
+    /// Ranges of g_a's tensors on `images` (preprocessed, `3 × S × S`) for the int8 encoder.
+    pub fn calibrate(&self, images: &[Vec<f32>]) -> Result<Int8Calibration> {
+        Ok(Int8Calibration {
+            fingerprint: self.fingerprint.to_string(),
+            images: images.len(),
+            blocks: QuantizedEncoder::calibrate(&self.encoder, images, self.spec.input_size, self.threads)?,
+        })
+    }
+
+    /// Runs g_a in int8 from now on, quantized with `calibration`, which
+    /// must have been made for this model's weights.
+    pub fn use_int8(&mut self, calibration: &Int8Calibration) -> Result<()> {
+        if calibration.fingerprint != self.fingerprint.to_string() {
+            bail!(
+                "the int8 calibration was made for model {}, this is {}: calibrate again for this model",
+                calibration.fingerprint,
+                self.fingerprint
+            );
+        }
+        let quantized = QuantizedEncoder::new(&self.encoder, &calibration.blocks)?;
+        let workspace = Mutex::new(quantized.workspace(self.spec.input_size));
+        self.int8 = Some((quantized, workspace));
+        Ok(())
+    }
+
+    /// Whether g_a runs in int8.
+    pub fn is_int8(&self) -> bool {
+        self.int8.is_some()
     }
 
     /// Shape of one image's latent.
@@ -123,6 +185,10 @@ impl EdgeModel {
 
     /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
     pub fn encode_latent(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
+        if let Some((quantized, workspace)) = &self.int8 {
+            let mut workspace = workspace.lock().unwrap_or_else(PoisonError::into_inner);
+            return Ok(quantized.run(&mut workspace, image_chw, self.threads)?.0);
+        }
         let mut workspace = self.workspace.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.encoder.fits(&workspace) {
             *workspace = self.encoder.workspace(self.spec.input_size);

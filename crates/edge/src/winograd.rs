@@ -366,8 +366,7 @@ mod transforms {
                             let target = &mut out[start + i * out_step + j * channels + first..];
                             let sum = add(*lanes, b);
                             // A loop, not `map`: that one is not inlined into the AVX2 copy.
-                            let relu = || {
-                                let mut r = sum;
+                            let relu = |mut r: [f32; 8]| {
                                 for v in &mut r {
                                     *v = v.max(0.0);
                                 }
@@ -376,8 +375,9 @@ mod transforms {
                             let value = match epilogue {
                                 Epilogue::Store => sum,
                                 Epilogue::Add => add(sum, load(target, n)),
-                                Epilogue::Relu => relu(),
-                                Epilogue::ReluAdd => add(relu(), load(target, n)),
+                                Epilogue::Relu => relu(sum),
+                                Epilogue::ReluAdd => add(relu(sum), load(target, n)),
+                                Epilogue::AddToRelu => add(sum, relu(load(target, n))),
                             };
                             store(target, &value, n);
                         }
@@ -409,7 +409,7 @@ mod tests {
             let winograd = Winograd::new(&conv).unwrap();
             let input = Activation::from_hwc(&values(side * side * cin, 3), side, cin, pad);
             let before = Activation::from_hwc(&values(side * side * cout, 4), side, cout, 1);
-            for epilogue in [Epilogue::Store, Epilogue::Add, Epilogue::Relu, Epilogue::ReluAdd] {
+            for epilogue in Epilogue::ALL {
                 let mut want = before.clone();
                 conv.run(&input, &mut want, epilogue, 1);
                 for threads in [1, 3] {

@@ -43,7 +43,7 @@ fn bench_reports_each_step_of_the_encoder() {
     // conv2 with 16 products per 2×2 outputs instead of 36.
     let steps = report["encoder"].as_array().unwrap();
     let names: Vec<&str> = steps.iter().map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["as written", "folded", "folded + Winograd"]);
+    assert_eq!(names, ["as written", "folded", "folded + Winograd", "int8"]);
     assert_eq!(steps[0]["macs"].as_f64().unwrap(), written);
     assert_eq!(steps[1]["macs"].as_f64().unwrap(), written);
     let winograd: f64 = [(32.0, 8.0), (16.0, 12.0), (8.0, 6.0)]
@@ -51,6 +51,15 @@ fn bench_reports_each_step_of_the_encoder() {
         .map(|&(side, c): &(f64, f64)| (side * side * 9.0 - side * side / 4.0 * 16.0) * c * c)
         .sum();
     assert_eq!(steps[2]["macs"].as_f64().unwrap(), written - winograd);
+    // int8 reads taps in groups of 4 along each kernel row (zero weights past it).
+    let group = |taps: f64| (taps / 4.0).ceil() * 4.0;
+    let int8_block = |side: f64, cin: f64, cout: f64| {
+        side * side * (3.0 * group(3.0 * cin) * cout + 3.0 * group(3.0 * cout) * cout + group(cin) * cout)
+    };
+    let int8 = int8_block(32.0, 3.0, 8.0) + int8_block(16.0, 8.0, 12.0) + int8_block(8.0, 12.0, 6.0);
+    assert_eq!(steps[3]["macs"].as_f64().unwrap(), int8);
+    let latent_scale = steps[3]["max_abs_difference"].as_f64().unwrap();
+    assert!(latent_scale > 0.0 && steps[2].get("max_abs_difference").is_none());
     for step in steps {
         let (ms, macs, gflops) = (
             step["ms"].as_f64().unwrap(),
@@ -61,6 +70,8 @@ fn bench_reports_each_step_of_the_encoder() {
     }
     let total = report["encode_and_code_ms"].as_f64().unwrap();
     assert!((total - steps[2]["ms"].as_f64().unwrap() - report["coding_ms"].as_f64().unwrap()).abs() < 1e-9);
+    let int8_total = report["int8_encode_and_code_ms"].as_f64().unwrap();
+    assert!((int8_total - steps[3]["ms"].as_f64().unwrap() - report["coding_ms"].as_f64().unwrap()).abs() < 1e-9);
     assert!(report["string_bytes"].as_u64().unwrap() > 0);
 
     let refused = bench(&["--iterations", "0"]);
