@@ -25,6 +25,14 @@ machine's speed drifts by up to 50 % over minutes); --rounds R repeats it all.
 
     tools/bench/edge_reference.py --ours target/release/frankensplit --rounds 3 --json out.json
 
+--ours-edge BINARY does the same with the device binary alone (`BINARY
+bench --model DIR --threads N --json`, no libtorch; needs --model), for
+machines where only this script's Python packages and that binary are. Both
+record our int8 encoder too (its speed-up over PyTorch channels_last is the
+int8 target's figure).
+
+    tools/bench/edge_reference.py --model full-random/ --ours-edge target/release/frankensplit-edge
+
 --save-onnx PATH keeps the exported graph at PATH and writes, next to it, the
 input (`<PATH without .onnx>.input.npy`), PyTorch's output (`.torch.npy`) and
 ONNX Runtime's output at the first thread count (`.ort.npy`), for other
@@ -80,14 +88,17 @@ def median_ms(fn, warmup, iterations):
     return statistics.median(samples)
 
 
-def load(model_dir):
-    from compressai.entropy_models import EntropyBottleneck
-
+def load(model_dir, with_compressai=True):
+    """g_a, CompressAI's entropy bottleneck (None without CompressAI) and the input side."""
+    if with_compressai:
+        from compressai.entropy_models import EntropyBottleneck
     if model_dir is None:
         torch.manual_seed(0)
         encoder = Encoder().eval()
-        eb = EntropyBottleneck(48)
-        eb.update(force=True)
+        eb = None
+        if with_compressai:
+            eb = EntropyBottleneck(48)
+            eb.update(force=True)
         return encoder, eb, 224
     from safetensors.torch import load_file
 
@@ -96,11 +107,13 @@ def load(model_dir):
     widths = (3, g_a["rb1.conv1.weight"].shape[0], g_a["rb2.conv1.weight"].shape[0], g_a["rb3.conv1.weight"].shape[0])
     encoder = Encoder(widths).eval()
     encoder.load_state_dict(g_a)
-    eb = EntropyBottleneck(widths[3])
-    prefix = "compressor.entropy_bottleneck."
-    state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-    eb.load_state_dict(state, strict=False)
-    eb.update(force=True)
+    eb = None
+    if with_compressai:
+        eb = EntropyBottleneck(widths[3])
+        prefix = "compressor.entropy_bottleneck."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        eb.load_state_dict(state, strict=False)
+        eb.update(force=True)
     import tomllib
 
     with open(f"{model_dir}/model.toml", "rb") as f:
@@ -109,21 +122,31 @@ def load(model_dir):
 
 
 def ours_report(args, threads, run):
-    """Runs `bench edge` of our binary and adds its figures to `run`."""
+    """Runs our bench (`frankensplit bench edge` or `frankensplit-edge
+    bench`) and adds its figures to `run`."""
     import subprocess
 
-    command = [args.ours, "bench", "edge", "--threads", str(threads), "--json"]
+    if args.ours:
+        command = [args.ours, "bench", "edge", "--threads", str(threads), "--json"]
+        if args.model:
+            command += ["--model", args.model]
+    else:
+        command = [args.ours_edge, "bench", "--model", args.model, "--threads", str(threads), "--json"]
     command += ["--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    if args.model:
-        command += ["--model", args.model]
     report = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
     ours = next(m for m in report["encoder"] if "Winograd" in m["name"])
+    int8 = next(m for m in report["encoder"] if "int8" in m["name"])
     run["ours_ms"] = ours["ms"]
+    run["ours_int8_ms"] = int8["ms"]
+    run["ours_int8_kernels"] = report.get("int8_kernels")
     run["ours_coding_ms"] = report["coding_ms"]
-    run["ours_max_abs_difference_from_libtorch"] = ours["max_abs_difference"]
+    if "max_abs_difference" in ours:
+        run["ours_max_abs_difference_from_libtorch"] = ours["max_abs_difference"]
     ours_total = ours["ms"] + report["coding_ms"]
-    run["speedup_vs_onnxruntime_compressai"] = (run["onnxruntime_ms"] + run["compressai_compress_ms"]) / ours_total
+    if "compressai_compress_ms" in run:
+        run["speedup_vs_onnxruntime_compressai"] = (run["onnxruntime_ms"] + run["compressai_compress_ms"]) / ours_total
     run["speedup_vs_channels_last"] = run["pytorch_channels_last_ms"] / ours["ms"]
+    run["int8_speedup_vs_channels_last"] = run["pytorch_channels_last_ms"] / int8["ms"]
 
 
 def main():
@@ -135,10 +158,16 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--save-onnx", metavar="PATH", help="keep the ONNX export here, with its input and outputs as .npy")
     parser.add_argument("--ours", metavar="BINARY", help="frankensplit binary to time right after each measurement")
+    parser.add_argument("--ours-edge", metavar="BINARY", help="frankensplit-edge binary to time instead (needs --model)")
+    parser.add_argument(
+        "--no-compressai", action="store_true", help="skip CompressAI's coder (for machines without it)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement this many times")
     args = parser.parse_args()
+    if args.ours_edge and not args.model:
+        parser.error("--ours-edge needs --model (the device binary reads a bundle)")
 
-    encoder, eb, side = load(args.model)
+    encoder, eb, side = load(args.model, not args.no_compressai)
     torch.manual_seed(1)
     x = torch.randn(1, 3, side, side)
     # Multiply-adds, counted from the output shapes of each convolution.
@@ -191,23 +220,28 @@ def main():
         if args.save_onnx and len(results["runs"]) == 0:
             np.save(f"{stem}.ort.npy", ort_out)
         run["onnxruntime_ms"] = median_ms(lambda: session.run(None, feed), args.warmup, args.iterations)
-        run["compressai_compress_ms"] = median_ms(lambda: eb.compress(latent), args.warmup, args.iterations)
-        run["string_bytes"] = len(eb.compress(latent)[0])
-        if args.ours:
+        if eb is not None:
+            run["compressai_compress_ms"] = median_ms(lambda: eb.compress(latent), args.warmup, args.iterations)
+            run["string_bytes"] = len(eb.compress(latent)[0])
+        if args.ours or args.ours_edge:
             ours_report(args, threads, run)
         results["runs"].append(run)
-        print(
+        line = (
             f"round {round_index}, {threads} thread(s): peak {run['peak_gflops']:.1f} GFLOP/s | g_a: eager {run['pytorch_eager_ms']:.2f} ms, "
-            f"channels_last {run['pytorch_channels_last_ms']:.2f} ms, ONNX Runtime {run['onnxruntime_ms']:.2f} ms | "
-            f"CompressAI compress {run['compressai_compress_ms']:.2f} ms ({run['string_bytes']} B)"
-            + (
-                f" | ours {run['ours_ms']:.2f} ms + coding {run['ours_coding_ms']:.2f} ms: "
-                f"{run['speedup_vs_onnxruntime_compressai']:.2f}x ONNX Runtime + CompressAI, "
-                f"g_a {run['speedup_vs_channels_last']:.2f}x channels_last"
-                if args.ours
-                else ""
-            )
+            f"channels_last {run['pytorch_channels_last_ms']:.2f} ms, ONNX Runtime {run['onnxruntime_ms']:.2f} ms"
         )
+        if eb is not None:
+            line += f" | CompressAI compress {run['compressai_compress_ms']:.2f} ms ({run['string_bytes']} B)"
+        if args.ours or args.ours_edge:
+            line += f" | ours {run['ours_ms']:.2f} ms + coding {run['ours_coding_ms']:.2f} ms"
+            if eb is not None:
+                line += f": {run['speedup_vs_onnxruntime_compressai']:.2f}x ONNX Runtime + CompressAI"
+            line += (
+                f", g_a {run['speedup_vs_channels_last']:.2f}x channels_last | "
+                f"ours int8 ({run['ours_int8_kernels']}) {run['ours_int8_ms']:.2f} ms: "
+                f"{run['int8_speedup_vs_channels_last']:.2f}x channels_last"
+            )
+        print(line, flush=True)
     print(f"{macs / 1e6:.1f} M multiply-adds; ONNX Runtime {ort.__version__}, torch {torch.__version__}")
     if args.json:
         with open(args.json, "w") as f:

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use frankensplit_codec::{EntropyBottleneck, LatentShape, LikelihoodFormula};
 use frankensplit_edge::encoder::{Encoder, EncoderSpec};
+use frankensplit_edge::int8::QuantizedEncoder;
 use frankensplit_edge::EdgeModel;
 use frankensplit_models::{Bundle, Compressor, CompressorConfig};
 use serde::Serialize;
@@ -194,6 +195,24 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         methods.push(method(name, t, encoder.macs(side), difference(&latent)));
         (ours_latent, latent_side) = (latent, out_side);
     }
+    // int8, calibrated on the timed input itself (the ranges do not change the work).
+    let prepared = &subject.ours.steps(side)[2].1;
+    let ranges = QuantizedEncoder::calibrate(prepared, std::slice::from_ref(&input), side, threads as usize)?;
+    let quantized = QuantizedEncoder::new(prepared, &ranges)?;
+    let mut workspace = quantized.workspace(side);
+    let (int8_latent, _) = quantized.run(&mut workspace, &input, threads as usize)?;
+    let t = time(warmup, iterations, || {
+        std::hint::black_box(
+            quantized
+                .run(&mut workspace, std::hint::black_box(&input), threads as usize)
+                .expect("input fits"),
+        );
+    });
+    let name = format!(
+        "ours, int8 ({}, {threads} thread(s))",
+        frankensplit_edge::kernel::int8_instructions()
+    );
+    methods.push(method(name, t, quantized.macs(side), difference(&int8_latent)));
     let macs = subject.ours.unfolded().macs(side);
     methods.push(method(
         format!("libtorch 2.11 eager, NCHW, {threads} thread(s)"),
@@ -250,11 +269,13 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         "  {:<48} {:8.2} ms ({} bytes)",
         "entropy coding (ours)", report.coding_ms, report.string_bytes
     );
-    let (ours, libtorch) = (&report.encoder[2], &report.encoder[3]);
+    let (ours, int8, libtorch) = (&report.encoder[2], &report.encoder[3], &report.encoder[4]);
     println!(
-        "  ours vs libtorch: {:.2}× the speed; ours + coding {:.2} ms",
+        "  ours vs libtorch: {:.2}× the speed (int8: {:.2}×); ours + coding {:.2} ms (int8: {:.2} ms)",
         libtorch.ms / ours.ms,
-        ours.ms + report.coding_ms
+        libtorch.ms / int8.ms,
+        ours.ms + report.coding_ms,
+        int8.ms + report.coding_ms
     );
     Ok(())
 }

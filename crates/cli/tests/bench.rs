@@ -56,9 +56,21 @@ fn bench_edge_times_both_encoders_on_the_same_model() {
         - (8.0 * 8.0 * 9.0 - 4.0 * 4.0 * 16.0) * 12.0 * 12.0;
     let peak = report["peak_gflops"].as_f64().unwrap();
     let methods = report["encoder"].as_array().unwrap();
-    assert_eq!(methods.len(), 4);
+    // int8: the folded block, and every convolution's row of taps read in
+    // groups of 4 (zero weights past it): 7·3 → 24, a 3-channel skip → 4.
+    let int8 = 32.0 * 32.0 * (7.0 * 24.0 * 16.0 + 4.0 * 16.0)
+        + 16.0 * 16.0 * (48.0 * 3.0 * 24.0 + 72.0 * 3.0 * 24.0 + 16.0 * 24.0)
+        + 8.0 * 8.0 * (72.0 * 3.0 * 12.0 + 36.0 * 3.0 * 12.0 + 24.0 * 12.0);
+    assert_eq!(methods.len(), 5);
     for method in methods {
         let name = method["name"].as_str().unwrap();
+        let difference = method["max_abs_difference"].as_f64().unwrap();
+        if name.contains("int8") {
+            assert_eq!(method["macs"].as_f64().unwrap(), int8, "{name}");
+            // Within a few of the latent's 256 levels (its values reach ≈ 13).
+            assert!(difference > 0.0 && difference < 0.5, "{name}: {difference}");
+            continue;
+        }
         let executed = if name.contains("Winograd") {
             winograd
         } else if name.contains("folded") {
@@ -67,7 +79,7 @@ fn bench_edge_times_both_encoders_on_the_same_model() {
             macs
         };
         assert_eq!(method["macs"].as_f64().unwrap(), executed, "{name}");
-        assert!(method["max_abs_difference"].as_f64().unwrap() < 1e-4, "{name}");
+        assert!(difference < 1e-4, "{name}");
         let ms = method["ms"].as_f64().unwrap();
         let gflops = method["gflops"].as_f64().unwrap();
         assert!(ms > 0.0 && (gflops - 2.0 * executed / ms / 1e6).abs() < 1e-6 * gflops);

@@ -56,6 +56,8 @@ struct Report {
     iterations: usize,
     /// Whether the AVX2/FMA tiles ran (else the portable loop).
     vectorised: bool,
+    /// The instructions of the int8 tiles.
+    int8_kernels: String,
     encoder: Vec<Step>,
     coding_ms: f64,
     string_bytes: usize,
@@ -155,6 +157,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         threads,
         iterations: args.iterations,
         vectorised: crate::kernel::vectorised(),
+        int8_kernels: crate::kernel::int8_instructions().to_string(),
         encode_and_code_ms: encoder[2].ms + coding_ms,
         int8_encode_and_code_ms: encoder[3].ms + coding_ms,
         encoder,
@@ -166,11 +169,12 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "g_a of {}: input 3×{side}×{side}, latent {}, {} thread(s), {} kernels; median of {} after {} warm-up runs",
+        "g_a of {}: input 3×{side}×{side}, latent {}, {} thread(s), {} kernels (int8: {}); median of {} after {} warm-up runs",
         report.model.display(),
         report.latent,
         threads,
         if report.vectorised { "AVX2/FMA" } else { "portable" },
+        report.int8_kernels,
         args.iterations,
         args.warmup
     );

@@ -7,7 +7,8 @@
 //! ymm registers (6 pixels × 2 × 8 lanes), chosen at run time; elsewhere a
 //! portable loop computes the same sums. The int8 tile ([`QuantizedTile`])
 //! has the same shape over u8 inputs and s8 weights, 4 taps per 32-bit
-//! lane, with exact i32 sums scaled to floats before the same epilogue.
+//! lane, with exact i32 sums scaled to floats before the same epilogue, by
+//! VNNI's `vpdpbusd` where the machine has it, else by AVX2.
 
 /// Output channels per tile: two 8-lane vectors.
 pub const TILE_CHANNELS: usize = 16;
@@ -162,19 +163,70 @@ pub struct QuantizedTile {
 /// As [`compute`], where each kernel row reads `groups × QUANTIZED_GROUP`
 /// bytes from its first tap (up to 3 past the taps, which must be readable).
 pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        match pixels {
-            1 => avx2::quantized_tile::<1>(tile),
-            2 => avx2::quantized_tile::<2>(tile),
-            3 => avx2::quantized_tile::<3>(tile),
-            4 => avx2::quantized_tile::<4>(tile),
-            5 => avx2::quantized_tile::<5>(tile),
-            _ => avx2::quantized_tile::<6>(tile),
-        }
-        return;
+    macro_rules! by_pixels {
+        ($($tile:ident)::+) => {
+            match pixels {
+                1 => $($tile)::+::<1>(tile),
+                2 => $($tile)::+::<2>(tile),
+                3 => $($tile)::+::<3>(tile),
+                4 => $($tile)::+::<4>(tile),
+                5 => $($tile)::+::<5>(tile),
+                _ => $($tile)::+::<6>(tile),
+            }
+        };
     }
-    portable_quantized(tile, pixels.min(TILE_PIXELS));
+    match int8_instructions() {
+        #[cfg(target_arch = "x86_64")]
+        Int8Instructions::AvxVnni => by_pixels!(avx2::quantized_tile_avx_vnni),
+        #[cfg(target_arch = "x86_64")]
+        Int8Instructions::Avx512Vnni => by_pixels!(avx2::quantized_tile_avx512_vnni),
+        #[cfg(target_arch = "x86_64")]
+        Int8Instructions::Avx2 => by_pixels!(avx2::quantized_tile),
+        _ => portable_quantized(tile, pixels.min(TILE_PIXELS)),
+    }
+}
+
+/// The instructions the int8 tile runs on this machine. All give the same
+/// sums: with weights in ±63 no intermediate of AVX2's pair of
+/// instructions saturates, and VNNI's `vpdpbusd` has none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Int8Instructions {
+    /// `vpdpbusd` on ymm registers, VEX-encoded (Alder Lake, Sapphire Rapids, Zen 5).
+    AvxVnni,
+    /// `vpdpbusd` on ymm registers, EVEX-encoded (AVX-512 VNNI: Ice Lake, Zen 4).
+    Avx512Vnni,
+    /// `vpmaddubsw` + `vpmaddwd` + `vpaddd`.
+    Avx2,
+    /// Plain Rust.
+    Portable,
+}
+
+impl std::fmt::Display for Int8Instructions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Int8Instructions::AvxVnni => "AVX-VNNI",
+            Int8Instructions::Avx512Vnni => "AVX-512 VNNI",
+            Int8Instructions::Avx2 => "AVX2",
+            Int8Instructions::Portable => "portable",
+        })
+    }
+}
+
+/// The best int8 instructions this machine has.
+pub fn int8_instructions() -> Int8Instructions {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if vectorised() {
+            if std::is_x86_feature_detected!("avxvnni") {
+                return Int8Instructions::AvxVnni;
+            }
+            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+                return Int8Instructions::Avx512Vnni;
+            }
+            return Int8Instructions::Avx2;
+        }
+    }
+    Int8Instructions::Portable
 }
 
 /// The int8 sums in plain Rust; the integer sums are exact and the float
@@ -265,12 +317,63 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// `P` pixels × 16 channels of u8 × s8 products in 2·P i32 accumulators:
+    /// Adds the 4 u8·s8 products of each 32-bit lane of `x` and `w` to `acc`.
+    pub(crate) trait DotAdd {
+        unsafe fn dot_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i;
+    }
+
     /// `vpmaddubsw` (byte pairs to i16, which cannot saturate with weights
     /// in ±63), `vpmaddwd` by ones (pairs of those to i32), `vpaddd`.
+    pub(crate) struct PairsThenQuads;
+
+    impl DotAdd for PairsThenQuads {
+        #[inline(always)]
+        unsafe fn dot_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
+            _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(x, w), _mm256_set1_epi16(1)))
+        }
+    }
+
+    /// AVX-VNNI's `vpdpbusd`: the same in one instruction.
+    pub(crate) struct VexDot;
+
+    impl DotAdd for VexDot {
+        #[inline(always)]
+        unsafe fn dot_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
+            _mm256_dpbusd_avx_epi32(acc, x, w)
+        }
+    }
+
+    /// AVX-512 VNNI's `vpdpbusd` on ymm registers.
+    pub(crate) struct EvexDot;
+
+    impl DotAdd for EvexDot {
+        #[inline(always)]
+        unsafe fn dot_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
+            _mm256_dpbusd_epi32(acc, x, w)
+        }
+    }
+
+    /// `P` pixels × 16 channels in 2·P i32 accumulators, by AVX2.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
-        let ones = _mm256_set1_epi16(1);
+        quantized::<PairsThenQuads, P>(t)
+    }
+
+    /// The same by AVX-VNNI.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn quantized_tile_avx_vnni<const P: usize>(t: &QuantizedTile) {
+        quantized::<VexDot, P>(t)
+    }
+
+    /// The same by AVX-512 VNNI.
+    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+    pub unsafe fn quantized_tile_avx512_vnni<const P: usize>(t: &QuantizedTile) {
+        quantized::<EvexDot, P>(t)
+    }
+
+    /// The int8 tile's body, inlined into each instruction set's entry.
+    #[inline(always)]
+    unsafe fn quantized<D: DotAdd, const P: usize>(t: &QuantizedTile) {
         let mut acc = [[_mm256_setzero_si256(); 2]; P];
         for ky in 0..t.kernel {
             let row = t.input.add(ky * t.row_step);
@@ -282,8 +385,8 @@ pub(crate) mod avx2 {
                 for (p, a) in acc.iter_mut().enumerate() {
                     let taps = row.add(p * t.pixel_step + g * QUANTIZED_GROUP) as *const i32;
                     let x = _mm256_set1_epi32(taps.read_unaligned());
-                    a[0] = _mm256_add_epi32(a[0], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w0), ones));
-                    a[1] = _mm256_add_epi32(a[1], _mm256_madd_epi16(_mm256_maddubs_epi16(x, w1), ones));
+                    a[0] = D::dot_add(a[0], x, w0);
+                    a[1] = D::dot_add(a[1], x, w1);
                 }
             }
         }
