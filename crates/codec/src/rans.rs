@@ -99,7 +99,7 @@ impl<'a> RansDecoder<'a> {
     /// Starts decoding `bytes`. Fails unless it is a whole number of words and
     /// holds a state a Rans64 encoder can end in.
     pub fn new(bytes: &'a [u8]) -> Result<Self> {
-        if bytes.len() < 8 || bytes.len() % 4 != 0 {
+        if bytes.len() < 8 || !bytes.len().is_multiple_of(4) {
             return Err(CodecError::BadStreamLength { len: bytes.len() });
         }
         let lo = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);

@@ -69,7 +69,7 @@ impl Winograd {
 
     /// Whether it computes a `side × side` input: tiles of 2×2 cover an even side.
     pub fn applies_to(side: usize) -> bool {
-        side % 2 == 0 && side > 0
+        side.is_multiple_of(2) && side > 0
     }
 
     /// Multiplies executed for a `side × side` input (transforms excluded).

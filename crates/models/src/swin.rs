@@ -321,7 +321,7 @@ impl BlockSpec {
     /// window; `drop_paths` holds the stage's rates (missing ones are 0).
     pub fn in_stage(self, i: usize, drop_paths: &[f64]) -> Self {
         Self {
-            shift: if i % 2 == 0 { 0 } else { self.window / 2 },
+            shift: if i.is_multiple_of(2) { 0 } else { self.window / 2 },
             drop_path: drop_paths.get(i).copied().unwrap_or(0.0),
             ..self
         }
