@@ -253,6 +253,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         &path_arg(&root.join("data/val")),
         "--codec",
         plan.codecs,
+        "--int8-calibration",
+        &path_arg(&root.join("data/train")),
         "--report",
         &path_arg(&results),
         "--report",

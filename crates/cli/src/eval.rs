@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use frankensplit_edge::EdgeModel;
 use frankensplit_imagecodecs::ImageCodec;
 use frankensplit_models::Bundle;
 use frankensplit_preprocess::RgbImage;
@@ -48,6 +49,14 @@ pub struct EvalArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also evaluate each bundle's int8 edge encoder (`frankensplit-edge
+    /// encode --int8`), calibrated on images of this ImageFolder (the
+    /// training set, say: not the evaluated images).
+    #[arg(long, value_name = "DIR")]
+    int8_calibration: Option<PathBuf>,
+    /// How many images of --int8-calibration to calibrate on (spread over its classes).
+    #[arg(long, default_value_t = 32, requires = "int8_calibration")]
+    int8_calibration_images: usize,
 }
 
 /// One method's results.
@@ -112,7 +121,9 @@ impl Tally {
             top5: 100.0 * self.top5 as f64 / n,
             mean_bytes,
             bpp: mean_bytes * 8.0 / pixels,
-            bpp_string: (family == "frankensplit").then(|| self.string_bytes as f64 / n * 8.0 / pixels),
+            bpp_string: family
+                .starts_with("frankensplit")
+                .then(|| self.string_bytes as f64 / n * 8.0 / pixels),
             encode_ms: self.encode_s / n * 1e3,
             decode_ms: self.decode_s / n * 1e3,
         }
@@ -213,6 +224,49 @@ fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Res
     Ok(tally.result(bundle_name(bundle), "frankensplit", crop * crop))
 }
 
+/// The bundle at `path` with g_a run by the edge crate in int8, quantized
+/// with a calibration on `calibration` (preprocessed images).
+fn evaluate_int8(
+    bundle: &Bundle,
+    path: &Path,
+    calibration: &[Vec<f32>],
+    dataset: &ImageFolder,
+    labels: &[i64],
+) -> Result<MethodResult> {
+    let mut edge = EdgeModel::open(path).with_context(|| format!("cannot load {} on the edge", path.display()))?;
+    let ranges = edge.calibrate(calibration)?;
+    edge.use_int8(&ranges)?;
+    let preprocess = &bundle.manifest.preprocess;
+    let tally = evaluate(
+        dataset,
+        labels,
+        |image| Ok(preprocess.apply(image)?),
+        |input| {
+            let payload = edge.compress(input)?;
+            let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
+            Ok((payload, string))
+        },
+        |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
+    )?;
+    let crop = f64::from(preprocess.crop);
+    Ok(tally.result(
+        format!("{}, int8 edge encoder", bundle_name(bundle)),
+        "frankensplit int8",
+        crop * crop,
+    ))
+}
+
+/// `count` images of the ImageFolder at `dir`, spread over its classes, preprocessed by `bundle`'s pipeline.
+fn calibration_images(dir: &Path, count: usize, bundle: &Bundle) -> Result<Vec<Vec<f32>>> {
+    let mut folder = ImageFolder::open(dir)?;
+    subsample(&mut folder, Some(count));
+    folder
+        .samples
+        .iter()
+        .map(|(path, _)| Ok(bundle.manifest.preprocess.apply(&RgbImage::open(path)?)?))
+        .collect()
+}
+
 fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec: &ImageCodec) -> Result<MethodResult> {
     let preprocess = &bundle.manifest.preprocess;
     let tally = evaluate(
@@ -264,6 +318,16 @@ pub fn run(args: EvalArgs) -> Result<()> {
         let labels = labels_for(&bundle, &dataset)?;
         eprintln!("evaluating {} on {} images", path.display(), dataset.len());
         results.push(evaluate_split(&bundle, &dataset, &labels)?);
+        if let Some(dir) = &args.int8_calibration {
+            let images = calibration_images(dir, args.int8_calibration_images, &bundle)?;
+            eprintln!(
+                "evaluating {} with the int8 edge encoder (calibrated on {} images of {})",
+                path.display(),
+                images.len(),
+                dir.display()
+            );
+            results.push(evaluate_int8(&bundle, path, &images, &dataset, &labels)?);
+        }
         if baseline.is_none() && bundle.backbone_head.is_some() {
             baseline = Some(bundle);
         }

@@ -72,6 +72,17 @@ fn quick_demo_trains_evaluates_and_serves() {
         assert!(0.0 < string && string < bpp, "{r}");
         assert!(r["mean_bytes"].as_f64().unwrap() * 4.0 < png[0]["mean_bytes"].as_f64().unwrap());
     }
+    // Each λ also with the int8 edge encoder (calibrated on training
+    // images): about the same rate as in f32.
+    let int8 = family("frankensplit int8");
+    assert_eq!(int8.len(), 3, "one int8 result per λ");
+    for (f32_result, int8_result) in split.iter().zip(&int8) {
+        let (f, q) = (
+            f32_result["bpp"].as_f64().unwrap(),
+            int8_result["bpp"].as_f64().unwrap(),
+        );
+        assert!((q - f).abs() <= 0.2 * f, "{f32_result} vs {int8_result}");
+    }
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert_eq!(table.lines().count(), 2 + results.len());
     assert!(stdout.contains(&table), "the demo prints its table");

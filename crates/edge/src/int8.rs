@@ -16,7 +16,7 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::encoder::{split_rows, Activation, Conv, Encoder, FoldedPair};
-use crate::kernel::{self, Epilogue, QuantizedTile, QUANTIZED_GROUP, TILE_CHANNELS, TILE_PIXELS};
+use crate::kernel::{self, Epilogue, QuantizedTile, QUANTIZED_GROUP, TILE_CHANNELS};
 
 /// Largest weight magnitude (see the module's doc).
 pub const WEIGHT_LEVELS: f32 = 63.0;
@@ -320,8 +320,9 @@ impl QuantizedConv {
         let top = oy * s + input.pad - k / 2;
         let first = top * in_step + (input.pad - k / 2) * cin;
         let block_len = k * self.groups * TILE_CHANNELS * QUANTIZED_GROUP;
+        let pixels = kernel::int8_instructions().tile_pixels();
         for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(TILE_PIXELS) {
+            for i in (0..count).step_by(pixels) {
                 let tile = QuantizedTile {
                     input: input.data[first + i * s * cin..].as_ptr(),
                     pixel_step: s * cin,
@@ -341,7 +342,7 @@ impl QuantizedConv {
                 // overrun inside its slack; weights, scales and offsets are
                 // whole blocks; the outputs are `channels` floats of each
                 // pixel inside `out`, which is not the input.
-                unsafe { kernel::compute_quantized(&tile, (count - i).min(TILE_PIXELS)) };
+                unsafe { kernel::compute_quantized(&tile, (count - i).min(pixels)) };
             }
         }
     }
