@@ -180,7 +180,11 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
         #[cfg(target_arch = "x86_64")]
         Int8Instructions::AvxVnni => by_pixels!(avx2::quantized_tile_avx_vnni),
         #[cfg(target_arch = "x86_64")]
-        Int8Instructions::Avx512Vnni => by_pixels!(avx2::quantized_tile_avx512_vnni),
+        Int8Instructions::Avx512Vnni => match pixels {
+            1..=6 => by_pixels!(avx512::quantized_tile),
+            7 => avx512::quantized_tile::<7>(tile),
+            _ => avx512::quantized_tile::<8>(tile),
+        },
         #[cfg(target_arch = "x86_64")]
         Int8Instructions::Avx2 => match pixels {
             1 => avx2::quantized_tile::<1>(tile),
@@ -189,7 +193,7 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
             4 => avx2::quantized_tile::<4>(tile),
             _ => avx2::quantized_tile::<5>(tile),
         },
-        _ => portable_quantized(tile, pixels.min(TILE_PIXELS)),
+        _ => portable_quantized(tile, pixels),
     }
 }
 
@@ -200,7 +204,8 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
 pub enum Int8Instructions {
     /// `vpdpbusd` on ymm registers, VEX-encoded (Alder Lake, Sapphire Rapids, Zen 5).
     AvxVnni,
-    /// `vpdpbusd` on ymm registers, EVEX-encoded (AVX-512 VNNI: Ice Lake, Zen 4).
+    /// `vpdpbusd` on zmm registers: 16 channels × 4 taps per instruction
+    /// (AVX-512 VNNI: Ice Lake, Sapphire Rapids, Zen 4).
     Avx512Vnni,
     /// `vpmaddubsw` + `vpmaddwd` + `vpaddd`.
     Avx2,
@@ -209,13 +214,15 @@ pub enum Int8Instructions {
 }
 
 impl Int8Instructions {
-    /// Output pixels per int8 tile: 6 (12 accumulators, 2 weight vectors,
-    /// the broadcast input) where one instruction does the dot product;
-    /// AVX2's pair also needs its constant and a temporary, and at 6 pixels
-    /// the accumulators spill to the stack (measured: 2–3× slower), so 5.
+    /// Output pixels per int8 tile: 6 on ymm (12 accumulators, 2 weight
+    /// vectors, the broadcast input) where one instruction does the dot
+    /// product; AVX2's pair also needs its constant and a temporary, and at
+    /// 6 pixels the accumulators spill to the stack (measured: 2–3× slower),
+    /// so 5; on zmm one accumulator per pixel, 8 of them.
     pub fn tile_pixels(self) -> usize {
         match self {
             Int8Instructions::Avx2 => 5,
+            Int8Instructions::Avx512Vnni => 8,
             _ => TILE_PIXELS,
         }
     }
@@ -237,11 +244,11 @@ pub fn int8_instructions() -> Int8Instructions {
     #[cfg(target_arch = "x86_64")]
     {
         if vectorised() {
+            if std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512vnni") {
+                return Int8Instructions::Avx512Vnni;
+            }
             if std::is_x86_feature_detected!("avxvnni") {
                 return Int8Instructions::AvxVnni;
-            }
-            if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
-                return Int8Instructions::Avx512Vnni;
             }
             return Int8Instructions::Avx2;
         }
@@ -249,9 +256,21 @@ pub fn int8_instructions() -> Int8Instructions {
     Int8Instructions::Portable
 }
 
-/// The int8 sums in plain Rust; the integer sums are exact and the float
-/// step is the same multiply then add, so the results equal the AVX2 tile's.
+/// The int8 sums in plain Rust, [`TILE_PIXELS`] at a time; the integer
+/// sums are exact and the float step is the same multiply then add, so the
+/// results equal the vector tiles'.
 unsafe fn portable_quantized(tile: &QuantizedTile, pixels: usize) {
+    for first in (0..pixels).step_by(TILE_PIXELS) {
+        let part = QuantizedTile {
+            input: tile.input.add(first * tile.pixel_step),
+            out: tile.out.add(first * tile.out_step),
+            ..*tile
+        };
+        portable_quantized_part(&part, (pixels - first).min(TILE_PIXELS));
+    }
+}
+
+unsafe fn portable_quantized_part(tile: &QuantizedTile, pixels: usize) {
     const BLOCK: usize = TILE_CHANNELS * QUANTIZED_GROUP;
     let mut acc = [[0i32; TILE_CHANNELS]; TILE_PIXELS];
     for ky in 0..tile.kernel {
@@ -363,16 +382,6 @@ pub(crate) mod avx2 {
         }
     }
 
-    /// AVX-512 VNNI's `vpdpbusd` on ymm registers.
-    pub(crate) struct EvexDot;
-
-    impl DotAdd for EvexDot {
-        #[inline(always)]
-        unsafe fn dot_add(acc: __m256i, x: __m256i, w: __m256i) -> __m256i {
-            _mm256_dpbusd_epi32(acc, x, w)
-        }
-    }
-
     /// `P` pixels × 16 channels in 2·P i32 accumulators, by AVX2.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
@@ -383,12 +392,6 @@ pub(crate) mod avx2 {
     #[target_feature(enable = "avx2,fma,avxvnni")]
     pub unsafe fn quantized_tile_avx_vnni<const P: usize>(t: &QuantizedTile) {
         quantized::<VexDot, P>(t)
-    }
-
-    /// The same by AVX-512 VNNI.
-    #[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-    pub unsafe fn quantized_tile_avx512_vnni<const P: usize>(t: &QuantizedTile) {
-        quantized::<EvexDot, P>(t)
     }
 
     /// The int8 tile's body, inlined into each instruction set's entry.
@@ -462,6 +465,46 @@ pub(crate) mod avx2 {
                 let o = out.add(c);
                 *o = rest.apply(value, *o);
             }
+        }
+    }
+}
+
+/// The int8 tile on zmm registers: a channel block's 16 channels × 4 taps
+/// are one 64-byte vector, so one `vpdpbusd` per pixel and tap group.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::avx2::store;
+    use super::{QuantizedTile, QUANTIZED_GROUP, TILE_CHANNELS};
+
+    /// `P` pixels × 16 channels in P zmm accumulators.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+    pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
+        let mut acc = [_mm512_setzero_si512(); P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.groups * TILE_CHANNELS * QUANTIZED_GROUP);
+            for g in 0..t.groups {
+                let weights = _mm512_loadu_si512(w as *const __m512i);
+                w = w.add(TILE_CHANNELS * QUANTIZED_GROUP);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let taps = row.add(p * t.pixel_step + g * QUANTIZED_GROUP) as *const i32;
+                    *a = _mm512_dpbusd_epi32(*a, _mm512_set1_epi32(taps.read_unaligned()), weights);
+                }
+            }
+        }
+        let scale = _mm512_loadu_ps(t.scale);
+        let offset = _mm512_loadu_ps(t.offset);
+        for (p, a) in acc.iter().enumerate() {
+            let sums = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(*a), scale), offset);
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sums)));
+            store(
+                [_mm512_castps512_ps256(sums), high],
+                t.out.add(p * t.out_step),
+                t.channels,
+                t.epilogue,
+            );
         }
     }
 }
@@ -554,7 +597,8 @@ mod tests {
         let (kernel, cin, stride) = (3, 5, 2);
         let row_len: usize = kernel * cin;
         let groups = row_len.div_ceil(QUANTIZED_GROUP);
-        let row_step = 80;
+        // Room for the widest tile (8 pixels on zmm).
+        let row_step = 100;
         let bytes =
             |n: usize, seed: u32| -> Vec<u8> { values(n, seed).iter().map(|v| ((v + 0.5) * 255.0) as u8).collect() };
         let input = bytes(kernel * row_step + QUANTIZED_GROUP, 5);
@@ -575,7 +619,7 @@ mod tests {
         for epilogue in Epilogue::ALL {
             for channels in [TILE_CHANNELS, 7] {
                 for pixels in 1..=int8_instructions().tile_pixels() {
-                    let before = values(TILE_PIXELS * 20, 9);
+                    let before = values(8 * 20, 9);
                     let mut want = before.clone();
                     for p in 0..pixels {
                         for c in 0..channels {
@@ -608,7 +652,7 @@ mod tests {
                             epilogue,
                         };
                         // SAFETY: the taps, with the last group's overrun, reach
-                        // `2·row_step + 5·10 + 16 < input.len()`; weights, scales,
+                        // `2·row_step + 7·10 + 16 < input.len()`; weights, scales,
                         // offsets and outputs have the sizes the tile reads.
                         unsafe {
                             if vectorised {
