@@ -447,13 +447,27 @@ struct Line {
 /// output; on the border it also counts conv1 at the positions just outside
 /// (where conv2 reads zeros). [`FoldedPair::run`] subtracts those terms:
 /// conv1 on that ring (the input's border is wide enough to compute it
-/// there), convolved with `-W2` at the border pixels.
+/// there), convolved with `-W2` at the border pixels — by the one row or
+/// column of `-W2` that meets each side of the ring.
 #[derive(Debug, Clone)]
 pub struct FoldedPair {
     folded: Conv,
     conv1: Conv,
-    /// conv2's taps negated, without bias.
+    /// conv2's taps negated, without bias: its first and last kernel rows
+    /// correct the output's first and last rows.
     correction: Conv,
+    /// conv2's first and last kernel columns negated, per channel block
+    /// `[ky][c_in][TILE_CHANNELS]`: they correct the first and last columns.
+    columns: [Vec<f32>; 2],
+}
+
+/// One side's part of the border correction: `rows` kernel rows of
+/// `row_len` taps, per channel block `block_len` floats apart.
+struct EdgeKernel<'a> {
+    weights: &'a [f32],
+    block_len: usize,
+    rows: usize,
+    row_len: usize,
 }
 
 impl FoldedPair {
@@ -492,10 +506,25 @@ impl FoldedPair {
             }
         }
         let negated = conv2.weight.iter().map(|w| -w).collect();
+        let blocks = cout.div_ceil(TILE_CHANNELS);
+        let columns = [0, 2].map(|dx| {
+            let mut blocked = vec![0f32; blocks * 3 * mid * TILE_CHANNELS];
+            for ky in 0..3 {
+                for c in 0..mid {
+                    let taps = &conv2.weight[((ky * 3 + dx) * mid + c) * cout..][..cout];
+                    for (o, w) in taps.iter().enumerate() {
+                        let (block, lane) = (o / TILE_CHANNELS, o % TILE_CHANNELS);
+                        blocked[((block * 3 + ky) * mid + c) * TILE_CHANNELS + lane] = -w;
+                    }
+                }
+            }
+            blocked
+        });
         Some(Self {
             folded: Conv::from_matrix(cin, cout, 7, 2, weight, bias),
             conv1: conv1.clone(),
             correction: Conv::from_matrix(mid, cout, 3, 1, negated, vec![0.0; cout]),
+            columns,
         })
     }
 
@@ -544,12 +573,9 @@ impl FoldedPair {
         let (mid, cout) = (self.conv1.out_channels, self.folded.out_channels);
         let step = ring.row_step();
         let last = n as isize;
-        // conv1 on the ring: its top and bottom rows, then its left and
-        // right columns (down, so that the tiles hold 6 pixels, not one).
-        self.conv1
-            .span(x, -1, -1, n + 2, &mut ring.data[..step], Epilogue::Store);
-        self.conv1
-            .span(x, last, -1, n + 2, &mut ring.data[(n + 1) * step..], Epilogue::Store);
+        // The columns first: conv1 on the ring's left and right columns
+        // (down, so that the tiles hold 6 pixels, not one), its corners
+        // zeroed so that the columns' correction leaves them to the rows'.
         for (column, at) in [(-1, step), (last, step + (n + 1) * mid)] {
             let line = Line {
                 from: (0, column),
@@ -559,25 +585,81 @@ impl FoldedPair {
             };
             self.conv1.line(x, line, &mut ring.data[at..], Epilogue::Store);
         }
-        // The correction on the output's first and last rows, then on its
-        // first and last columns in between (the output may have a border).
+        for corner in [0, (n + 1) * mid, (n + 1) * step, (n + 1) * (step + mid)] {
+            ring.data[corner..][..mid].fill(0.0);
+        }
         let (out_step, pad) = (output.row_step(), output.pad);
         let interior = |y: usize, x: usize| (y + pad) * out_step + (x + pad) * cout;
-        let edges: &[usize] = if n > 1 { &[0, n - 1] } else { &[0] };
-        for &y in edges {
-            let row = &mut output.data[interior(y, 0)..][..n * cout];
-            self.correction.span(ring, y as isize, 0, n, row, Epilogue::Add);
+        for (weights, ring_column, x) in [(&self.columns[0], 0, 0), (&self.columns[1], n + 1, n - 1)] {
+            let edge = EdgeKernel {
+                weights,
+                block_len: 3 * mid * TILE_CHANNELS,
+                rows: 3,
+                row_len: mid,
+            };
+            let out = &mut output.data[interior(0, x)..];
+            self.correct_edge(ring, edge, (ring_column * mid, step), n, out, out_step);
         }
-        if n > 2 {
-            for column in [0, n - 1] {
-                let line = Line {
-                    from: (1, column as isize),
-                    count: n - 2,
-                    down: true,
+        // Then the rows, corners included: conv1 on the ring's first and
+        // last rows, and the output's first and last rows corrected by the
+        // first and last kernel rows of −W2.
+        self.conv1
+            .span(x, -1, -1, n + 2, &mut ring.data[..step], Epilogue::Store);
+        self.conv1
+            .span(x, last, -1, n + 2, &mut ring.data[(n + 1) * step..], Epilogue::Store);
+        let kernel_row = 3 * mid * TILE_CHANNELS;
+        for (dy, ring_row, y) in [(0, 0, 0), (2, n + 1, n - 1)] {
+            let edge = EdgeKernel {
+                weights: &self.correction.blocked[dy * kernel_row..],
+                block_len: 9 * mid * TILE_CHANNELS,
+                rows: 1,
+                row_len: 3 * mid,
+            };
+            let out = &mut output.data[interior(y, 0)..];
+            self.correct_edge(ring, edge, (ring_row * step, mid), n, out, cout);
+        }
+    }
+
+    /// Adds `edge`'s convolution of `ring` to `count` outputs, the first
+    /// reading from `first` on, each next one `pixel_step` further on the
+    /// ring and `out_step` further in `out`.
+    fn correct_edge(
+        &self,
+        ring: &Activation,
+        edge: EdgeKernel<'_>,
+        (first, pixel_step): (usize, usize),
+        count: usize,
+        out: &mut [f32],
+        out_step: usize,
+    ) {
+        let cout = self.folded.out_channels;
+        let step = ring.row_step();
+        assert!(
+            count > 0
+                && first + (count - 1) * pixel_step + (edge.rows - 1) * step + edge.row_len <= ring.data.len()
+                && out.len() >= (count - 1) * out_step + cout,
+            "a border correction beyond its buffers"
+        );
+        for block in 0..cout.div_ceil(TILE_CHANNELS) {
+            for i in (0..count).step_by(TILE_PIXELS) {
+                let tile = Tile {
+                    input: ring.data[first + i * pixel_step..].as_ptr(),
+                    pixel_step,
+                    row_step: step,
+                    kernel: edge.rows,
+                    row_len: edge.row_len,
+                    weights: edge.weights[block * edge.block_len..].as_ptr(),
+                    bias: self.correction.blocked_bias[block * TILE_CHANNELS..].as_ptr(),
+                    out: out[i * out_step + block * TILE_CHANNELS..].as_mut_ptr(),
                     out_step,
+                    channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
+                    epilogue: Epilogue::Add,
                 };
-                let at = interior(1, column);
-                self.correction.line(ring, line, &mut output.data[at..], Epilogue::Add);
+                // SAFETY: every tap lies inside the ring and every output
+                // inside `out` (asserted); the weights hold whole blocks of
+                // `rows × row_len` taps from each block's start; the biases
+                // (zeros) are whole blocks; `out` is not the ring.
+                unsafe { kernel::compute(&tile, (count - i).min(TILE_PIXELS)) };
             }
         }
     }
