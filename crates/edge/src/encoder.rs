@@ -46,20 +46,36 @@ pub(crate) fn split_rows<T: Send>(
     body: &mut [T],
     rows: usize,
     row_len: usize,
-    (threads, macs): (usize, usize),
+    work_size: (usize, usize),
     work: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) {
+    let mut nothing = vec![(); rows];
+    split_row_pairs((body, row_len), (&mut nothing, 1), rows, work_size, |rows, chunk, _| {
+        work(rows, chunk)
+    });
+}
+
+/// [`split_rows`] over two buffers of `rows` rows each (`a_len` and
+/// `b_len` values a row), split alike: `work(rows, a_chunk, b_chunk)`.
+pub(crate) fn split_row_pairs<A: Send, B: Send>(
+    (a, a_len): (&mut [A], usize),
+    (b, b_len): (&mut [B], usize),
+    rows: usize,
+    (threads, macs): (usize, usize),
+    work: impl Fn(std::ops::Range<usize>, &mut [A], &mut [B]) + Sync,
 ) {
     let threads = threads.min(macs / MIN_MACS_PER_THREAD);
     if threads <= 1 {
-        work(0..rows, body);
+        work(0..rows, a, b);
         return;
     }
     let per_thread = rows.div_ceil(threads);
     let work = &work;
     rayon::scope(|scope| {
-        for (i, chunk) in body.chunks_mut(per_thread * row_len).enumerate() {
+        let chunks = a.chunks_mut(per_thread * a_len).zip(b.chunks_mut(per_thread * b_len));
+        for (i, (a_chunk, b_chunk)) in chunks.enumerate() {
             let first = i * per_thread;
-            scope.spawn(move |_| work(first..(first + per_thread).min(rows), chunk));
+            scope.spawn(move |_| work(first..(first + per_thread).min(rows), a_chunk, b_chunk));
         }
     });
 }

@@ -15,7 +15,7 @@
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::encoder::{split_rows, Activation, Conv, Encoder, FoldedPair};
+use crate::encoder::{split_row_pairs, split_rows, Activation, Conv, Encoder, FoldedPair};
 use crate::kernel::{self, Epilogue, QuantizedTile, QUANTIZED_GROUP, TILE_CHANNELS};
 
 /// Largest weight magnitude (see the module's doc).
@@ -279,37 +279,54 @@ impl QuantizedConv {
     }
 
     /// Writes the convolution of `input` into the interior of `output`
-    /// through `epilogue`, output rows split over up to `threads` threads.
+    /// through `epilogue`, output rows split over up to `threads` threads;
+    /// with `levels` (of the output's side and channels), each row is also
+    /// quantized into it as soon as it is computed, while in the cache.
     ///
     /// Panics unless the activations fit (as [`Conv::run`]).
-    pub fn run(&self, input: &QuantizedActivation, output: &mut Activation, epilogue: Epilogue, threads: usize) {
+    pub fn run(
+        &self,
+        input: &QuantizedActivation,
+        output: &mut Activation,
+        levels: Option<&mut QuantizedActivation>,
+        epilogue: Epilogue,
+        threads: usize,
+    ) {
         assert!(
             input.channels == self.in_channels
                 && input.pad >= self.kernel / 2
                 && output.side() == self.output_side(input.side)
-                && output.channels() == self.out_channels,
+                && output.channels() == self.out_channels
+                && levels
+                    .as_ref()
+                    .is_none_or(|l| l.side == output.side() && l.channels == self.out_channels),
             "activations do not fit the int8 convolution"
         );
-        let out_side = output.side();
-        let row_step = output.row_step();
-        let out_pad = output.pad();
+        let (out_side, cout) = (output.side(), self.out_channels);
+        let (row_step, out_pad) = (output.row_step(), output.pad());
         let body = output.rows_mut(0..out_side);
-        split_rows(
-            body,
-            out_side,
-            row_step,
-            (threads, self.macs(input.side)),
-            |rows, chunk| {
+        let work = (threads, self.macs(input.side));
+        let interior = out_pad * cout..(out_pad + out_side) * cout;
+        match levels {
+            None => split_rows(body, out_side, row_step, work, |rows, chunk| {
                 for (oy, row) in rows.zip(chunk.chunks_exact_mut(row_step)) {
-                    self.row(
-                        input,
-                        oy,
-                        &mut row[out_pad * self.out_channels..][..out_side * self.out_channels],
-                        epilogue,
-                    );
+                    self.row(input, oy, &mut row[interior.clone()], epilogue);
                 }
-            },
-        );
+            }),
+            Some(levels) => {
+                let (q, level_step, level_start) = (levels.quantizer, levels.row_step(), levels.pad * cout);
+                let level_rows = &mut levels.data[levels.pad * level_step..][..out_side * level_step];
+                let pairs = ((body, row_step), (level_rows, level_step));
+                split_row_pairs(pairs.0, pairs.1, out_side, work, |rows, chunk, level_chunk| {
+                    let rows = rows.zip(chunk.chunks_exact_mut(row_step));
+                    for ((oy, row), level_row) in rows.zip(level_chunk.chunks_exact_mut(level_step)) {
+                        let out = &mut row[interior.clone()];
+                        self.row(input, oy, out, epilogue);
+                        quantize_row(q, out, &mut level_row[level_start..][..out_side * cout]);
+                    }
+                });
+            }
+        }
     }
 
     /// Output row `oy` into `out` (HWC, no border).
@@ -539,25 +556,26 @@ impl QuantizedEncoder {
             bail!("the workspace was made for another encoder");
         }
         workspace.image.fill_from_chw(image_chw)?;
+        if let Some(first) = workspace.blocks.first_mut() {
+            first.input.quantize(&workspace.image, threads);
+        }
+        // Each block writes its output in f32 and, quantized row by row,
+        // into the next block's input.
         for i in 0..self.blocks.len() {
             let block = &self.blocks[i];
             let (done, rest) = workspace.blocks.split_at_mut(i);
-            let buffers = &mut rest[0];
-            match done.last() {
-                Some(previous) => buffers.input.quantize(&previous.output, threads),
-                None => buffers.input.quantize(&workspace.image, threads),
-            }
+            let (buffers, after) = rest.split_first_mut().expect("one buffer set per block");
+            let next = after.first_mut().map(|b| &mut b.input);
             match (&block.pair, &mut buffers.scratch) {
                 (QuantizedPair::Folded { folded, exact }, Scratch::Ring(ring)) => {
-                    folded.run(&buffers.input, &mut buffers.output, Epilogue::Store, threads);
+                    folded.run(&buffers.input, &mut buffers.output, None, Epilogue::Store, threads);
                     let image = match done.last() {
                         Some(previous) => &previous.output,
                         None => &workspace.image,
                     };
                     exact.correct_border(image, ring, &mut buffers.output);
-                    block
-                        .skip
-                        .run(&buffers.input, &mut buffers.output, Epilogue::AddToRelu, threads);
+                    let (input, output) = (&buffers.input, &mut buffers.output);
+                    block.skip.run(input, output, next, Epilogue::AddToRelu, threads);
                 }
                 (
                     QuantizedPair::Separate {
@@ -568,17 +586,15 @@ impl QuantizedEncoder {
                     },
                     Scratch::Middle(middle, levels),
                 ) => {
-                    block
-                        .skip
-                        .run(&buffers.input, &mut buffers.output, Epilogue::Store, threads);
+                    let (input, output) = (&buffers.input, &mut buffers.output);
+                    block.skip.run(input, output, None, Epilogue::Store, threads);
                     let epilogue = if *act_after_conv1 {
                         Epilogue::Relu
                     } else {
                         Epilogue::Store
                     };
-                    conv1.run(&buffers.input, middle, epilogue, threads);
-                    levels.quantize(middle, threads);
-                    conv2.run(levels, &mut buffers.output, Epilogue::ReluAdd, threads);
+                    conv1.run(input, middle, Some(levels), epilogue, threads);
+                    conv2.run(levels, output, next, Epilogue::ReluAdd, threads);
                 }
                 _ => bail!("the workspace was made for another encoder"),
             }
@@ -685,7 +701,7 @@ mod tests {
             let quantized = QuantizedConv::new(&conv, q);
             let out_side = conv.output_side(side);
             let mut got = Activation::new(out_side, 0, cout);
-            quantized.run(&input, &mut got, Epilogue::Store, 1);
+            quantized.run(&input, &mut got, None, Epilogue::Store, 1);
             let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (g, w) in got.data().iter().zip(&want) {
                 assert!(
