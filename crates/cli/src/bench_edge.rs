@@ -42,6 +42,8 @@ struct EdgeReport {
     peak_gflops: f64,
     peak_from: String,
     encoder: Vec<Method>,
+    /// The instructions of the int8 tiles.
+    int8_kernels: String,
     coding_ms: f64,
     string_bytes: usize,
 }
@@ -239,6 +241,7 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         peak_gflops: peak,
         peak_from,
         encoder: methods,
+        int8_kernels: frankensplit_edge::kernel::int8_instructions().to_string(),
         coding_ms: coding.as_secs_f64() * 1e3,
         string_bytes: string.len(),
     };
