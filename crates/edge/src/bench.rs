@@ -54,8 +54,10 @@ struct Report {
     latent: LatentShape,
     threads: usize,
     iterations: usize,
-    /// Whether the AVX2/FMA tiles ran (else the portable loop).
+    /// Whether the vector tiles ran (else the portable loop).
     vectorised: bool,
+    /// The instructions of the f32 tiles.
+    f32_kernels: String,
     /// The instructions of the int8 tiles.
     int8_kernels: String,
     encoder: Vec<Step>,
@@ -157,6 +159,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         threads,
         iterations: args.iterations,
         vectorised: crate::kernel::vectorised(),
+        f32_kernels: crate::kernel::f32_kernels().to_string(),
         int8_kernels: crate::kernel::int8_instructions().to_string(),
         encode_and_code_ms: encoder[2].ms + coding_ms,
         int8_encode_and_code_ms: encoder[3].ms + coding_ms,
@@ -173,7 +176,7 @@ pub fn run_bench(args: BenchArgs) -> Result<()> {
         report.model.display(),
         report.latent,
         threads,
-        if report.vectorised { "AVX2/FMA" } else { "portable" },
+        report.f32_kernels,
         report.int8_kernels,
         args.iterations,
         args.warmup

@@ -15,7 +15,7 @@
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
+use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS};
 use crate::winograd::Winograd;
 
 /// g_a's shape: the `[compressor]` fields of a bundle's architecture that
@@ -419,8 +419,9 @@ impl Conv {
         let first = top as usize * in_step + left as usize * cin;
         let pixel_step = if down { s * in_step } else { s * cin };
         let depth = k * k * cin;
+        let pixels = kernel::f32_tile_pixels();
         for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(TILE_PIXELS) {
+            for i in (0..count).step_by(pixels) {
                 let tile = Tile {
                     input: input.data[first + i * pixel_step..].as_ptr(),
                     pixel_step,
@@ -439,7 +440,7 @@ impl Conv {
                 // weights and biases are whole blocks; the outputs are
                 // `channels` floats of each of the tile's pixels, inside
                 // `out` (asserted), which is not `input`.
-                unsafe { kernel::compute(&tile, (count - i).min(TILE_PIXELS)) };
+                unsafe { kernel::compute(&tile, (count - i).min(pixels)) };
             }
         }
     }
@@ -656,8 +657,9 @@ impl FoldedPair {
                 && out.len() >= (count - 1) * out_step + cout,
             "a border correction beyond its buffers"
         );
+        let pixels = kernel::f32_tile_pixels();
         for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(TILE_PIXELS) {
+            for i in (0..count).step_by(pixels) {
                 let tile = Tile {
                     input: ring.data[first + i * pixel_step..].as_ptr(),
                     pixel_step,
@@ -675,7 +677,7 @@ impl FoldedPair {
                 // inside `out` (asserted); the weights hold whole blocks of
                 // `rows × row_len` taps from each block's start; the biases
                 // (zeros) are whole blocks; `out` is not the ring.
-                unsafe { kernel::compute(&tile, (count - i).min(TILE_PIXELS)) };
+                unsafe { kernel::compute(&tile, (count - i).min(pixels)) };
             }
         }
     }

@@ -83,7 +83,7 @@ pub struct Tile {
     pub epilogue: Epilogue,
 }
 
-/// Computes `pixels` (1 to [`TILE_PIXELS`]) output pixels of `tile`.
+/// Computes `pixels` (1 to [`f32_tile_pixels`]) output pixels of `tile`.
 ///
 /// # Safety
 /// Every input tap of every pixel, `TILE_CHANNELS × kernel × row_len`
@@ -93,6 +93,25 @@ pub struct Tile {
 pub unsafe fn compute(tile: &Tile, pixels: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if std::is_x86_feature_detected!("avx512f") {
+            match pixels {
+                1 => avx512::tile::<1>(tile),
+                2 => avx512::tile::<2>(tile),
+                3 => avx512::tile::<3>(tile),
+                4 => avx512::tile::<4>(tile),
+                5 => avx512::tile::<5>(tile),
+                6 => avx512::tile::<6>(tile),
+                7 => avx512::tile::<7>(tile),
+                8 => avx512::tile::<8>(tile),
+                9 => avx512::tile::<9>(tile),
+                10 => avx512::tile::<10>(tile),
+                11 => avx512::tile::<11>(tile),
+                12 => avx512::tile::<12>(tile),
+                13 => avx512::tile::<13>(tile),
+                _ => avx512::tile::<14>(tile),
+            }
+            return;
+        }
         match pixels {
             1 => avx2::tile::<1>(tile),
             2 => avx2::tile::<2>(tile),
@@ -103,7 +122,27 @@ pub unsafe fn compute(tile: &Tile, pixels: usize) {
         }
         return;
     }
-    portable(tile, pixels.min(TILE_PIXELS));
+    portable(tile, pixels);
+}
+
+/// Output pixels per f32 tile on this machine: with AVX-512 a pixel's 16
+/// channels are one zmm accumulator, and 14 of them (a divisor of g_a's
+/// sides 112, 56 and 28) leave registers for the weights; else 6.
+pub fn f32_tile_pixels() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if vectorised() && std::is_x86_feature_detected!("avx512f") {
+        return 14;
+    }
+    TILE_PIXELS
+}
+
+/// The instructions of the f32 tiles on this machine, for reports.
+pub fn f32_kernels() -> &'static str {
+    match (vectorised(), f32_tile_pixels() > TILE_PIXELS) {
+        (true, true) => "AVX-512",
+        (true, false) => "AVX2/FMA",
+        _ => "portable",
+    }
 }
 
 /// Whether [`compute`] runs the AVX2/FMA tile on this machine.
@@ -295,8 +334,20 @@ unsafe fn portable_quantized_part(tile: &QuantizedTile, pixels: usize) {
     }
 }
 
-/// The same sums in plain Rust, for machines without AVX2/FMA.
+/// The same sums in plain Rust, for machines without AVX2/FMA,
+/// [`TILE_PIXELS`] at a time.
 unsafe fn portable(tile: &Tile, pixels: usize) {
+    for first in (0..pixels).step_by(TILE_PIXELS) {
+        let part = Tile {
+            input: tile.input.add(first * tile.pixel_step),
+            out: tile.out.add(first * tile.out_step),
+            ..*tile
+        };
+        portable_part(&part, (pixels - first).min(TILE_PIXELS));
+    }
+}
+
+unsafe fn portable_part(tile: &Tile, pixels: usize) {
     let bias = std::slice::from_raw_parts(tile.bias, TILE_CHANNELS);
     let mut acc = [[0f32; TILE_CHANNELS]; TILE_PIXELS];
     for a in &mut acc[..pixels] {
@@ -469,14 +520,44 @@ pub(crate) mod avx2 {
     }
 }
 
-/// The int8 tile on zmm registers: a channel block's 16 channels × 4 taps
-/// are one 64-byte vector, so one `vpdpbusd` per pixel and tap group.
+/// The tiles on zmm registers, where a channel block's 16 channels are one
+/// vector (of floats, or of 4 int8 taps each: one `vpdpbusd` per pixel and
+/// tap group).
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
     use super::avx2::store;
-    use super::{QuantizedTile, QUANTIZED_GROUP, TILE_CHANNELS};
+    use super::{QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
+
+    /// `P` pixels × 16 channels of f32 in P zmm accumulators: per tap one
+    /// weight vector and, per pixel, one FMA with the input broadcast. Each
+    /// lane runs the AVX2 tile's FMAs in the same order: the same sums.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn tile<const P: usize>(t: &Tile) {
+        let bias = _mm512_loadu_ps(t.bias);
+        let mut acc = [bias; P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.row_len * TILE_CHANNELS);
+            for j in 0..t.row_len {
+                let weights = _mm512_loadu_ps(w);
+                w = w.add(TILE_CHANNELS);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    *a = _mm512_fmadd_ps(_mm512_set1_ps(*row.add(p * t.pixel_step + j)), weights, *a);
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*a)));
+            store(
+                [_mm512_castps512_ps256(*a), high],
+                t.out.add(p * t.out_step),
+                t.channels,
+                t.epilogue,
+            );
+        }
+    }
 
     /// `P` pixels × 16 channels in P zmm accumulators.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
@@ -521,14 +602,14 @@ mod tests {
     fn tiles_compute_the_sums_through_each_epilogue() {
         let (kernel, cin, stride) = (3, 5, 2);
         let row_len = kernel * cin;
-        let row_step = 80;
+        let row_step = 160; // room for the widest tile (14 pixels on zmm)
         let input = values(kernel * row_step, 1);
         let weights = values(kernel * row_len * TILE_CHANNELS, 2);
         let bias = values(TILE_CHANNELS, 3);
         for epilogue in Epilogue::ALL {
             for channels in [TILE_CHANNELS, 7] {
-                for pixels in 1..=TILE_PIXELS {
-                    let before = values(TILE_PIXELS * 20, 4);
+                for pixels in 1..=f32_tile_pixels() {
+                    let before = values(14 * 20, 4);
                     let mut want = before.clone();
                     for p in 0..pixels {
                         for c in 0..channels {
@@ -565,7 +646,7 @@ mod tests {
                             channels,
                             epilogue,
                         };
-                        // SAFETY: the taps reach `2·row_step + 5·10 + 14 < 3·row_step`;
+                        // SAFETY: the taps reach `2·row_step + 13·10 + 14 < 3·row_step`;
                         // weights, biases and outputs have the sizes the tile reads.
                         unsafe {
                             if vectorised {

@@ -12,7 +12,7 @@
 //! time, so that the transformed values stay in the cache.
 
 use crate::encoder::{split_rows, Activation, Conv};
-use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS, TILE_PIXELS};
+use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS};
 
 /// Transform positions: a 4×4 patch.
 const POSITIONS: usize = 16;
@@ -142,6 +142,7 @@ impl Winograd {
         let blocks = cout.div_ceil(TILE_CHANNELS);
         let out_step = (side + 2 * out_pad) * cout;
         let in_step = input.row_step();
+        let pixels = kernel::f32_tile_pixels();
         for ty in rows.clone() {
             let top = (2 * ty + input.pad() - 1) * in_step;
             for tx in 0..tiles {
@@ -155,7 +156,7 @@ impl Winograd {
                 for block in 0..blocks {
                     let weights =
                         &self.weights[(position * blocks + block) * cin * TILE_CHANNELS..][..cin * TILE_CHANNELS];
-                    for first in (0..tiles).step_by(TILE_PIXELS) {
+                    for first in (0..tiles).step_by(pixels) {
                         let tile = Tile {
                             input: source[first * cin..].as_ptr(),
                             pixel_step: cin,
@@ -173,7 +174,7 @@ impl Winograd {
                         // their transformed tiles inside `source`, one
                         // block's weights, and write `channels` values of
                         // each tile inside `target`, a different buffer.
-                        unsafe { kernel::compute(&tile, (tiles - first).min(TILE_PIXELS)) };
+                        unsafe { kernel::compute(&tile, (tiles - first).min(pixels)) };
                     }
                 }
             }
