@@ -207,21 +207,29 @@ fn bundle_name(bundle: &Bundle) -> String {
     }
 }
 
-fn evaluate_split(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64]) -> Result<MethodResult> {
+/// The split pipeline with the device side done by `compress` (preprocessed
+/// image → payload) and the server side by `bundle`, reported as `method`.
+fn evaluate_split(
+    bundle: &Bundle,
+    dataset: &ImageFolder,
+    labels: &[i64],
+    (method, family): (String, &str),
+    compress: impl Fn(&[f32]) -> Result<Vec<u8>>,
+) -> Result<MethodResult> {
     let preprocess = &bundle.manifest.preprocess;
     let tally = evaluate(
         dataset,
         labels,
         |image| Ok(preprocess.apply(image)?),
         |input| {
-            let payload = bundle.compress(input)?;
+            let payload = compress(input)?;
             let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
             Ok((payload, string))
         },
         |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
     )?;
     let crop = f64::from(preprocess.crop);
-    Ok(tally.result(bundle_name(bundle), "frankensplit", crop * crop))
+    Ok(tally.result(method, family, crop * crop))
 }
 
 /// The bundle at `path` with g_a run by the edge crate in int8, quantized
@@ -236,24 +244,10 @@ fn evaluate_int8(
     let mut edge = EdgeModel::open(path).with_context(|| format!("cannot load {} on the edge", path.display()))?;
     let ranges = edge.calibrate(calibration)?;
     edge.use_int8(&ranges)?;
-    let preprocess = &bundle.manifest.preprocess;
-    let tally = evaluate(
-        dataset,
-        labels,
-        |image| Ok(preprocess.apply(image)?),
-        |input| {
-            let payload = edge.compress(input)?;
-            let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
-            Ok((payload, string))
-        },
-        |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
-    )?;
-    let crop = f64::from(preprocess.crop);
-    Ok(tally.result(
-        format!("{}, int8 edge encoder", bundle_name(bundle)),
-        "frankensplit int8",
-        crop * crop,
-    ))
+    let method = format!("{}, int8 edge encoder", bundle_name(bundle));
+    evaluate_split(bundle, dataset, labels, (method, "frankensplit int8"), |input| {
+        edge.compress(input)
+    })
 }
 
 /// `count` images of the ImageFolder at `dir`, spread over its classes, preprocessed by `bundle`'s pipeline.
@@ -317,7 +311,10 @@ pub fn run(args: EvalArgs) -> Result<()> {
             Bundle::open(path, Device::Cpu).with_context(|| format!("cannot load model {}", path.display()))?;
         let labels = labels_for(&bundle, &dataset)?;
         eprintln!("evaluating {} on {} images", path.display(), dataset.len());
-        results.push(evaluate_split(&bundle, &dataset, &labels)?);
+        let method = (bundle_name(&bundle), "frankensplit");
+        results.push(evaluate_split(&bundle, &dataset, &labels, method, |input| {
+            Ok(bundle.compress(input)?)
+        })?);
         if let Some(dir) = &args.int8_calibration {
             let images = calibration_images(dir, args.int8_calibration_images, &bundle)?;
             eprintln!(
