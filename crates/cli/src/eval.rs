@@ -250,10 +250,8 @@ fn evaluate_int8(
     })
 }
 
-/// `count` images of the ImageFolder at `dir`, spread over its classes, preprocessed by `bundle`'s pipeline.
-fn calibration_images(dir: &Path, count: usize, bundle: &Bundle) -> Result<Vec<Vec<f32>>> {
-    let mut folder = ImageFolder::open(dir)?;
-    subsample(&mut folder, Some(count));
+/// The images of `folder`, preprocessed by `bundle`'s pipeline.
+fn calibration_images(folder: &ImageFolder, bundle: &Bundle) -> Result<Vec<Vec<f32>>> {
     folder
         .samples
         .iter()
@@ -304,6 +302,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let codecs = ImageCodec::parse_list(&args.codec)?;
     let mut dataset = ImageFolder::open(&args.data)?;
     subsample(&mut dataset, args.limit);
+    // The calibration images, checked before any evaluation runs.
+    let calibration = match &args.int8_calibration {
+        Some(dir) => {
+            let mut folder = ImageFolder::open(dir)
+                .with_context(|| format!("--int8-calibration {} is not an ImageFolder", dir.display()))?;
+            if args.int8_calibration_images == 0 {
+                bail!("--int8-calibration-images must be at least 1");
+            }
+            subsample(&mut folder, Some(args.int8_calibration_images));
+            Some((dir, folder))
+        }
+        None => None,
+    };
     let mut results = Vec::new();
     let mut baseline: Option<Bundle> = None;
     for path in &args.models {
@@ -315,8 +326,8 @@ pub fn run(args: EvalArgs) -> Result<()> {
         results.push(evaluate_split(&bundle, &dataset, &labels, method, |input| {
             Ok(bundle.compress(input)?)
         })?);
-        if let Some(dir) = &args.int8_calibration {
-            let images = calibration_images(dir, args.int8_calibration_images, &bundle)?;
+        if let Some((dir, folder)) = &calibration {
+            let images = calibration_images(folder, &bundle)?;
             eprintln!(
                 "evaluating {} with the int8 edge encoder (calibrated on {} images of {})",
                 path.display(),
