@@ -12,6 +12,8 @@
 //! multiply-adds — the first block: 276 M → 89 M of g_a's 530 M at 224² —
 //! the block runs folded ([`FoldedPair`]).
 
+use std::sync::{Mutex, PoisonError};
+
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
@@ -38,10 +40,11 @@ pub struct EncoderSpec {
 pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
-/// values each), split into at most `threads` runs of whole rows on rayon's
-/// pool (which keeps its threads: starting one per call costs ≈ 85 µs),
-/// and into fewer where each would get less than [`MIN_MACS_PER_THREAD`]
-/// of the `macs` the whole work executes.
+/// values each), split into at most `threads` runs of whole rows, the
+/// calling thread computing the first and a pool of `threads − 1` kept
+/// threads the others (starting a thread per call costs ≈ 85 µs), and into
+/// fewer where each would get less than [`MIN_MACS_PER_THREAD`] of the
+/// `macs` the whole work executes.
 pub(crate) fn split_rows<T: Send>(
     body: &mut [T],
     rows: usize,
@@ -65,19 +68,47 @@ pub(crate) fn split_row_pairs<A: Send, B: Send>(
     work: impl Fn(std::ops::Range<usize>, &mut [A], &mut [B]) + Sync,
 ) {
     let threads = threads.min(macs / MIN_MACS_PER_THREAD);
-    if threads <= 1 {
+    let Some(pool) = (threads > 1).then(|| helpers(threads)).flatten() else {
         work(0..rows, a, b);
         return;
-    }
+    };
     let per_thread = rows.div_ceil(threads);
     let work = &work;
-    rayon::scope(|scope| {
-        let chunks = a.chunks_mut(per_thread * a_len).zip(b.chunks_mut(per_thread * b_len));
-        for (i, (a_chunk, b_chunk)) in chunks.enumerate() {
-            let first = i * per_thread;
-            scope.spawn(move |_| work(first..(first + per_thread).min(rows), a_chunk, b_chunk));
+    pool.in_place_scope(|scope| {
+        let mut chunks = a
+            .chunks_mut(per_thread * a_len)
+            .zip(b.chunks_mut(per_thread * b_len))
+            .enumerate();
+        let first = chunks.next();
+        for (i, (a_chunk, b_chunk)) in chunks {
+            let start = i * per_thread;
+            scope.spawn(move |_| work(start..(start + per_thread).min(rows), a_chunk, b_chunk));
+        }
+        if let Some((_, (a_chunk, b_chunk))) = first {
+            work(0..per_thread.min(rows), a_chunk, b_chunk);
         }
     });
+}
+
+/// The kept threads that help the calling one when work is split
+/// `threads` ways: `threads − 1` of them, made once per thread count, so
+/// that `--threads N` keeps N threads busy (rayon's global pool has one per
+/// logical CPU: on a large machine, wake-ups of threads that may share a
+/// core). None if they cannot be started; the work then stays on one thread.
+fn helpers(threads: usize) -> Option<&'static rayon::ThreadPool> {
+    static POOLS: Mutex<Vec<(usize, &'static rayon::ThreadPool)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(&(_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
+        return Some(pool);
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads - 1)
+        .thread_name(|i| format!("g_a helper {i}"))
+        .build()
+        .ok()?;
+    let pool: &'static rayon::ThreadPool = Box::leak(Box::new(pool));
+    pools.push((threads, pool));
+    Some(pool)
 }
 
 /// A square HWC activation inside a zero border of `pad` pixels, so that
@@ -331,7 +362,7 @@ impl Conv {
 
     /// Writes the convolution of `input` into the interior of `output`
     /// through `epilogue`. With `threads > 1` the output rows are split
-    /// into up to that many parts on rayon's pool, as far as each part
+    /// into up to that many parts (see [`split_rows`]), as far as each part
     /// keeps [`MIN_MACS_PER_THREAD`]; every row is computed the same way
     /// either way.
     ///
