@@ -1,6 +1,6 @@
 //! `frankensplit bench edge`: g_a and entropy coding at batch 1, ours (the
 //! libtorch-free `frankensplit-edge` path: as written, folded, folded +
-//! Winograd) against libtorch's kernels on the same weights and input, each
+//! Winograd, int8) against libtorch's kernels on the same weights and input, each
 //! also as a fraction of the machine's peak (the faster of libtorch's and
 //! matrixmultiply's sgemm on large matrices).
 

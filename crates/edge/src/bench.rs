@@ -2,8 +2,9 @@
 //! device itself, with nothing but this binary and a bundle (the full
 //! `frankensplit bench edge` also times libtorch, which devices lack). Each
 //! step of g_a is timed on its own — as written, folded, folded + Winograd
-//! (what `encode` runs) — on one deterministic input, so that a device's
-//! figures compare with BENCHMARKS.md's.
+//! (what `encode` runs), int8 (what `encode --int8` runs, calibrated on the
+//! timed input) — on one deterministic input, so that a device's figures
+//! compare with BENCHMARKS.md's.
 
 use std::path::PathBuf;
 use std::time::Instant;

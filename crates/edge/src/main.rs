@@ -22,7 +22,7 @@ enum Command {
     Calibrate(frankensplit_edge::CalibrateArgs),
     /// Print the header of payload files.
     Inspect(frankensplit_edge::InspectArgs),
-    /// Time the encoder (each step: as written, folded, + Winograd) and the entropy coder on this device.
+    /// Time the encoder (each step: as written, folded, + Winograd, int8) and the entropy coder on this device.
     Bench(frankensplit_edge::bench::BenchArgs),
 }
 
