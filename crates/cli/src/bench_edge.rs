@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use frankensplit_codec::{EntropyBottleneck, LatentShape, LikelihoodFormula};
+use frankensplit_edge::bench::max_abs_difference;
 use frankensplit_edge::encoder::{Encoder, EncoderSpec};
 use frankensplit_edge::int8::QuantizedEncoder;
 use frankensplit_edge::EdgeModel;
@@ -160,12 +161,7 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
     } else {
         (peak_matrixmultiply, "matrixmultiply sgemm 1024³, 1 thread".to_string())
     };
-    let difference = |latent: &[f32]| {
-        latent
-            .iter()
-            .zip(&reference_latent)
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-    };
+    let difference = |latent: &[f32]| max_abs_difference(latent, &reference_latent);
     // Throughput counts the multiply-adds each method executes.
     let method = |name: String, t: Duration, macs: usize, max_abs_difference: f32| {
         let gflops = 2.0 * macs as f64 / t.as_secs_f64() / 1e9;
@@ -198,9 +194,10 @@ pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i3
         (ours_latent, latent_side) = (latent, out_side);
     }
     // int8, calibrated on the timed input itself (the ranges do not change the work).
-    let prepared = &subject.ours.steps(side)[2].1;
-    let ranges = QuantizedEncoder::calibrate(prepared, std::slice::from_ref(&input), side, threads as usize)?;
-    let quantized = QuantizedEncoder::new(prepared, &ranges)?;
+    let mut folded = subject.ours.unfolded();
+    folded.fold(side);
+    let ranges = QuantizedEncoder::calibrate(&folded, std::slice::from_ref(&input), side, threads as usize)?;
+    let quantized = QuantizedEncoder::new(&folded, &ranges)?;
     let mut workspace = quantized.workspace(side);
     let (int8_latent, _) = quantized.run(&mut workspace, &input, threads as usize)?;
     let t = time(warmup, iterations, || {

@@ -450,30 +450,24 @@ impl Conv {
         let first = top as usize * in_step + left as usize * cin;
         let pixel_step = if down { s * in_step } else { s * cin };
         let depth = k * k * cin;
-        let pixels = kernel::f32_tile_pixels();
-        for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(pixels) {
-                let tile = Tile {
-                    input: input.data[first + i * pixel_step..].as_ptr(),
-                    pixel_step,
-                    row_step: in_step,
-                    kernel: k,
-                    row_len: k * cin,
-                    weights: self.blocked[block * depth * TILE_CHANNELS..].as_ptr(),
-                    bias: self.blocked_bias[block * TILE_CHANNELS..].as_ptr(),
-                    out: out[i * out_step + block * TILE_CHANNELS..].as_mut_ptr(),
-                    out_step,
-                    channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
-                    epilogue,
-                };
-                // SAFETY: the taps span padded rows `top..bottom` and
-                // columns `left..right`, inside `input` (asserted); the
-                // weights and biases are whole blocks; the outputs are
-                // `channels` floats of each of the tile's pixels, inside
-                // `out` (asserted), which is not `input`.
-                unsafe { kernel::compute(&tile, (count - i).min(pixels)) };
-            }
-        }
+        let first_tile = Tile {
+            input: input.data[first..].as_ptr(),
+            pixel_step,
+            row_step: in_step,
+            kernel: k,
+            row_len: k * cin,
+            weights: self.blocked.as_ptr(),
+            bias: self.blocked_bias.as_ptr(),
+            out: out.as_mut_ptr(),
+            out_step,
+            channels: TILE_CHANNELS,
+            epilogue,
+        };
+        // SAFETY: the taps span padded rows `top..bottom` and columns
+        // `left..right`, inside `input` (asserted); the weights and biases
+        // are whole blocks of `depth` taps; the outputs are `cout` floats of
+        // each pixel, inside `out` (asserted), which is not `input`.
+        unsafe { kernel::compute_line(&first_tile, count, cout, depth * TILE_CHANNELS) };
     }
 }
 
@@ -688,29 +682,24 @@ impl FoldedPair {
                 && out.len() >= (count - 1) * out_step + cout,
             "a border correction beyond its buffers"
         );
-        let pixels = kernel::f32_tile_pixels();
-        for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(pixels) {
-                let tile = Tile {
-                    input: ring.data[first + i * pixel_step..].as_ptr(),
-                    pixel_step,
-                    row_step: step,
-                    kernel: edge.rows,
-                    row_len: edge.row_len,
-                    weights: edge.weights[block * edge.block_len..].as_ptr(),
-                    bias: self.correction.blocked_bias[block * TILE_CHANNELS..].as_ptr(),
-                    out: out[i * out_step + block * TILE_CHANNELS..].as_mut_ptr(),
-                    out_step,
-                    channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
-                    epilogue: Epilogue::Add,
-                };
-                // SAFETY: every tap lies inside the ring and every output
-                // inside `out` (asserted); the weights hold whole blocks of
-                // `rows × row_len` taps from each block's start; the biases
-                // (zeros) are whole blocks; `out` is not the ring.
-                unsafe { kernel::compute(&tile, (count - i).min(pixels)) };
-            }
-        }
+        let first_tile = Tile {
+            input: ring.data[first..].as_ptr(),
+            pixel_step,
+            row_step: step,
+            kernel: edge.rows,
+            row_len: edge.row_len,
+            weights: edge.weights.as_ptr(),
+            bias: self.correction.blocked_bias.as_ptr(),
+            out: out.as_mut_ptr(),
+            out_step,
+            channels: TILE_CHANNELS,
+            epilogue: Epilogue::Add,
+        };
+        // SAFETY: every tap lies inside the ring and every output inside
+        // `out` (asserted); the weights hold whole blocks of `rows × row_len`
+        // taps, `block_len` apart; the biases (zeros) are whole blocks; `out`
+        // is not the ring.
+        unsafe { kernel::compute_line(&first_tile, count, cout, edge.block_len) };
     }
 }
 
