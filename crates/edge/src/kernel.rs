@@ -4,11 +4,13 @@
 //! im2col copy) with weights packed per channel block, bias loaded into the
 //! accumulators and the block's epilogue (ReLU, residual add) applied
 //! before the one store. On x86-64 with AVX2 and FMA the tile lives in 12
-//! ymm registers (6 pixels × 2 × 8 lanes), chosen at run time; elsewhere a
-//! portable loop computes the same sums. The int8 tile ([`QuantizedTile`])
-//! has the same shape over u8 inputs and s8 weights, 4 taps per 32-bit
-//! lane, with exact i32 sums scaled to floats before the same epilogue, by
-//! VNNI's `vpdpbusd` where the machine has it, else by AVX2.
+//! ymm registers (6 pixels × 2 × 8 lanes), or 14 zmm ones with AVX-512,
+//! chosen at run time; on 64-bit ARM in 24 NEON registers (6 pixels × 4 × 4
+//! lanes); elsewhere a portable loop computes the same sums. The int8 tile
+//! ([`QuantizedTile`]) has the same shape over u8 inputs and s8 weights, 4
+//! taps per 32-bit lane, with exact i32 sums scaled to floats before the
+//! same epilogue, by VNNI's `vpdpbusd` where the machine has it, else by
+//! AVX2, and by `sdot` on ARM cores with the dot-product extension.
 
 /// Output channels per tile: two 8-lane vectors.
 pub const TILE_CHANNELS: usize = 16;
@@ -122,6 +124,16 @@ pub unsafe fn compute(tile: &Tile, pixels: usize) {
         }
         return;
     }
+    #[cfg(target_arch = "aarch64")]
+    match pixels {
+        1 => neon::tile::<1>(tile),
+        2 => neon::tile::<2>(tile),
+        3 => neon::tile::<3>(tile),
+        4 => neon::tile::<4>(tile),
+        5 => neon::tile::<5>(tile),
+        _ => neon::tile::<6>(tile),
+    }
+    #[cfg(not(target_arch = "aarch64"))]
     portable(tile, pixels.min(TILE_PIXELS));
 }
 
@@ -164,6 +176,9 @@ pub fn f32_tile_pixels() -> usize {
 
 /// The instructions of the f32 tiles on this machine, for reports.
 pub fn f32_kernels() -> &'static str {
+    if cfg!(target_arch = "aarch64") {
+        return "NEON";
+    }
     match (vectorised(), f32_tile_pixels() > TILE_PIXELS) {
         (true, true) => "AVX-512",
         (true, false) => "AVX2/FMA",
@@ -171,7 +186,8 @@ pub fn f32_kernels() -> &'static str {
     }
 }
 
-/// Whether [`compute`] runs the AVX2/FMA tile on this machine.
+/// Whether [`compute`] runs a vector tile on this machine: AVX2/FMA (or
+/// AVX-512) on x86-64, NEON (always there) on 64-bit ARM.
 pub fn vectorised() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -179,7 +195,7 @@ pub fn vectorised() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        cfg!(target_arch = "aarch64")
     }
 }
 
@@ -258,6 +274,8 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
             4 => avx2::quantized_tile::<4>(tile),
             _ => avx2::quantized_tile::<5>(tile),
         },
+        #[cfg(target_arch = "aarch64")]
+        Int8Instructions::NeonDot => by_pixels!(neon::quantized_tile),
         _ => portable_quantized(tile, pixels.min(TILE_PIXELS)),
     }
 }
@@ -274,6 +292,11 @@ pub enum Int8Instructions {
     Avx512Vnni,
     /// `vpmaddubsw` + `vpmaddwd` + `vpaddd`.
     Avx2,
+    /// `sdot` on NEON registers, 4 channels × 4 taps per instruction, the
+    /// inputs shifted to signed bytes (ARMv8.2 dot product: Cortex-A55/A76
+    /// and later, Neoverse, Apple M1 and later). Plain NEON has no product
+    /// of 4 bytes, so older ARM cores take the portable int8 loop.
+    NeonDot,
     /// Plain Rust.
     Portable,
 }
@@ -299,6 +322,7 @@ impl std::fmt::Display for Int8Instructions {
             Int8Instructions::AvxVnni => "AVX-VNNI",
             Int8Instructions::Avx512Vnni => "AVX-512 VNNI",
             Int8Instructions::Avx2 => "AVX2",
+            Int8Instructions::NeonDot => "NEON dot product",
             Int8Instructions::Portable => "portable",
         })
     }
@@ -317,6 +341,10 @@ pub fn int8_instructions() -> Int8Instructions {
             }
             return Int8Instructions::Avx2;
         }
+    }
+    #[cfg(target_arch = "aarch64")]
+    if std::arch::is_aarch64_feature_detected!("dotprod") {
+        return Int8Instructions::NeonDot;
     }
     Int8Instructions::Portable
 }
@@ -349,8 +377,10 @@ unsafe fn portable_quantized(tile: &QuantizedTile, pixels: usize) {
     }
 }
 
-/// The same sums in plain Rust (up to [`TILE_PIXELS`] pixels), for
-/// machines without AVX2/FMA.
+/// The same sums in plain Rust (up to [`TILE_PIXELS`] pixels), for x86
+/// machines without AVX2/FMA and other targets without vector tiles, and
+/// as the tests' reference.
+#[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 unsafe fn portable(tile: &Tile, pixels: usize) {
     let bias = std::slice::from_raw_parts(tile.bias, TILE_CHANNELS);
     let mut acc = [[0f32; TILE_CHANNELS]; TILE_PIXELS];
@@ -594,14 +624,157 @@ mod avx512 {
     }
 }
 
+/// The tiles on 128-bit NEON registers, which every 64-bit ARM core has: a
+/// pixel's 16 channels are 4 vectors, so 6 pixels take 24 accumulators and
+/// leave 8 registers for the weights and the input.
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    use super::{Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
+
+    /// `P` pixels × 16 channels of f32 in 4·P accumulators: per tap 4 weight
+    /// vectors and, per pixel, 4 FMAs by the input (`fmla` by element).
+    /// Each lane runs the x86 tiles' FMAs in the same order: the same sums.
+    pub unsafe fn tile<const P: usize>(t: &Tile) {
+        let mut acc = [load(t.bias); P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.row_len * TILE_CHANNELS);
+            for j in 0..t.row_len {
+                let weights = load(w);
+                w = w.add(TILE_CHANNELS);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let x = *row.add(p * t.pixel_step + j);
+                    for (a, &w) in a.iter_mut().zip(&weights) {
+                        *a = vfmaq_n_f32(*a, w, x);
+                    }
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            store(*a, t.out.add(p * t.out_step), t.channels, t.epilogue);
+        }
+    }
+
+    /// 16 floats from `from`.
+    #[inline(always)]
+    unsafe fn load(from: *const f32) -> [float32x4_t; 4] {
+        [
+            vld1q_f32(from),
+            vld1q_f32(from.add(4)),
+            vld1q_f32(from.add(8)),
+            vld1q_f32(from.add(12)),
+        ]
+    }
+
+    /// `acc` plus, in each 32-bit lane, the dot product of its 4 signed
+    /// bytes in `x` and `w`. The `sdot` intrinsic is not stable Rust yet, so
+    /// the one instruction is written out.
+    #[inline(always)]
+    unsafe fn sdot(acc: int32x4_t, x: int8x16_t, w: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        std::arch::asm!(
+            "sdot {acc:v}.4s, {x:v}.16b, {w:v}.16b",
+            acc = inout(vreg) acc,
+            x = in(vreg) x,
+            w = in(vreg) w,
+            options(pure, nomem, nostack, preserves_flags),
+        );
+        acc
+    }
+
+    /// `P` pixels × 16 channels in 4·P i32 accumulators. `sdot` multiplies
+    /// signed bytes, so each u8 input `x` enters as `x − 128` (its top bit
+    /// flipped) and the tile adds back `128 · Σ w` per channel: the same
+    /// exact sums as the x86 tiles.
+    #[target_feature(enable = "dotprod")]
+    pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
+        const BLOCK: usize = TILE_CHANNELS * QUANTIZED_GROUP;
+        let weight_vectors = |at: *const i8| [0, 16, 32, 48].map(|i| vld1q_s8(at.add(i)));
+        let ones = vdupq_n_s8(1);
+        let mut weight_sums = [vdupq_n_s32(0); 4];
+        for group in 0..t.kernel * t.groups {
+            for (sum, w) in weight_sums.iter_mut().zip(weight_vectors(t.weights.add(group * BLOCK))) {
+                *sum = sdot(*sum, ones, w);
+            }
+        }
+        let flip = vdupq_n_u32(0x8080_8080);
+        let mut acc = [[vdupq_n_s32(0); 4]; P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.groups * BLOCK);
+            for g in 0..t.groups {
+                let weights = weight_vectors(w);
+                w = w.add(BLOCK);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let taps = (row.add(p * t.pixel_step + g * QUANTIZED_GROUP) as *const u32).read_unaligned();
+                    let x = vreinterpretq_s8_u32(veorq_u32(vdupq_n_u32(taps), flip));
+                    for (a, &w) in a.iter_mut().zip(&weights) {
+                        *a = sdot(*a, x, w);
+                    }
+                }
+            }
+        }
+        let scale = load(t.scale);
+        let offset = load(t.offset);
+        for (p, a) in acc.iter().enumerate() {
+            let mut sums = [vdupq_n_f32(0.0); 4];
+            for (i, s) in sums.iter_mut().enumerate() {
+                let exact = vaddq_s32(a[i], vshlq_n_s32::<7>(weight_sums[i]));
+                *s = vaddq_f32(vmulq_f32(vcvtq_f32_s32(exact), scale[i]), offset[i]);
+            }
+            store(sums, t.out.add(p * t.out_step), t.channels, t.epilogue);
+        }
+    }
+
+    /// Applies `epilogue` to one pixel's 16 sums and stores its first
+    /// `channels` at `out`.
+    #[inline(always)]
+    unsafe fn store(sums: [float32x4_t; 4], out: *mut f32, channels: usize, epilogue: Epilogue) {
+        let zero = vdupq_n_f32(0.0);
+        let mut v = sums;
+        if matches!(epilogue, Epilogue::Relu | Epilogue::ReluAdd) {
+            v = v.map(|s| vmaxq_f32(s, zero));
+        }
+        if channels == TILE_CHANNELS {
+            for (i, v) in v.iter_mut().enumerate() {
+                let o = out.add(4 * i);
+                match epilogue {
+                    Epilogue::Add | Epilogue::ReluAdd => *v = vaddq_f32(*v, vld1q_f32(o)),
+                    Epilogue::AddToRelu => *v = vaddq_f32(*v, vmaxq_f32(vld1q_f32(o), zero)),
+                    Epilogue::Store | Epilogue::Relu => {}
+                }
+                vst1q_f32(o, *v);
+            }
+        } else {
+            // ReLU on the sums is done; the epilogue's part on `out` per lane.
+            let rest = match epilogue {
+                Epilogue::Relu => Epilogue::Store,
+                Epilogue::ReluAdd => Epilogue::Add,
+                other => other,
+            };
+            let mut lanes = [0f32; TILE_CHANNELS];
+            for (i, v) in v.iter().enumerate() {
+                vst1q_f32(lanes.as_mut_ptr().add(4 * i), *v);
+            }
+            for (c, &value) in lanes[..channels].iter().enumerate() {
+                let o = out.add(c);
+                *o = rest.apply(value, *o);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_values as values;
 
-    /// The dispatched tile (AVX2 where the machine has it) against the
-    /// portable loop and against sums written out, for every pixel count,
-    /// partial channel blocks and each epilogue.
+    /// The dispatched tile (AVX2, AVX-512 or NEON where the machine has
+    /// them) against the portable loop and against sums written out, for
+    /// every pixel count, partial channel blocks and each epilogue; a vector
+    /// tile equal bit for bit to the same sums by fused multiply-adds.
     #[test]
     fn tiles_compute_the_sums_through_each_epilogue() {
         let (kernel, cin, stride) = (3, 5, 2);
@@ -615,13 +788,17 @@ mod tests {
                 for pixels in 1..=f32_tile_pixels() {
                     let before = values(14 * 20, 4);
                     let mut want = before.clone();
+                    // The vector tiles' order: one fused multiply-add per tap, from the bias.
+                    let mut fused = before.clone();
                     for p in 0..pixels {
                         for c in 0..channels {
-                            let mut sum = bias[c];
+                            let (mut sum, mut fused_sum) = (bias[c], bias[c]);
                             for ky in 0..kernel {
                                 for j in 0..row_len {
-                                    sum += input[ky * row_step + p * stride * cin + j]
-                                        * weights[(ky * row_len + j) * TILE_CHANNELS + c];
+                                    let x = input[ky * row_step + p * stride * cin + j];
+                                    let w = weights[(ky * row_len + j) * TILE_CHANNELS + c];
+                                    sum += x * w;
+                                    fused_sum = x.mul_add(w, fused_sum);
                                 }
                             }
                             let o = &mut want[p * 20 + c];
@@ -632,6 +809,8 @@ mod tests {
                                 Epilogue::ReluAdd => sum.max(0.0) + *o,
                                 Epilogue::AddToRelu => sum + o.max(0.0),
                             };
+                            let o = &mut fused[p * 20 + c];
+                            *o = epilogue.apply(fused_sum, *o);
                         }
                     }
                     let mut dispatched = before.clone();
@@ -661,6 +840,10 @@ mod tests {
                                 portable(&tile, pixels);
                             }
                         }
+                    }
+                    if vectorised() {
+                        // Bit for bit, so that every machine writes the same payloads.
+                        assert_eq!(dispatched, fused, "{epilogue:?}, {channels} channels, {pixels} pixels");
                     }
                     let checked = if portable_too { 2 } else { 1 };
                     for got in [&dispatched, &plain].into_iter().take(checked) {

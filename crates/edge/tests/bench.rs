@@ -1,25 +1,21 @@
 //! `frankensplit-edge bench` on a bundle: every step of g_a is reported with
 //! the multiply-adds it executes and a throughput consistent with its time,
 //! and bad arguments are refused.
+// Bundles come from the libtorch model, which links on x86-64 here.
+#![cfg(target_arch = "x86_64")]
 
 mod common;
 
 use std::process::Command;
 
-use common::{fixtures, random_bundle};
-use frankensplit_models::Architecture;
+use common::{random_bundle, small_architecture};
 use serde_json::Value;
 
 #[test]
 fn bench_reports_each_step_of_the_encoder() {
     let dir = std::env::temp_dir().join(format!("frankensplit-edge-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    // The small test architecture: 3 → 8 → 12 → 6 at 64², no activation
-    // between the convolutions.
-    let arch = Architecture::from_toml(
-        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
-    )
-    .unwrap();
+    let arch = small_architecture();
     random_bundle(&dir, &arch, 5);
     let bench = |extra: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_frankensplit-edge"))

@@ -2,15 +2,17 @@
 //! ranges next to the bundle, `encode --int8` uses them, the latent stays
 //! close to the libtorch model's, and calibrations that are missing or made
 //! for other weights are refused with what to do.
+// Bundles come from the libtorch model, which links on x86-64 here.
+#![cfg(target_arch = "x86_64")]
 
 mod common;
 
 use std::process::Command;
 
-use common::{fixtures, random_bundle};
+use common::{fixtures, random_bundle, small_architecture};
 use frankensplit_codec::Payload;
 use frankensplit_edge::{EdgeModel, Int8Calibration, CALIBRATION_FILE};
-use frankensplit_models::{Architecture, Bundle};
+use frankensplit_models::Bundle;
 use frankensplit_preprocess::RgbImage;
 use tch::Device;
 
@@ -18,10 +20,7 @@ use tch::Device;
 fn calibrate_then_encode_in_int8() {
     let root = std::env::temp_dir().join(format!("frankensplit-edge-int8-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    let arch = Architecture::from_toml(
-        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
-    )
-    .unwrap();
+    let arch = small_architecture();
     let (model, other) = (root.join("model"), root.join("other"));
     random_bundle(&model, &arch, 11);
     random_bundle(&other, &arch, 12);

@@ -3,10 +3,12 @@
 //! bytes, with the folded first block where it folds and the other blocks'
 //! second convolutions by Winograd's F(2×2, 3×3); and damaged bundles
 //! refused.
+// Bundles come from the libtorch model, which links on x86-64 here.
+#![cfg(target_arch = "x86_64")]
 
 mod common;
 
-use common::{fixtures, random_bundle};
+use common::{fixtures, random_bundle, reference_encoder_architecture, small_architecture};
 use frankensplit_edge::EdgeModel;
 use frankensplit_models::{Architecture, Bundle};
 use frankensplit_preprocess::RgbImage;
@@ -92,31 +94,17 @@ fn edge_encoder_matches_the_libtorch_model() {
         frankensplit_edge::model::BUNDLE_FORMAT,
         frankensplit_models::bundle::BUNDLE_FORMAT
     );
-    let small = Architecture::from_toml(
-        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
-    )
-    .unwrap();
+    let small = small_architecture();
     check_parity(&small, 1, "small", false, 3);
     let mut with_activation = small.clone();
     with_activation.compressor.act_after_conv1 = true;
     check_parity(&with_activation, 2, "act", false, 3);
-    // The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the small backbone.
-    let mut full = small.clone();
-    full.compressor.input_size = 224;
-    full.compressor.encoder_hidden = [48, 64];
-    full.compressor.latent_channels = 48;
-    full.backbone.img_size = 224;
-    full.backbone.window_sizes = vec![7, 7, 7, 7];
-    full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
-    check_parity(&full, 3, "full", true, 2);
+    check_parity(&reference_encoder_architecture(), 3, "full", true, 2);
 }
 
 #[test]
 fn damaged_bundles_are_refused() {
-    let small = Architecture::from_toml(
-        &std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap(),
-    )
-    .unwrap();
+    let small = small_architecture();
     let dir = std::env::temp_dir().join(format!("frankensplit-edge-damaged-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     random_bundle(&dir, &small, 4);

@@ -14,6 +14,27 @@ pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The small test architecture: 3 → 8 → 12 → 6 at 64², no activation
+/// between a residual block's convolutions.
+pub fn small_architecture() -> Architecture {
+    Architecture::from_toml(&std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap())
+        .unwrap()
+}
+
+/// The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the
+/// small backbone: the first block folds, the others take Winograd.
+#[allow(dead_code)] // not every test binary uses it
+pub fn reference_encoder_architecture() -> Architecture {
+    let mut full = small_architecture();
+    full.compressor.input_size = 224;
+    full.compressor.encoder_hidden = [48, 64];
+    full.compressor.latent_channels = 48;
+    full.backbone.img_size = 224;
+    full.backbone.window_sizes = vec![7, 7, 7, 7];
+    full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
+    full
+}
+
 /// A bundle of `arch` with weights drawn from `seed`.
 pub fn random_bundle(dir: &Path, arch: &Architecture, seed: i64) {
     tch::manual_seed(seed);
