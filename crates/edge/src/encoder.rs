@@ -12,12 +12,13 @@
 //! multiply-adds — the first block: 276 M → 89 M of g_a's 530 M at 224² —
 //! the block runs folded ([`FoldedPair`]).
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS};
+use crate::pool::Helpers;
 use crate::winograd::Winograd;
 
 /// g_a's shape: the `[compressor]` fields of a bundle's architecture that
@@ -40,11 +41,11 @@ pub struct EncoderSpec {
 pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
 
 /// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
-/// values each), split into at most `threads` runs of whole rows, the
-/// calling thread computing the first and a pool of `threads − 1` kept
-/// threads the others (starting a thread per call costs ≈ 85 µs), and into
-/// fewer where each would get less than [`MIN_MACS_PER_THREAD`] of the
-/// `macs` the whole work executes.
+/// values each), split into at most `threads` runs of whole rows (no more
+/// than the machine's cores), the calling thread computing the first and
+/// kept helpers ([`crate::pool`]) the others, and into fewer where each
+/// would get less than [`MIN_MACS_PER_THREAD`] of the `macs` the whole work
+/// executes.
 pub(crate) fn split_rows<T: Send>(
     body: &mut [T],
     rows: usize,
@@ -67,46 +68,44 @@ pub(crate) fn split_row_pairs<A: Send, B: Send>(
     (threads, macs): (usize, usize),
     work: impl Fn(std::ops::Range<usize>, &mut [A], &mut [B]) + Sync,
 ) {
-    let threads = threads.min(macs / MIN_MACS_PER_THREAD);
-    let Some(pool) = (threads > 1).then(|| helpers(threads)).flatten() else {
+    let threads = threads.min(macs / MIN_MACS_PER_THREAD).min(cores());
+    let Some(helpers) = (threads > 1).then(|| helpers(threads)).flatten() else {
         work(0..rows, a, b);
         return;
     };
     let per_thread = rows.div_ceil(threads);
-    let work = &work;
-    pool.in_place_scope(|scope| {
-        let mut chunks = a
-            .chunks_mut(per_thread * a_len)
-            .zip(b.chunks_mut(per_thread * b_len))
-            .enumerate();
-        let first = chunks.next();
-        for (i, (a_chunk, b_chunk)) in chunks {
-            let start = i * per_thread;
-            scope.spawn(move |_| work(start..(start + per_thread).min(rows), a_chunk, b_chunk));
-        }
-        if let Some((_, (a_chunk, b_chunk))) = first {
-            work(0..per_thread.min(rows), a_chunk, b_chunk);
-        }
+    /// A part's rows of both buffers, taken by the thread that computes them.
+    type Part<'a, A, B> = Mutex<Option<(&'a mut [A], &'a mut [B])>>;
+    let chunks: Vec<Part<A, B>> = a
+        .chunks_mut(per_thread * a_len)
+        .zip(b.chunks_mut(per_thread * b_len))
+        .map(|pair| Mutex::new(Some(pair)))
+        .collect();
+    helpers.run(chunks.len(), &|part| {
+        let taken = chunks[part].lock().unwrap_or_else(PoisonError::into_inner).take();
+        let (a_chunk, b_chunk) = taken.expect("each part runs once");
+        let start = part * per_thread;
+        work(start..(start + per_thread).min(rows), a_chunk, b_chunk);
     });
 }
 
+/// The machine's cores: more threads than that would only make the
+/// spinning helpers take turns with the caller.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
 /// The kept threads that help the calling one when work is split
-/// `threads` ways: `threads − 1` of them, made once per thread count, so
-/// that `--threads N` keeps N threads busy (rayon's global pool has one per
-/// logical CPU: on a large machine, wake-ups of threads that may share a
-/// core). None if they cannot be started; the work then stays on one thread.
-fn helpers(threads: usize) -> Option<&'static rayon::ThreadPool> {
-    static POOLS: Mutex<Vec<(usize, &'static rayon::ThreadPool)>> = Mutex::new(Vec::new());
+/// `threads` ways: `threads − 1` of them, made once per thread count. None
+/// if they cannot be started; the work then stays on one thread.
+fn helpers(threads: usize) -> Option<&'static Helpers> {
+    static POOLS: Mutex<Vec<(usize, &'static Helpers)>> = Mutex::new(Vec::new());
     let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(&(_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
         return Some(pool);
     }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads - 1)
-        .thread_name(|i| format!("g_a helper {i}"))
-        .build()
-        .ok()?;
-    let pool: &'static rayon::ThreadPool = Box::leak(Box::new(pool));
+    let pool: &'static Helpers = Box::leak(Box::new(Helpers::start(threads - 1)?));
     pools.push((threads, pool));
     Some(pool)
 }

@@ -11,6 +11,7 @@ pub mod encoder;
 pub mod int8;
 pub mod kernel;
 pub mod model;
+mod pool;
 pub mod winograd;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,223 @@
+//! The threads that share a convolution's rows: the calling thread and
+//! `threads − 1` kept helpers that, after each piece of work, spin on a
+//! counter for a while before they sleep. An encode hands out a dozen
+//! pieces a few hundred µs apart; a helper woken from sleep (rayon's pool,
+//! or a condition variable) starts 50–120 µs late each time (measured: a
+//! trivial split took 75–120 µs with 50–1000 µs of serial work between
+//! splits), which ate most of the second thread's gain. Spinning costs a
+//! core's power for [`SPIN`] after the last piece, no more.
+
+use std::any::Any;
+use std::cell::UnsafeCell;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How long an idle helper spins before it sleeps: longer than the gaps
+/// between an encode's splits, short against an image's time.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// One piece of work handed to the helpers: `work(part)` for the parts
+/// `1..parts` (the caller does part 0). The reference is valid until every
+/// helper has reported back (see [`Helpers::run`]).
+#[derive(Clone, Copy)]
+struct Job {
+    work: *const (dyn Fn(usize) + Sync),
+    parts: usize,
+}
+
+/// What the caller and its helpers share.
+struct Shared {
+    /// Bumped for each job; a helper runs the job when it sees a new value.
+    epoch: AtomicUsize,
+    /// The current job: written by the caller before it bumps `epoch`,
+    /// read by helpers after they see the bump.
+    job: UnsafeCell<Job>,
+    /// Helpers that have not finished the current job.
+    pending: AtomicUsize,
+    /// A panic from a helper's part, resumed on the caller.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
+    /// Helpers asleep, and their wake-up call.
+    sleepers: Mutex<usize>,
+    wake: Condvar,
+}
+
+// SAFETY: `job` is written only by the caller holding `Helpers::caller`
+// while no helper reads it (all have reported back on the previous job), and
+// read by helpers only between the epoch bump and their report.
+unsafe impl Sync for Shared {}
+// SAFETY: the job's closure is `Sync`; the pointer is used only while the
+// caller waits in `Helpers::run`.
+unsafe impl Send for Shared {}
+
+/// `count` kept helper threads; one caller at a time.
+pub(crate) struct Helpers {
+    shared: &'static Shared,
+    count: usize,
+    /// Held by the thread whose job the helpers run.
+    caller: Mutex<()>,
+}
+
+impl Helpers {
+    /// Starts `count` helpers (they live as long as the process). None if a
+    /// thread cannot be started.
+    pub(crate) fn start(count: usize) -> Option<Self> {
+        let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
+        let shared: &'static Shared = Box::leak(Box::new(Shared {
+            epoch: AtomicUsize::new(0),
+            job: UnsafeCell::new(Job { work: noop, parts: 0 }),
+            pending: AtomicUsize::new(0),
+            panic: Mutex::new(None),
+            sleepers: Mutex::new(0),
+            wake: Condvar::new(),
+        }));
+        for index in 0..count {
+            std::thread::Builder::new()
+                .name(format!("g_a helper {index}"))
+                .spawn(move || helper(shared, index + 1))
+                .ok()?;
+        }
+        Some(Self {
+            shared,
+            count,
+            caller: Mutex::new(()),
+        })
+    }
+
+    /// Runs `work(part)` for every part in `0..parts` (at most one more
+    /// than the helpers), part 0 on the calling thread, and returns when all
+    /// are done. A single part, or helpers busy with another thread's job,
+    /// run here. A panic in any part is resumed here once all parts stopped.
+    pub(crate) fn run(&self, parts: usize, work: &(dyn Fn(usize) + Sync)) {
+        assert!(parts <= self.count + 1, "{parts} parts for {} helpers", self.count);
+        if parts <= 1 {
+            (0..parts).for_each(work);
+            return;
+        }
+        let Ok(_caller) = self.caller.try_lock() else {
+            (0..parts).for_each(work);
+            return;
+        };
+        let shared = self.shared;
+        // SAFETY: no helper reads the job now (each reported back on the
+        // previous one before its `run` returned); the lifetime is erased
+        // because `Wait` below keeps `work` borrowed until all report back.
+        unsafe {
+            let work: *const (dyn Fn(usize) + Sync + '_) = work;
+            *shared.job.get() = Job {
+                work: std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync)>(work),
+                parts,
+            };
+        }
+        shared.pending.store(self.count, Ordering::SeqCst);
+        shared.epoch.fetch_add(1, Ordering::SeqCst);
+        if *shared.sleepers.lock().unwrap_or_else(PoisonError::into_inner) > 0 {
+            shared.wake.notify_all();
+        }
+        /// Waits for the helpers even while part 0 unwinds.
+        struct Wait(&'static Shared);
+        impl Drop for Wait {
+            fn drop(&mut self) {
+                let mut spins = 0u32;
+                while self.0.pending.load(Ordering::Acquire) != 0 {
+                    // A helper that lost its core needs this one back.
+                    if spins < 10_000 {
+                        spins += 1;
+                        std::hint::spin_loop();
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            }
+        }
+        let wait = Wait(shared);
+        work(0);
+        drop(wait);
+        if let Some(panic) = shared.panic.lock().unwrap_or_else(PoisonError::into_inner).take() {
+            std::panic::resume_unwind(panic);
+        }
+    }
+}
+
+/// A helper's life: wait for a new epoch (spinning, then asleep), run its
+/// part if the job has one, report back.
+fn helper(shared: &'static Shared, part: usize) {
+    let mut seen = 0;
+    loop {
+        let started = Instant::now();
+        while shared.epoch.load(Ordering::Acquire) == seen {
+            if started.elapsed() < SPIN {
+                std::hint::spin_loop();
+                continue;
+            }
+            let mut sleepers = shared.sleepers.lock().unwrap_or_else(PoisonError::into_inner);
+            *sleepers += 1;
+            while shared.epoch.load(Ordering::SeqCst) == seen {
+                sleepers = shared.wake.wait(sleepers).unwrap_or_else(PoisonError::into_inner);
+            }
+            *sleepers -= 1;
+        }
+        seen = shared.epoch.load(Ordering::Acquire);
+        // SAFETY: the caller wrote the job before bumping the epoch and keeps
+        // it, and the closure it points to, until this helper reports back.
+        let job = unsafe { *shared.job.get() };
+        if part < job.parts {
+            // SAFETY: as above.
+            let work = unsafe { &*job.work };
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| work(part))) {
+                *shared.panic.lock().unwrap_or_else(PoisonError::into_inner) = Some(panic);
+            }
+        }
+        shared.pending.fetch_sub(1, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every part runs exactly once, on as many threads as there are
+    /// parts, for any number of parts up to the helpers + 1, many times in
+    /// a row (with and without pauses long enough for the helpers to sleep).
+    #[test]
+    fn every_part_runs_once() {
+        let helpers = Helpers::start(3).unwrap();
+        for round in 0..200 {
+            if round % 50 == 49 {
+                std::thread::sleep(SPIN * 2);
+            }
+            for parts in 0..=4 {
+                let runs: Vec<AtomicUsize> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+                let threads = Mutex::new(std::collections::HashSet::new());
+                helpers.run(parts, &|part| {
+                    runs[part].fetch_add(1, Ordering::Relaxed);
+                    threads.lock().unwrap().insert(std::thread::current().id());
+                    // Long enough that no one thread can take every part.
+                    std::thread::sleep(Duration::from_micros(200));
+                });
+                let counts: Vec<usize> = runs.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+                let want: Vec<usize> = (0..4).map(|p| usize::from(p < parts)).collect();
+                assert_eq!(counts, want, "round {round}, {parts} parts");
+                assert_eq!(threads.into_inner().unwrap().len(), parts, "round {round}");
+            }
+        }
+    }
+
+    /// A panic in a helper's part reaches the caller, after which the
+    /// helpers still work.
+    #[test]
+    fn a_panic_reaches_the_caller() {
+        let helpers = Helpers::start(1).unwrap();
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            helpers.run(2, &|part| assert_ne!(part, 1, "part 1 fails"));
+        }));
+        let message = caught.unwrap_err();
+        assert!(format!("{:?}", message.downcast_ref::<String>()).contains("part 1 fails"));
+        let done = AtomicUsize::new(0);
+        helpers.run(2, &|_| {
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(done.load(Ordering::Relaxed), 2);
+    }
+}
