@@ -29,6 +29,7 @@ arm_binary="$(realpath -m "${CARGO_TARGET_DIR:-target}/$target/debug/frankenspli
 for cpu in max cortex-a72; do
     echo "frankensplit-edge on aarch64 ($cpu, emulated): unit tests, then payloads against x86-64"
     QEMU_CPU=$cpu cargo test --target "$target" -p frankensplit-edge --lib
+    # --workspace: the features `cargo test --workspace` built with, so nothing is rebuilt.
     QEMU_CPU=$cpu FRANKENSPLIT_EDGE_ARM="qemu-aarch64 -L /usr/aarch64-linux-gnu $arm_binary" \
-        cargo test -p frankensplit-edge --test aarch64 -- --ignored
+        cargo test --workspace --test aarch64 -- --ignored
 done
