@@ -18,6 +18,21 @@ pub const TILE_CHANNELS: usize = 16;
 /// registers for the 2 weight vectors and the broadcast input.
 pub const TILE_PIXELS: usize = 6;
 
+/// Calls the tile function `$path::<P>($tile)` with `P` = `$pixels`
+/// (1 to 6; larger counts take 6): one monomorphised tile per width.
+macro_rules! by_pixels {
+    ($pixels:expr, $($path:ident)::+($tile:expr)) => {
+        match $pixels {
+            1 => $($path)::+::<1>($tile),
+            2 => $($path)::+::<2>($tile),
+            3 => $($path)::+::<3>($tile),
+            4 => $($path)::+::<4>($tile),
+            5 => $($path)::+::<5>($tile),
+            _ => $($path)::+::<6>($tile),
+        }
+    };
+}
+
 /// What happens to the accumulated sums (bias included) before they are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Epilogue {
@@ -114,25 +129,11 @@ pub unsafe fn compute(tile: &Tile, pixels: usize) {
             }
             return;
         }
-        match pixels {
-            1 => avx2::tile::<1>(tile),
-            2 => avx2::tile::<2>(tile),
-            3 => avx2::tile::<3>(tile),
-            4 => avx2::tile::<4>(tile),
-            5 => avx2::tile::<5>(tile),
-            _ => avx2::tile::<6>(tile),
-        }
+        by_pixels!(pixels, avx2::tile(tile));
         return;
     }
     #[cfg(target_arch = "aarch64")]
-    match pixels {
-        1 => neon::tile::<1>(tile),
-        2 => neon::tile::<2>(tile),
-        3 => neon::tile::<3>(tile),
-        4 => neon::tile::<4>(tile),
-        5 => neon::tile::<5>(tile),
-        _ => neon::tile::<6>(tile),
-    }
+    by_pixels!(pixels, neon::tile(tile));
     #[cfg(not(target_arch = "aarch64"))]
     portable(tile, pixels.min(TILE_PIXELS));
 }
@@ -245,24 +246,12 @@ pub struct QuantizedTile {
 /// As [`compute`], where each kernel row reads `groups × QUANTIZED_GROUP`
 /// bytes from its first tap (up to 3 past the taps, which must be readable).
 pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
-    macro_rules! by_pixels {
-        ($($tile:ident)::+) => {
-            match pixels {
-                1 => $($tile)::+::<1>(tile),
-                2 => $($tile)::+::<2>(tile),
-                3 => $($tile)::+::<3>(tile),
-                4 => $($tile)::+::<4>(tile),
-                5 => $($tile)::+::<5>(tile),
-                _ => $($tile)::+::<6>(tile),
-            }
-        };
-    }
     match int8_instructions() {
         #[cfg(target_arch = "x86_64")]
-        Int8Instructions::AvxVnni => by_pixels!(avx2::quantized_tile_avx_vnni),
+        Int8Instructions::AvxVnni => by_pixels!(pixels, avx2::quantized_tile_avx_vnni(tile)),
         #[cfg(target_arch = "x86_64")]
         Int8Instructions::Avx512Vnni => match pixels {
-            1..=6 => by_pixels!(avx512::quantized_tile),
+            1..=6 => by_pixels!(pixels, avx512::quantized_tile(tile)),
             7 => avx512::quantized_tile::<7>(tile),
             _ => avx512::quantized_tile::<8>(tile),
         },
@@ -275,7 +264,7 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
             _ => avx2::quantized_tile::<5>(tile),
         },
         #[cfg(target_arch = "aarch64")]
-        Int8Instructions::NeonDot => by_pixels!(neon::quantized_tile),
+        Int8Instructions::NeonDot => by_pixels!(pixels, neon::quantized_tile(tile)),
         _ => portable_quantized(tile, pixels.min(TILE_PIXELS)),
     }
 }
@@ -410,11 +399,31 @@ unsafe fn portable(tile: &Tile, pixels: usize) {
     }
 }
 
+/// A partial channel block's store: the first `channels` of a pixel's 16
+/// sums, whose ReLU (if the epilogue has one) the vector code has applied,
+/// through the rest of `epilogue` one lane at a time.
+///
+/// # Safety
+/// `channels` floats at `out` must be valid to read and write.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[inline(always)]
+unsafe fn store_lanes(lanes: &[f32; TILE_CHANNELS], out: *mut f32, channels: usize, epilogue: Epilogue) {
+    let rest = match epilogue {
+        Epilogue::Relu => Epilogue::Store,
+        Epilogue::ReluAdd => Epilogue::Add,
+        other => other,
+    };
+    for (c, &value) in lanes[..channels].iter().enumerate() {
+        let o = out.add(c);
+        *o = rest.apply(value, *o);
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
+    use super::{store_lanes, Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
 
     /// `P` pixels × 16 channels in 2·P accumulators.
     #[target_feature(enable = "avx2,fma")]
@@ -537,19 +546,10 @@ pub(crate) mod avx2 {
             _mm256_storeu_ps(out, v[0]);
             _mm256_storeu_ps(out.add(8), v[1]);
         } else {
-            // ReLU on the sums is done; the epilogue's part on `out` per lane.
-            let rest = match epilogue {
-                Epilogue::Relu => Epilogue::Store,
-                Epilogue::ReluAdd => Epilogue::Add,
-                other => other,
-            };
             let mut lanes = [0f32; TILE_CHANNELS];
             _mm256_storeu_ps(lanes.as_mut_ptr(), v[0]);
             _mm256_storeu_ps(lanes.as_mut_ptr().add(8), v[1]);
-            for (c, &value) in lanes[..channels].iter().enumerate() {
-                let o = out.add(c);
-                *o = rest.apply(value, *o);
-            }
+            store_lanes(&lanes, out, channels, epilogue);
         }
     }
 }
@@ -631,7 +631,7 @@ mod avx512 {
 mod neon {
     use std::arch::aarch64::*;
 
-    use super::{Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
+    use super::{store_lanes, Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
 
     /// `P` pixels × 16 channels of f32 in 4·P accumulators: per tap 4 weight
     /// vectors and, per pixel, 4 FMAs by the input (`fmla` by element).
@@ -748,20 +748,11 @@ mod neon {
                 vst1q_f32(o, *v);
             }
         } else {
-            // ReLU on the sums is done; the epilogue's part on `out` per lane.
-            let rest = match epilogue {
-                Epilogue::Relu => Epilogue::Store,
-                Epilogue::ReluAdd => Epilogue::Add,
-                other => other,
-            };
             let mut lanes = [0f32; TILE_CHANNELS];
             for (i, v) in v.iter().enumerate() {
                 vst1q_f32(lanes.as_mut_ptr().add(4 * i), *v);
             }
-            for (c, &value) in lanes[..channels].iter().enumerate() {
-                let o = out.add(c);
-                *o = rest.apply(value, *o);
-            }
+            store_lanes(&lanes, out, channels, epilogue);
         }
     }
 }
