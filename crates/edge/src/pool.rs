@@ -11,7 +11,7 @@ use std::any::Any;
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError};
+use std::sync::{Condvar, Mutex, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper spins before it sleeps: longer than the gaps
@@ -95,11 +95,18 @@ impl Helpers {
             (0..parts).for_each(work);
             return;
         }
-        let Ok(_caller) = self.caller.try_lock() else {
-            (0..parts).for_each(work);
-            return;
+        // A panic that went through here poisoned the lock; it guards no data.
+        let _caller = match self.caller.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                (0..parts).for_each(work);
+                return;
+            }
         };
         let shared = self.shared;
+        // A helper's panic left by a job whose part 0 panicked too.
+        shared.panic.lock().unwrap_or_else(PoisonError::into_inner).take();
         // SAFETY: no helper reads the job now (each reported back on the
         // previous one before its `run` returned); the lifetime is erased
         // because `Wait` below keeps `work` borrowed until all report back.
@@ -204,20 +211,32 @@ mod tests {
         }
     }
 
-    /// A panic in a helper's part reaches the caller, after which the
-    /// helpers still work.
+    /// A panic in a helper's part reaches the caller; after it, and after
+    /// the caller's own part panicked with a helper's, the helper still
+    /// takes its part.
     #[test]
     fn a_panic_reaches_the_caller() {
         let helpers = Helpers::start(1).unwrap();
+        let done = AtomicUsize::new(0);
+        let caller = std::thread::current().id();
+        let count = |part| {
+            assert_eq!(
+                std::thread::current().id() == caller,
+                part == 0,
+                "part {part} on its thread"
+            );
+            done.fetch_add(1, Ordering::Relaxed);
+        };
         let caught = catch_unwind(AssertUnwindSafe(|| {
             helpers.run(2, &|part| assert_ne!(part, 1, "part 1 fails"));
         }));
         let message = caught.unwrap_err();
         assert!(format!("{:?}", message.downcast_ref::<String>()).contains("part 1 fails"));
-        let done = AtomicUsize::new(0);
-        helpers.run(2, &|_| {
-            done.fetch_add(1, Ordering::Relaxed);
-        });
+        helpers.run(2, &count);
         assert_eq!(done.load(Ordering::Relaxed), 2);
+        let caught = catch_unwind(AssertUnwindSafe(|| helpers.run(2, &|part| panic!("part {part} fails"))));
+        assert!(caught.is_err());
+        helpers.run(2, &count);
+        assert_eq!(done.load(Ordering::Relaxed), 4);
     }
 }
