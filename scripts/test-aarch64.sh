@@ -21,7 +21,10 @@ if ! command -v aarch64-linux-gnu-gcc >/dev/null || ! command -v qemu-aarch64 >/
 fi
 # The x86-64 side of the payload comparison builds bundles with libtorch.
 . scripts/setup-libtorch.sh
-# The linker and the qemu runner come from .cargo/config.toml.
+# Debian's cross linker, and qemu to run what is built (set here rather
+# than in .cargo/config.toml, which would also apply on an ARM host).
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER=aarch64-linux-gnu-gcc
+export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu"
 cargo clippy --target "$target" -p frankensplit-edge --all-targets -- -D warnings
 # The test profile (optimised a little, as the unit tests are) keeps emulated encoding quick.
 cargo build --profile test --target "$target" -p frankensplit-edge --bin frankensplit-edge
