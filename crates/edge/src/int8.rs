@@ -229,6 +229,8 @@ pub struct QuantizedConv {
     scale: Vec<f32>,
     /// Per output channel: bias − scale · zero point · Σ weights.
     offset: Vec<f32>,
+    /// Per output channel (zero-padded): Σ weights.
+    weight_sums: Vec<i32>,
 }
 
 impl QuantizedConv {
@@ -243,15 +245,16 @@ impl QuantizedConv {
         let mut weights = vec![0i8; blocks * block_len];
         let mut scale = vec![0f32; blocks * TILE_CHANNELS];
         let mut offset = vec![0f32; blocks * TILE_CHANNELS];
+        let mut weight_sums = vec![0i32; blocks * TILE_CHANNELS];
         for o in 0..cout {
             let taps = || matrix.iter().skip(o).step_by(cout);
             let largest = taps().fold(0f32, |m, w| m.max(w.abs()));
             let weight_scale = if largest > 0.0 { largest / WEIGHT_LEVELS } else { 1.0 };
             let (block, lane) = (o / TILE_CHANNELS, o % TILE_CHANNELS);
-            let mut sum = 0i64;
+            let mut sum = 0i32;
             for (row, &w) in taps().enumerate() {
                 let q = (w / weight_scale).round().clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS) as i8;
-                sum += i64::from(q);
+                sum += i32::from(q);
                 let (ky, j) = (row / row_len, row % row_len);
                 let (group, within) = (j / QUANTIZED_GROUP, j % QUANTIZED_GROUP);
                 let at = ((ky * groups + group) * TILE_CHANNELS + lane) * QUANTIZED_GROUP + within;
@@ -259,7 +262,8 @@ impl QuantizedConv {
             }
             let unit = f64::from(input.scale) * f64::from(weight_scale);
             scale[o] = unit as f32;
-            offset[o] = (f64::from(conv.bias()[o]) - unit * f64::from(input.zero) * sum as f64) as f32;
+            offset[o] = (f64::from(conv.bias()[o]) - unit * f64::from(input.zero) * f64::from(sum)) as f32;
+            weight_sums[o] = sum;
         }
         Self {
             in_channels: cin,
@@ -270,6 +274,7 @@ impl QuantizedConv {
             weights,
             scale,
             offset,
+            weight_sums,
         }
     }
 
@@ -355,6 +360,7 @@ impl QuantizedConv {
                     weights: self.weights[block * block_len..].as_ptr(),
                     scale: self.scale[block * TILE_CHANNELS..].as_ptr(),
                     offset: self.offset[block * TILE_CHANNELS..].as_ptr(),
+                    weight_sums: self.weight_sums[block * TILE_CHANNELS..].as_ptr(),
                     out: out[i * cout + block * TILE_CHANNELS..].as_mut_ptr(),
                     out_step: cout,
                     channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),

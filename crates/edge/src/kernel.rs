@@ -18,17 +18,17 @@ pub const TILE_CHANNELS: usize = 16;
 /// registers for the 2 weight vectors and the broadcast input.
 pub const TILE_PIXELS: usize = 6;
 
-/// Calls the tile function `$path::<P>($tile)` with `P` = `$pixels`
-/// (1 to 6; larger counts take 6): one monomorphised tile per width.
+/// Calls the tile function `$module::$tile::<P>($operands)` with `P` =
+/// `$pixels`: one monomorphised tile per width, the widths listed (1 to 5
+/// unless given), larger counts taking the last width.
 macro_rules! by_pixels {
-    ($pixels:expr, $($path:ident)::+($tile:expr)) => {
+    ($pixels:expr, $module:ident::$tile:ident($operands:expr)) => {
+        by_pixels!($pixels, $module::$tile($operands), 1 2 3 4 5; 6)
+    };
+    ($pixels:expr, $module:ident::$tile:ident($operands:expr), $($width:literal)*; $widest:literal) => {
         match $pixels {
-            1 => $($path)::+::<1>($tile),
-            2 => $($path)::+::<2>($tile),
-            3 => $($path)::+::<3>($tile),
-            4 => $($path)::+::<4>($tile),
-            5 => $($path)::+::<5>($tile),
-            _ => $($path)::+::<6>($tile),
+            $($width => $module::$tile::<$width>($operands),)*
+            _ => $module::$tile::<$widest>($operands),
         }
     };
 }
@@ -111,22 +111,7 @@ pub unsafe fn compute(tile: &Tile, pixels: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
         if std::is_x86_feature_detected!("avx512f") {
-            match pixels {
-                1 => avx512::tile::<1>(tile),
-                2 => avx512::tile::<2>(tile),
-                3 => avx512::tile::<3>(tile),
-                4 => avx512::tile::<4>(tile),
-                5 => avx512::tile::<5>(tile),
-                6 => avx512::tile::<6>(tile),
-                7 => avx512::tile::<7>(tile),
-                8 => avx512::tile::<8>(tile),
-                9 => avx512::tile::<9>(tile),
-                10 => avx512::tile::<10>(tile),
-                11 => avx512::tile::<11>(tile),
-                12 => avx512::tile::<12>(tile),
-                13 => avx512::tile::<13>(tile),
-                _ => avx512::tile::<14>(tile),
-            }
+            by_pixels!(pixels, avx512::tile(tile), 1 2 3 4 5 6 7 8 9 10 11 12 13; 14);
             return;
         }
         by_pixels!(pixels, avx2::tile(tile));
@@ -228,6 +213,9 @@ pub struct QuantizedTile {
     pub scale: *const f32,
     /// Per channel of the block: bias minus the zero point's share of the sum.
     pub offset: *const f32,
+    /// Per channel of the block: the sum of its weights, for the tiles
+    /// whose instructions multiply signed bytes only (`sdot`).
+    pub weight_sums: *const i32,
     /// The first output pixel's first channel of this block.
     pub out: *mut f32,
     /// From one output pixel to the next.
@@ -250,19 +238,9 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
         #[cfg(target_arch = "x86_64")]
         Int8Instructions::AvxVnni => by_pixels!(pixels, avx2::quantized_tile_avx_vnni(tile)),
         #[cfg(target_arch = "x86_64")]
-        Int8Instructions::Avx512Vnni => match pixels {
-            1..=6 => by_pixels!(pixels, avx512::quantized_tile(tile)),
-            7 => avx512::quantized_tile::<7>(tile),
-            _ => avx512::quantized_tile::<8>(tile),
-        },
+        Int8Instructions::Avx512Vnni => by_pixels!(pixels, avx512::quantized_tile(tile), 1 2 3 4 5 6 7; 8),
         #[cfg(target_arch = "x86_64")]
-        Int8Instructions::Avx2 => match pixels {
-            1 => avx2::quantized_tile::<1>(tile),
-            2 => avx2::quantized_tile::<2>(tile),
-            3 => avx2::quantized_tile::<3>(tile),
-            4 => avx2::quantized_tile::<4>(tile),
-            _ => avx2::quantized_tile::<5>(tile),
-        },
+        Int8Instructions::Avx2 => by_pixels!(pixels, avx2::quantized_tile(tile), 1 2 3 4; 5),
         #[cfg(target_arch = "aarch64")]
         Int8Instructions::NeonDot => by_pixels!(pixels, neon::quantized_tile(tile)),
         _ => portable_quantized(tile, pixels.min(TILE_PIXELS)),
@@ -692,13 +670,6 @@ mod neon {
     pub unsafe fn quantized_tile<const P: usize>(t: &QuantizedTile) {
         const BLOCK: usize = TILE_CHANNELS * QUANTIZED_GROUP;
         let weight_vectors = |at: *const i8| [0, 16, 32, 48].map(|i| vld1q_s8(at.add(i)));
-        let ones = vdupq_n_s8(1);
-        let mut weight_sums = [vdupq_n_s32(0); 4];
-        for group in 0..t.kernel * t.groups {
-            for (sum, w) in weight_sums.iter_mut().zip(weight_vectors(t.weights.add(group * BLOCK))) {
-                *sum = sdot(*sum, ones, w);
-            }
-        }
         let flip = vdupq_n_u32(0x8080_8080);
         let mut acc = [[vdupq_n_s32(0); 4]; P];
         for ky in 0..t.kernel {
@@ -718,10 +689,11 @@ mod neon {
         }
         let scale = load(t.scale);
         let offset = load(t.offset);
+        let shift_back = [0, 4, 8, 12].map(|i| vshlq_n_s32::<7>(vld1q_s32(t.weight_sums.add(i))));
         for (p, a) in acc.iter().enumerate() {
             let mut sums = [vdupq_n_f32(0.0); 4];
             for (i, s) in sums.iter_mut().enumerate() {
-                let exact = vaddq_s32(a[i], vshlq_n_s32::<7>(weight_sums[i]));
+                let exact = vaddq_s32(a[i], shift_back[i]);
                 *s = vaddq_f32(vmulq_f32(vcvtq_f32_s32(exact), scale[i]), offset[i]);
             }
             store(sums, t.out.add(p * t.out_step), t.channels, t.epilogue);
@@ -876,6 +848,14 @@ mod tests {
                 }
             }
         }
+        let weight_sums: Vec<i32> = (0..TILE_CHANNELS)
+            .map(|c| {
+                (0..kernel)
+                    .flat_map(|ky| (0..row_len).map(move |j| (ky, j)))
+                    .map(|(ky, j)| i32::from(weight(ky, j, c)))
+                    .sum()
+            })
+            .collect();
         let scale: Vec<f32> = values(TILE_CHANNELS, 7).iter().map(|v| (v + 0.75) * 1e-3).collect();
         let offset = values(TILE_CHANNELS, 8);
         for epilogue in Epilogue::ALL {
@@ -910,6 +890,7 @@ mod tests {
                             weights: weights.as_ptr(),
                             scale: scale.as_ptr(),
                             offset: offset.as_ptr(),
+                            weight_sums: weight_sums.as_ptr(),
                             out: out.as_mut_ptr(),
                             out_step: 20,
                             channels,

@@ -47,9 +47,6 @@ struct Shared {
 // while no helper reads it (all have reported back on the previous job), and
 // read by helpers only between the epoch bump and their report.
 unsafe impl Sync for Shared {}
-// SAFETY: the job's closure is `Sync`; the pointer is used only while the
-// caller waits in `Helpers::run`.
-unsafe impl Send for Shared {}
 
 /// `count` kept helper threads; one caller at a time.
 pub(crate) struct Helpers {
