@@ -348,32 +348,27 @@ impl QuantizedConv {
         let top = oy * s + input.pad - k / 2;
         let first = top * in_step + (input.pad - k / 2) * cin;
         let block_len = k * self.groups * TILE_CHANNELS * QUANTIZED_GROUP;
-        let pixels = kernel::int8_instructions().tile_pixels();
-        for block in 0..cout.div_ceil(TILE_CHANNELS) {
-            for i in (0..count).step_by(pixels) {
-                let tile = QuantizedTile {
-                    input: input.data[first + i * s * cin..].as_ptr(),
-                    pixel_step: s * cin,
-                    row_step: in_step,
-                    kernel: k,
-                    groups: self.groups,
-                    weights: self.weights[block * block_len..].as_ptr(),
-                    scale: self.scale[block * TILE_CHANNELS..].as_ptr(),
-                    offset: self.offset[block * TILE_CHANNELS..].as_ptr(),
-                    weight_sums: self.weight_sums[block * TILE_CHANNELS..].as_ptr(),
-                    out: out[i * cout + block * TILE_CHANNELS..].as_mut_ptr(),
-                    out_step: cout,
-                    channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
-                    epilogue,
-                };
-                // SAFETY: the output side and the border (asserted in `run`)
-                // keep every tap inside the padded input, the last group's
-                // overrun inside its slack; weights, scales and offsets are
-                // whole blocks; the outputs are `channels` floats of each
-                // pixel inside `out`, which is not the input.
-                unsafe { kernel::compute_quantized(&tile, (count - i).min(pixels)) };
-            }
-        }
+        let tile = QuantizedTile {
+            input: input.data[first..].as_ptr(),
+            pixel_step: s * cin,
+            row_step: in_step,
+            kernel: k,
+            groups: self.groups,
+            weights: self.weights.as_ptr(),
+            scale: self.scale.as_ptr(),
+            offset: self.offset.as_ptr(),
+            weight_sums: self.weight_sums.as_ptr(),
+            out: out.as_mut_ptr(),
+            out_step: cout,
+            channels: TILE_CHANNELS,
+            epilogue,
+        };
+        // SAFETY: the output side and the border (asserted in `run`) keep
+        // every tap inside the padded input, the last group's overrun
+        // inside its slack; weights, scales, offsets and weight sums are
+        // whole blocks; the outputs are `cout` floats of each pixel inside
+        // `out`, which is not the input.
+        unsafe { kernel::compute_quantized_line(&tile, count, cout, block_len) };
     }
 }
 

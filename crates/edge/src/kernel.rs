@@ -5,7 +5,9 @@
 //! accumulators and the block's epilogue (ReLU, residual add) applied
 //! before the one store. On x86-64 with AVX2 and FMA the tile lives in 12
 //! ymm registers (6 pixels × 2 × 8 lanes), or 14 zmm ones with AVX-512,
-//! chosen at run time; on 64-bit ARM in 24 NEON registers (6 pixels × 4 × 4
+//! chosen at run time — and with AVX-512, where a line has two whole
+//! channel blocks, one tile of 32 channels in 28 zmm registers computes
+//! both (each broadcast input then feeds two FMAs); on 64-bit ARM in 24 NEON registers (6 pixels × 4 × 4
 //! lanes); elsewhere a portable loop computes the same sums. The int8 tile
 //! ([`QuantizedTile`]) has the same shape over u8 inputs and s8 weights, 4
 //! taps per 32-bit lane, with exact i32 sums scaled to floats before the
@@ -22,13 +24,13 @@ pub const TILE_PIXELS: usize = 6;
 /// `$pixels`: one monomorphised tile per width, the widths listed (1 to 5
 /// unless given), larger counts taking the last width.
 macro_rules! by_pixels {
-    ($pixels:expr, $module:ident::$tile:ident($operands:expr)) => {
-        by_pixels!($pixels, $module::$tile($operands), 1 2 3 4 5; 6)
+    ($pixels:expr, $module:ident::$tile:ident $operands:tt) => {
+        by_pixels!($pixels, $module::$tile $operands, 1 2 3 4 5; 6)
     };
-    ($pixels:expr, $module:ident::$tile:ident($operands:expr), $($width:literal)*; $widest:literal) => {
+    ($pixels:expr, $module:ident::$tile:ident $operands:tt, $($width:literal)*; $widest:literal) => {
         match $pixels {
-            $($width => $module::$tile::<$width>($operands),)*
-            _ => $module::$tile::<$widest>($operands),
+            $($width => $module::$tile::<$width> $operands,)*
+            _ => $module::$tile::<$widest> $operands,
         }
     };
 }
@@ -127,35 +129,53 @@ pub unsafe fn compute(tile: &Tile, pixels: usize) {
 /// that `first` (the first pixel's tile of the first channel block)
 /// starts: each next pixel `pixel_step` further in the input and
 /// `out_step` in the output, each next block `weight_block` floats further
-/// in the weights and [`TILE_CHANNELS`] in the biases and outputs.
+/// in the weights and [`TILE_CHANNELS`] in the biases and outputs. With
+/// AVX-512, pairs of whole blocks go through the 32-channel tile.
 ///
 /// # Safety
 /// As [`compute`], for every pixel's taps and outputs and every block's
 /// weights and biases.
 pub unsafe fn compute_line(first: &Tile, count: usize, out_channels: usize, weight_block: usize) {
     let pixels = f32_tile_pixels();
-    for block in 0..out_channels.div_ceil(TILE_CHANNELS) {
+    let tile = |block: usize, i: usize| Tile {
+        input: first.input.add(i * first.pixel_step),
+        weights: first.weights.add(block * weight_block),
+        bias: first.bias.add(block * TILE_CHANNELS),
+        out: first.out.add(i * first.out_step + block * TILE_CHANNELS),
+        channels: (out_channels - block * TILE_CHANNELS).min(TILE_CHANNELS),
+        ..*first
+    };
+    let mut narrow_from = 0;
+    #[cfg(target_arch = "x86_64")]
+    if pixels == AVX512_TILE_PIXELS {
+        let pairs = out_channels / (2 * TILE_CHANNELS);
+        for pair in 0..pairs {
+            for i in (0..count).step_by(pixels) {
+                let wide = tile(2 * pair, i);
+                by_pixels!((count - i).min(pixels), avx512::wide_tile(&wide, weight_block), 1 2 3 4 5 6 7 8 9 10 11 12 13; 14);
+            }
+        }
+        narrow_from = 2 * pairs;
+    }
+    for block in narrow_from..out_channels.div_ceil(TILE_CHANNELS) {
         for i in (0..count).step_by(pixels) {
-            let tile = Tile {
-                input: first.input.add(i * first.pixel_step),
-                weights: first.weights.add(block * weight_block),
-                bias: first.bias.add(block * TILE_CHANNELS),
-                out: first.out.add(i * first.out_step + block * TILE_CHANNELS),
-                channels: (out_channels - block * TILE_CHANNELS).min(TILE_CHANNELS),
-                ..*first
-            };
-            compute(&tile, (count - i).min(pixels));
+            compute(&tile(block, i), (count - i).min(pixels));
         }
     }
 }
 
+/// Output pixels per f32 tile with AVX-512: a divisor of g_a's sides 112,
+/// 56 and 28; the 32-channel tile's 28 zmm accumulators leave registers
+/// for its two weight vectors and the broadcast input.
+#[cfg(target_arch = "x86_64")]
+const AVX512_TILE_PIXELS: usize = 14;
+
 /// Output pixels per f32 tile on this machine: with AVX-512 a pixel's 16
-/// channels are one zmm accumulator, and 14 of them (a divisor of g_a's
-/// sides 112, 56 and 28) leave registers for the weights; else 6.
+/// channels are one zmm accumulator, 14 pixels; else 6.
 pub fn f32_tile_pixels() -> usize {
     #[cfg(target_arch = "x86_64")]
     if vectorised() && std::is_x86_feature_detected!("avx512f") {
-        return 14;
+        return AVX512_TILE_PIXELS;
     }
     TILE_PIXELS
 }
@@ -247,6 +267,48 @@ pub unsafe fn compute_quantized(tile: &QuantizedTile, pixels: usize) {
     }
 }
 
+/// Computes the int8 tiles of `count` output pixels × `out_channels`
+/// channels that `first` (the first pixel's tile of the first channel
+/// block) starts, as [`compute_line`] does the f32 ones: each next block
+/// `weight_block` bytes further in the weights and [`TILE_CHANNELS`] in
+/// the scales, offsets, weight sums and outputs. With AVX-512 VNNI, pairs
+/// of whole blocks go through the 32-channel tile.
+///
+/// # Safety
+/// As [`compute_quantized`], for every pixel's taps and outputs and every
+/// block's weights, scales, offsets and weight sums.
+pub unsafe fn compute_quantized_line(first: &QuantizedTile, count: usize, out_channels: usize, weight_block: usize) {
+    let instructions = int8_instructions();
+    let pixels = instructions.tile_pixels();
+    let tile = |block: usize, i: usize| QuantizedTile {
+        input: first.input.add(i * first.pixel_step),
+        weights: first.weights.add(block * weight_block),
+        scale: first.scale.add(block * TILE_CHANNELS),
+        offset: first.offset.add(block * TILE_CHANNELS),
+        weight_sums: first.weight_sums.add(block * TILE_CHANNELS),
+        out: first.out.add(i * first.out_step + block * TILE_CHANNELS),
+        channels: (out_channels - block * TILE_CHANNELS).min(TILE_CHANNELS),
+        ..*first
+    };
+    let mut narrow_from = 0;
+    #[cfg(target_arch = "x86_64")]
+    if instructions == Int8Instructions::Avx512Vnni {
+        let pairs = out_channels / (2 * TILE_CHANNELS);
+        for pair in 0..pairs {
+            for i in (0..count).step_by(pixels) {
+                let wide = tile(2 * pair, i);
+                by_pixels!((count - i).min(pixels), avx512::quantized_wide_tile(&wide, weight_block), 1 2 3 4 5 6 7; 8);
+            }
+        }
+        narrow_from = 2 * pairs;
+    }
+    for block in narrow_from..out_channels.div_ceil(TILE_CHANNELS) {
+        for i in (0..count).step_by(pixels) {
+            compute_quantized(&tile(block, i), (count - i).min(pixels));
+        }
+    }
+}
+
 /// The instructions the int8 tile runs on this machine. All give the same
 /// sums: with weights in ±63 no intermediate of AVX2's pair of
 /// instructions saturates, and VNNI's `vpdpbusd` has none.
@@ -273,7 +335,8 @@ impl Int8Instructions {
     /// vectors, the broadcast input) where one instruction does the dot
     /// product; AVX2's pair also needs its constant and a temporary, and at
     /// 6 pixels the accumulators spill to the stack (measured: 2–3× slower),
-    /// so 5; on zmm one accumulator per pixel, 8 of them.
+    /// so 5; on zmm one accumulator per pixel (two in the 32-channel
+    /// tile), 8 pixels.
     pub fn tile_pixels(self) -> usize {
         match self {
             Int8Instructions::Avx2 => 5,
@@ -561,14 +624,45 @@ mod avx512 {
             }
         }
         for (p, a) in acc.iter().enumerate() {
-            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(*a)));
-            store(
-                [_mm512_castps512_ps256(*a), high],
-                t.out.add(p * t.out_step),
-                t.channels,
-                t.epilogue,
-            );
+            store_block(*a, t.out.add(p * t.out_step), t.channels, t.epilogue);
         }
+    }
+
+    /// `P` pixels × 32 channels (two whole blocks, the second one's weights
+    /// `weight_block` floats after the first's) in 2·P zmm accumulators.
+    /// Each broadcast input feeds two FMAs, so a tap costs P + 2 loads for
+    /// 2·P FMAs where the 16-channel tile needs P + 1 for P: the FMA ports,
+    /// not the load ports, set the pace. The same FMAs in the same order per
+    /// lane as the other tiles: the same sums.
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn wide_tile<const P: usize>(t: &Tile, weight_block: usize) {
+        let bias = [_mm512_loadu_ps(t.bias), _mm512_loadu_ps(t.bias.add(TILE_CHANNELS))];
+        let mut acc = [bias; P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.row_len * TILE_CHANNELS);
+            for j in 0..t.row_len {
+                let weights = [_mm512_loadu_ps(w), _mm512_loadu_ps(w.add(weight_block))];
+                w = w.add(TILE_CHANNELS);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*row.add(p * t.pixel_step + j));
+                    a[0] = _mm512_fmadd_ps(x, weights[0], a[0]);
+                    a[1] = _mm512_fmadd_ps(x, weights[1], a[1]);
+                }
+            }
+        }
+        for (p, a) in acc.iter().enumerate() {
+            let out = t.out.add(p * t.out_step);
+            store_block(a[0], out, TILE_CHANNELS, t.epilogue);
+            store_block(a[1], out.add(TILE_CHANNELS), TILE_CHANNELS, t.epilogue);
+        }
+    }
+
+    /// One pixel's 16 sums through the epilogue, as the AVX2 tile stores its two halves.
+    #[inline(always)]
+    unsafe fn store_block(sums: __m512, out: *mut f32, channels: usize, epilogue: super::Epilogue) {
+        let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sums)));
+        store([_mm512_castps512_ps256(sums), high], out, channels, epilogue);
     }
 
     /// `P` pixels × 16 channels in P zmm accumulators.
@@ -591,13 +685,41 @@ mod avx512 {
         let offset = _mm512_loadu_ps(t.offset);
         for (p, a) in acc.iter().enumerate() {
             let sums = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(*a), scale), offset);
-            let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sums)));
-            store(
-                [_mm512_castps512_ps256(sums), high],
-                t.out.add(p * t.out_step),
-                t.channels,
-                t.epilogue,
-            );
+            store_block(sums, t.out.add(p * t.out_step), t.channels, t.epilogue);
+        }
+    }
+
+    /// `P` pixels × 32 channels (two whole blocks, the second one's weights
+    /// `weight_block` bytes after the first's) in 2·P zmm accumulators: one
+    /// broadcast of 4 input bytes feeds two `vpdpbusd`s.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+    pub unsafe fn quantized_wide_tile<const P: usize>(t: &QuantizedTile, weight_block: usize) {
+        let mut acc = [[_mm512_setzero_si512(); 2]; P];
+        for ky in 0..t.kernel {
+            let row = t.input.add(ky * t.row_step);
+            let mut w = t.weights.add(ky * t.groups * TILE_CHANNELS * QUANTIZED_GROUP);
+            for g in 0..t.groups {
+                let weights = [
+                    _mm512_loadu_si512(w as *const __m512i),
+                    _mm512_loadu_si512(w.add(weight_block) as *const __m512i),
+                ];
+                w = w.add(TILE_CHANNELS * QUANTIZED_GROUP);
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let taps = row.add(p * t.pixel_step + g * QUANTIZED_GROUP) as *const i32;
+                    let x = _mm512_set1_epi32(taps.read_unaligned());
+                    a[0] = _mm512_dpbusd_epi32(a[0], x, weights[0]);
+                    a[1] = _mm512_dpbusd_epi32(a[1], x, weights[1]);
+                }
+            }
+        }
+        for half in 0..2 {
+            let scale = _mm512_loadu_ps(t.scale.add(half * TILE_CHANNELS));
+            let offset = _mm512_loadu_ps(t.offset.add(half * TILE_CHANNELS));
+            for (p, a) in acc.iter().enumerate() {
+                let sums = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a[half]), scale), offset);
+                let out = t.out.add(p * t.out_step + half * TILE_CHANNELS);
+                store_block(sums, out, TILE_CHANNELS, t.epilogue);
+            }
         }
     }
 }
@@ -912,6 +1034,116 @@ mod tests {
                         assert_eq!(
                             plain, want,
                             "{epilogue:?}, {channels} channels, {pixels} pixels (portable)"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Lines of several channel blocks (whole pairs, a whole block alone, a
+    /// partial block) for every pixel count up to three tiles and more: the
+    /// f32 line gives each channel the fused sums of its own weights bit for
+    /// bit (the vector tiles), the int8 line the exact sums; on AVX-512
+    /// through the 32-channel tiles.
+    #[test]
+    fn lines_of_several_blocks_compute_each_channel_alike() {
+        let (kernel, cin, stride) = (3usize, 5, 2);
+        let row_len = kernel * cin;
+        let groups = row_len.div_ceil(QUANTIZED_GROUP);
+        let longest = 3 * f32_tile_pixels().max(int8_instructions().tile_pixels()) + 1;
+        let row_step = (longest * stride + kernel) * cin + QUANTIZED_GROUP;
+        let input = values(kernel * row_step, 11);
+        let bytes: Vec<u8> = input.iter().map(|v| ((v + 0.5) * 255.0) as u8).collect();
+        let epilogue = Epilogue::ReluAdd;
+        for cout in [64usize, 53] {
+            let blocks = cout.div_ceil(TILE_CHANNELS);
+            let block_len = kernel * row_len * TILE_CHANNELS;
+            let quantized_block_len = kernel * groups * TILE_CHANNELS * QUANTIZED_GROUP;
+            let weights = values(blocks * block_len, 12);
+            let bias = values(blocks * TILE_CHANNELS, 13);
+            let weight = |o: usize, ky: usize, j: usize| {
+                weights[(o / TILE_CHANNELS) * block_len + (ky * row_len + j) * TILE_CHANNELS + o % TILE_CHANNELS]
+            };
+            let weight8 = |o: usize, ky: usize, j: usize| (weight(o, ky, j) * 126.0).round() as i8;
+            let mut weights8 = vec![0i8; blocks * quantized_block_len];
+            let mut weight_sums = vec![0i32; blocks * TILE_CHANNELS];
+            for o in 0..cout {
+                for ky in 0..kernel {
+                    for j in 0..row_len {
+                        let (g, b) = (j / QUANTIZED_GROUP, j % QUANTIZED_GROUP);
+                        let at = (o / TILE_CHANNELS) * quantized_block_len
+                            + ((ky * groups + g) * TILE_CHANNELS + o % TILE_CHANNELS) * QUANTIZED_GROUP
+                            + b;
+                        weights8[at] = weight8(o, ky, j);
+                        weight_sums[o] += i32::from(weight8(o, ky, j));
+                    }
+                }
+            }
+            let scale: Vec<f32> = values(blocks * TILE_CHANNELS, 14)
+                .iter()
+                .map(|v| (v + 0.75) * 1e-3)
+                .collect();
+            for count in 1..=longest {
+                let before = values(count * cout, 15);
+                let (mut got, mut got8) = (before.clone(), before.clone());
+                let first = Tile {
+                    input: input.as_ptr(),
+                    pixel_step: stride * cin,
+                    row_step,
+                    kernel,
+                    row_len,
+                    weights: weights.as_ptr(),
+                    bias: bias.as_ptr(),
+                    out: got.as_mut_ptr(),
+                    out_step: cout,
+                    channels: TILE_CHANNELS,
+                    epilogue,
+                };
+                let first8 = QuantizedTile {
+                    input: bytes.as_ptr(),
+                    pixel_step: stride * cin,
+                    row_step,
+                    kernel,
+                    groups,
+                    weights: weights8.as_ptr(),
+                    scale: scale.as_ptr(),
+                    offset: bias.as_ptr(),
+                    weight_sums: weight_sums.as_ptr(),
+                    out: got8.as_mut_ptr(),
+                    out_step: cout,
+                    channels: TILE_CHANNELS,
+                    epilogue,
+                };
+                // SAFETY: the taps reach `2·row_step + (longest − 1)·10 + 15
+                // (+ 1 byte of the last group) < input.len()`; weights,
+                // biases, scales and sums are whole blocks; the outputs hold
+                // `count × cout` floats.
+                unsafe {
+                    compute_line(&first, count, cout, block_len);
+                    compute_quantized_line(&first8, count, cout, quantized_block_len);
+                }
+                for p in 0..count {
+                    for o in 0..cout {
+                        let (mut sum, mut sum8) = (bias[o], 0i32);
+                        for ky in 0..kernel {
+                            for j in 0..row_len {
+                                let at = ky * row_step + p * stride * cin + j;
+                                sum = input[at].mul_add(weight(o, ky, j), sum);
+                                sum8 += i32::from(bytes[at]) * i32::from(weight8(o, ky, j));
+                            }
+                        }
+                        let (old, at) = (before[p * cout + o], p * cout + o);
+                        let want = epilogue.apply(sum, old);
+                        if vectorised() {
+                            assert_eq!(got[at], want, "{cout} channels, {count} pixels, pixel {p} channel {o}");
+                        } else {
+                            assert!((got[at] - want).abs() <= 1e-5, "{cout} channels, {count} pixels: {at}");
+                        }
+                        let want8 = epilogue.apply(sum8 as f32 * scale[o] + bias[o], old);
+                        assert_eq!(
+                            got8[at], want8,
+                            "int8, {cout} channels, {count} pixels, pixel {p} channel {o}"
                         );
                     }
                 }

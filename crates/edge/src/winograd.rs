@@ -25,7 +25,8 @@ pub struct Winograd {
     /// Per position, per block of [`TILE_CHANNELS`] outputs: `[c_in][TILE_CHANNELS]`.
     weights: Vec<f32>,
     bias: Vec<f32>,
-    /// What the tiles add before the inverse transform (the bias comes after it).
+    /// What the tiles add before the inverse transform (the bias comes
+    /// after it): a zero per output channel, blocks padded.
     zeros: Vec<f32>,
 }
 
@@ -63,7 +64,7 @@ impl Winograd {
             out_channels: cout,
             weights,
             bias: conv.bias().to_vec(),
-            zeros: vec![0.0; TILE_CHANNELS],
+            zeros: vec![0.0; blocks * TILE_CHANNELS],
         })
     }
 
@@ -142,7 +143,6 @@ impl Winograd {
         let blocks = cout.div_ceil(TILE_CHANNELS);
         let out_step = (side + 2 * out_pad) * cout;
         let in_step = input.row_step();
-        let pixels = kernel::f32_tile_pixels();
         for ty in rows.clone() {
             let top = (2 * ty + input.pad() - 1) * in_step;
             for tx in 0..tiles {
@@ -153,30 +153,24 @@ impl Winograd {
             for position in 0..POSITIONS {
                 let source = &transformed[position * tiles * cin..][..tiles * cin];
                 let target = &mut products[position * tiles * cout..][..tiles * cout];
-                for block in 0..blocks {
-                    let weights =
-                        &self.weights[(position * blocks + block) * cin * TILE_CHANNELS..][..cin * TILE_CHANNELS];
-                    for first in (0..tiles).step_by(pixels) {
-                        let tile = Tile {
-                            input: source[first * cin..].as_ptr(),
-                            pixel_step: cin,
-                            row_step: 0,
-                            kernel: 1,
-                            row_len: cin,
-                            weights: weights.as_ptr(),
-                            bias: self.zeros.as_ptr(),
-                            out: target[first * cout + block * TILE_CHANNELS..].as_mut_ptr(),
-                            out_step: cout,
-                            channels: (cout - block * TILE_CHANNELS).min(TILE_CHANNELS),
-                            epilogue: Epilogue::Store,
-                        };
-                        // SAFETY: the tiles read `cin` values of each of
-                        // their transformed tiles inside `source`, one
-                        // block's weights, and write `channels` values of
-                        // each tile inside `target`, a different buffer.
-                        unsafe { kernel::compute(&tile, (tiles - first).min(pixels)) };
-                    }
-                }
+                let tile = Tile {
+                    input: source.as_ptr(),
+                    pixel_step: cin,
+                    row_step: 0,
+                    kernel: 1,
+                    row_len: cin,
+                    weights: self.weights[position * blocks * cin * TILE_CHANNELS..].as_ptr(),
+                    bias: self.zeros.as_ptr(),
+                    out: target.as_mut_ptr(),
+                    out_step: cout,
+                    channels: TILE_CHANNELS,
+                    epilogue: Epilogue::Store,
+                };
+                // SAFETY: the tiles read `cin` values of each transformed
+                // tile inside `source`, the position's blocks of weights
+                // (`cin × TILE_CHANNELS` each) and zeros, and write `cout`
+                // values of each tile inside `target`, a different buffer.
+                unsafe { kernel::compute_line(&tile, tiles, cout, cin * TILE_CHANNELS) };
             }
             let row = &mut out[2 * (ty - rows.start) * out_step..][..2 * out_step];
             for tx in 0..tiles {
