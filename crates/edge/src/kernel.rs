@@ -1068,7 +1068,7 @@ mod tests {
             let weight8 = |o: usize, ky: usize, j: usize| (weight(o, ky, j) * 126.0).round() as i8;
             let mut weights8 = vec![0i8; blocks * quantized_block_len];
             let mut weight_sums = vec![0i32; blocks * TILE_CHANNELS];
-            for o in 0..cout {
+            for (o, sum) in weight_sums.iter_mut().enumerate().take(cout) {
                 for ky in 0..kernel {
                     for j in 0..row_len {
                         let (g, b) = (j / QUANTIZED_GROUP, j % QUANTIZED_GROUP);
@@ -1076,7 +1076,7 @@ mod tests {
                             + ((ky * groups + g) * TILE_CHANNELS + o % TILE_CHANNELS) * QUANTIZED_GROUP
                             + b;
                         weights8[at] = weight8(o, ky, j);
-                        weight_sums[o] += i32::from(weight8(o, ky, j));
+                        *sum += i32::from(weight8(o, ky, j));
                     }
                 }
             }
