@@ -4,7 +4,9 @@
 //! i32 by the int8 tiles of [`crate::kernel`] and turned back into floats
 //! for the bias, ReLU and residual add. Each convolution quantizes the rows
 //! it writes into the next convolution's input while they are in the
-//! cache, so every convolution reads bytes.
+//! cache, so every 3×3 convolution reads bytes. The 1×1 skip convolutions
+//! of unfolded blocks stay in f32 (see `Skip`): 3 % of the multiply-adds,
+//! most of the int8 encoder's loss of accuracy where they were int8.
 //!
 //! Weights keep 7 bits (±63): without VNNI, `vpmaddubsw` adds two u8·s8
 //! products in i16, and 2·255·63 is the largest sum that cannot saturate.
@@ -392,9 +394,36 @@ enum QuantizedPair {
 #[derive(Debug, Clone)]
 struct QuantizedBlock {
     input: Quantizer,
-    skip: QuantizedConv,
+    skip: Skip,
     pair: QuantizedPair,
     out_channels: usize,
+}
+
+/// A block's 1×1 skip convolution. Its sum reaches the latent without a
+/// ReLU to damp its rounding, and it costs a few percent of the
+/// multiply-adds, so unfolded blocks run it in f32 from their f32 input.
+/// The folded block keeps it in int8: its tiles quantize the block's output
+/// for the next block as they store it, and its input is the image.
+#[derive(Debug, Clone)]
+enum Skip {
+    Float(Conv),
+    Quantized(QuantizedConv),
+}
+
+impl Skip {
+    fn output_side(&self, side: usize) -> usize {
+        match self {
+            Skip::Float(conv) => conv.output_side(side),
+            Skip::Quantized(conv) => conv.output_side(side),
+        }
+    }
+
+    fn macs(&self, side: usize) -> usize {
+        match self {
+            Skip::Float(conv) => conv.macs(side),
+            Skip::Quantized(conv) => conv.macs(side),
+        }
+    }
 }
 
 /// g_a in int8 (see the module's doc), made from the f32 [`Encoder`] as it
@@ -485,6 +514,10 @@ impl QuantizedEncoder {
             .zip(ranges)
             .map(|(block, range)| {
                 let input = Quantizer::new(range.input)?;
+                let skip = match &block.folded {
+                    Some(_) => Skip::Quantized(QuantizedConv::new(&block.skip, input)),
+                    None => Skip::Float(block.skip.clone()),
+                };
                 let pair = match &block.folded {
                     Some(exact) => QuantizedPair::Folded {
                         folded: QuantizedConv::new(exact.folded(), input),
@@ -502,7 +535,7 @@ impl QuantizedEncoder {
                 };
                 Ok(QuantizedBlock {
                     input,
-                    skip: QuantizedConv::new(&block.skip, input),
+                    skip,
                     pair,
                     out_channels: block.conv2.out_channels(),
                 })
@@ -573,16 +606,17 @@ impl QuantizedEncoder {
             let (done, rest) = workspace.blocks.split_at_mut(i);
             let (buffers, after) = rest.split_first_mut().expect("one buffer set per block");
             let next = after.first_mut().map(|b| &mut b.input);
-            match (&block.pair, &mut buffers.scratch) {
-                (QuantizedPair::Folded { folded, exact }, Scratch::Ring(ring)) => {
+            // The block's input in f32.
+            let input_f32 = match done.last() {
+                Some(previous) => &previous.output,
+                None => &workspace.image,
+            };
+            match (&block.pair, &mut buffers.scratch, &block.skip) {
+                (QuantizedPair::Folded { folded, exact }, Scratch::Ring(ring), Skip::Quantized(skip)) => {
                     folded.run(&buffers.input, &mut buffers.output, None, Epilogue::Store, threads);
-                    let image = match done.last() {
-                        Some(previous) => &previous.output,
-                        None => &workspace.image,
-                    };
-                    exact.correct_border(image, ring, &mut buffers.output);
+                    exact.correct_border(input_f32, ring, &mut buffers.output);
                     let (input, output) = (&buffers.input, &mut buffers.output);
-                    block.skip.run(input, output, next, Epilogue::AddToRelu, threads);
+                    skip.run(input, output, next, Epilogue::AddToRelu, threads);
                 }
                 (
                     QuantizedPair::Separate {
@@ -592,9 +626,10 @@ impl QuantizedEncoder {
                         ..
                     },
                     Scratch::Middle(middle, levels),
+                    Skip::Float(skip),
                 ) => {
                     let (input, output) = (&buffers.input, &mut buffers.output);
-                    block.skip.run(input, output, None, Epilogue::Store, threads);
+                    skip.run(input_f32, output, Epilogue::Store, threads);
                     let epilogue = if *act_after_conv1 {
                         Epilogue::Relu
                     } else {
@@ -768,6 +803,35 @@ mod tests {
                     assert_eq!(threaded, got, "act {act}, folded {folded}: 3 threads");
                 }
             }
+        }
+    }
+
+    /// An unfolded block's skip runs in f32 from the f32 input: with conv1
+    /// and conv2 all zeros the block is its skip, and the int8 encoder
+    /// gives the f32 sums (an int8 skip would be off by about a level).
+    #[test]
+    fn unfolded_skips_run_in_f32() {
+        let (cin, cout, side) = (8, 16, 16);
+        let zeros = |o: usize, i: usize, k: usize, s: usize| {
+            Conv::from_torch(&vec![0.0; o * i * k * k], &[o, i, k, k], &vec![0.0; o], s).unwrap()
+        };
+        let skip = Conv::from_torch(&values(cout * cin, 80), &[cout, cin, 1, 1], &values(cout, 81), 2).unwrap();
+        let encoder = Encoder {
+            blocks: vec![ResidualBlock::new(
+                zeros(cout, cin, 3, 2),
+                zeros(cout, cout, 3, 1),
+                skip,
+                false,
+            )],
+        };
+        let image = values(cin * side * side, 82);
+        let ranges = QuantizedEncoder::calibrate(&encoder, std::slice::from_ref(&image), side, 1).unwrap();
+        let quantized = QuantizedEncoder::new(&encoder, &ranges).unwrap();
+        let (want, _) = encoder.forward(&image, side, 1).unwrap();
+        let (got, _) = quantized.run(&mut quantized.workspace(side), &image, 1).unwrap();
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!((g - w).abs() <= 1e-6 * scale, "value {i}: {g} vs {w}");
         }
     }
 
