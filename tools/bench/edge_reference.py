@@ -33,6 +33,12 @@ int8 target's figure).
 
     tools/bench/edge_reference.py --model full-random/ --ours-edge target/release/frankensplit-edge
 
+Where CompressAI has no wheel (the device image's Python 3.12), build it
+there from its sdist and point --compressai-target at the result:
+
+    python3 -m pip install --no-deps --no-build-isolation --target /tmp/cai compressai-1.2.8.tar.gz
+    tools/bench/edge_reference.py --compressai-target /tmp/cai --model full-edge/ --ours-edge frankensplit-edge
+
 --save-onnx PATH keeps the exported graph at PATH and writes, next to it, the
 input (`<PATH without .onnx>.input.npy`), PyTorch's output (`.torch.npy`) and
 ONNX Runtime's output at the first thread count (`.ort.npy`), for other
@@ -86,6 +92,26 @@ def median_ms(fn, warmup, iterations):
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
+
+
+def compressai_without_init(target):
+    """Makes `compressai.entropy_models` and CompressAI's compiled coder
+    importable from `target` (a `pip install --no-deps --target TARGET`
+    of CompressAI's sdist) without running compressai/__init__.py, whose
+    imports (pandas, torch_geometric, PIL, ...) a bare device image lacks:
+    the package module becomes a stub with what the entropy models ask of it."""
+    import os
+    import sys
+    import types
+
+    package = types.ModuleType("compressai")
+    package.__path__ = [os.path.join(target, "compressai")]
+    package.get_entropy_coder = lambda: "ans"
+    package.available_entropy_coders = lambda: ["ans"]
+    sys.modules["compressai"] = package
+    from compressai import ans
+
+    package.ans = ans
 
 
 def load(model_dir, with_compressai=True):
@@ -162,10 +188,21 @@ def main():
     parser.add_argument(
         "--no-compressai", action="store_true", help="skip CompressAI's coder (for machines without it)"
     )
+    parser.add_argument(
+        "--compressai-target",
+        metavar="DIR",
+        help="load CompressAI's entropy models and coder from DIR, a `pip install --no-deps "
+        "--no-build-isolation --target DIR compressai-1.2.8.tar.gz`, without its package "
+        "imports (for machines with torch, numpy and scipy but no CompressAI wheel)",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement this many times")
     args = parser.parse_args()
     if args.ours_edge and not args.model:
         parser.error("--ours-edge needs --model (the device binary reads a bundle)")
+    if args.compressai_target:
+        if args.no_compressai:
+            parser.error("--compressai-target and --no-compressai exclude each other")
+        compressai_without_init(args.compressai_target)
 
     encoder, eb, side = load(args.model, not args.no_compressai)
     torch.manual_seed(1)
