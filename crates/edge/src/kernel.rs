@@ -5,14 +5,15 @@
 //! accumulators and the block's epilogue (ReLU, residual add) applied
 //! before the one store. On x86-64 with AVX2 and FMA the tile lives in 12
 //! ymm registers (6 pixels × 2 × 8 lanes), or 14 zmm ones with AVX-512,
-//! chosen at run time — and with AVX-512, where a line has two whole
-//! channel blocks, one tile of 32 channels in 28 zmm registers computes
-//! both (each broadcast input then feeds two FMAs); on 64-bit ARM in 24 NEON registers (6 pixels × 4 × 4
-//! lanes); elsewhere a portable loop computes the same sums. The int8 tile
-//! ([`QuantizedTile`]) has the same shape over u8 inputs and s8 weights, 4
-//! taps per 32-bit lane, with exact i32 sums scaled to floats before the
-//! same epilogue, by VNNI's `vpdpbusd` where the machine has it, else by
-//! AVX2, and by `sdot` on ARM cores with the dot-product extension.
+//! chosen at run time (with AVX-512, where a line has two whole channel
+//! blocks, one tile of 32 channels in 28 zmm registers computes both, each
+//! broadcast input feeding two FMAs); on 64-bit ARM in 24 NEON registers
+//! (6 pixels × 4 × 4 lanes); elsewhere a portable loop computes the same
+//! sums. The int8 tile ([`QuantizedTile`]) has the same shape over u8
+//! inputs and s8 weights, 4 taps per 32-bit lane, with exact i32 sums
+//! scaled to floats before the same epilogue, by VNNI's `vpdpbusd` where
+//! the machine has it, else by AVX2, and by `sdot` on ARM cores with the
+//! dot-product extension.
 
 /// Output channels per tile: two 8-lane vectors.
 pub const TILE_CHANNELS: usize = 16;
@@ -603,7 +604,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::avx2::store;
-    use super::{QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
+    use super::{Epilogue, QuantizedTile, Tile, QUANTIZED_GROUP, TILE_CHANNELS};
 
     /// `P` pixels × 16 channels of f32 in P zmm accumulators: per tap one
     /// weight vector and, per pixel, one FMA with the input broadcast. Each
@@ -660,7 +661,7 @@ mod avx512 {
 
     /// One pixel's 16 sums through the epilogue, as the AVX2 tile stores its two halves.
     #[inline(always)]
-    unsafe fn store_block(sums: __m512, out: *mut f32, channels: usize, epilogue: super::Epilogue) {
+    unsafe fn store_block(sums: __m512, out: *mut f32, channels: usize, epilogue: Epilogue) {
         let high = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sums)));
         store([_mm512_castps512_ps256(sums), high], out, channels, epilogue);
     }
