@@ -146,21 +146,37 @@ pub unsafe fn compute_line(first: &Tile, count: usize, out_channels: usize, weig
         channels: (out_channels - block * TILE_CHANNELS).min(TILE_CHANNELS),
         ..*first
     };
-    let mut narrow_from = 0;
-    #[cfg(target_arch = "x86_64")]
-    if pixels == AVX512_TILE_PIXELS {
-        let pairs = out_channels / (2 * TILE_CHANNELS);
-        for pair in 0..pairs {
-            for i in (0..count).step_by(pixels) {
-                let wide = tile(2 * pair, i);
-                by_pixels!((count - i).min(pixels), avx512::wide_tile(&wide, weight_block), 1 2 3 4 5 6 7 8 9 10 11 12 13; 14);
-            }
+    let wide = cfg!(target_arch = "x86_64") && pixels == AVX512_TILE_PIXELS;
+    by_tiles(count, out_channels, pixels, wide, |block, i, n, two_blocks| {
+        if two_blocks {
+            #[cfg(target_arch = "x86_64")]
+            by_pixels!(n, avx512::wide_tile(&tile(block, i), weight_block), 1 2 3 4 5 6 7 8 9 10 11 12 13; 14);
+        } else {
+            compute(&tile(block, i), n);
         }
-        narrow_from = 2 * pairs;
+    });
+}
+
+/// Calls `tile(block, first_pixel, pixels, two_blocks)` for every tile of
+/// a line of `count` pixels × `out_channels` channels, `pixels_per_tile`
+/// at a time: first over pairs of whole blocks (`two_blocks`) where `wide`,
+/// then over the blocks left, one at a time.
+fn by_tiles(
+    count: usize,
+    out_channels: usize,
+    pixels_per_tile: usize,
+    wide: bool,
+    mut tile: impl FnMut(usize, usize, usize, bool),
+) {
+    let pairs = if wide { out_channels / (2 * TILE_CHANNELS) } else { 0 };
+    for pair in 0..pairs {
+        for i in (0..count).step_by(pixels_per_tile) {
+            tile(2 * pair, i, (count - i).min(pixels_per_tile), true);
+        }
     }
-    for block in narrow_from..out_channels.div_ceil(TILE_CHANNELS) {
-        for i in (0..count).step_by(pixels) {
-            compute(&tile(block, i), (count - i).min(pixels));
+    for block in 2 * pairs..out_channels.div_ceil(TILE_CHANNELS) {
+        for i in (0..count).step_by(pixels_per_tile) {
+            tile(block, i, (count - i).min(pixels_per_tile), false);
         }
     }
 }
@@ -168,7 +184,6 @@ pub unsafe fn compute_line(first: &Tile, count: usize, out_channels: usize, weig
 /// Output pixels per f32 tile with AVX-512: a divisor of g_a's sides 112,
 /// 56 and 28; the 32-channel tile's 28 zmm accumulators leave registers
 /// for its two weight vectors and the broadcast input.
-#[cfg(target_arch = "x86_64")]
 const AVX512_TILE_PIXELS: usize = 14;
 
 /// Output pixels per f32 tile on this machine: with AVX-512 a pixel's 16
@@ -291,23 +306,15 @@ pub unsafe fn compute_quantized_line(first: &QuantizedTile, count: usize, out_ch
         channels: (out_channels - block * TILE_CHANNELS).min(TILE_CHANNELS),
         ..*first
     };
-    let mut narrow_from = 0;
-    #[cfg(target_arch = "x86_64")]
-    if instructions == Int8Instructions::Avx512Vnni {
-        let pairs = out_channels / (2 * TILE_CHANNELS);
-        for pair in 0..pairs {
-            for i in (0..count).step_by(pixels) {
-                let wide = tile(2 * pair, i);
-                by_pixels!((count - i).min(pixels), avx512::quantized_wide_tile(&wide, weight_block), 1 2 3 4 5 6 7; 8);
-            }
+    let wide = cfg!(target_arch = "x86_64") && instructions == Int8Instructions::Avx512Vnni;
+    by_tiles(count, out_channels, pixels, wide, |block, i, n, two_blocks| {
+        if two_blocks {
+            #[cfg(target_arch = "x86_64")]
+            by_pixels!(n, avx512::quantized_wide_tile(&tile(block, i), weight_block), 1 2 3 4 5 6 7; 8);
+        } else {
+            compute_quantized(&tile(block, i), n);
         }
-        narrow_from = 2 * pairs;
-    }
-    for block in narrow_from..out_channels.div_ceil(TILE_CHANNELS) {
-        for i in (0..count).step_by(pixels) {
-            compute_quantized(&tile(block, i), (count - i).min(pixels));
-        }
-    }
+    });
 }
 
 /// The instructions the int8 tile runs on this machine. All give the same
