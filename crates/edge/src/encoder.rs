@@ -73,6 +73,7 @@ pub(crate) fn split_row_pairs<A: Send, B: Send>(
         work(0..rows, a, b);
         return;
     };
+    let threads = threads.min(helpers.threads());
     let per_thread = rows.div_ceil(threads);
     /// A part's rows of both buffers, taken by the thread that computes them.
     type Part<'a, A, B> = Mutex<Option<(&'a mut [A], &'a mut [B])>>;
@@ -97,17 +98,19 @@ fn cores() -> usize {
 }
 
 /// The kept threads that help the calling one when work is split
-/// `threads` ways: `threads − 1` of them, made once per thread count. None
-/// if they cannot be started; the work then stays on one thread.
+/// `threads` ways: `threads − 1` of them (fewer if the system refuses some:
+/// see [`Helpers::threads`]), made once per thread count. None if not one
+/// can be started, which is also remembered: the work then stays on one
+/// thread.
 fn helpers(threads: usize) -> Option<&'static Helpers> {
-    static POOLS: Mutex<Vec<(usize, &'static Helpers)>> = Mutex::new(Vec::new());
+    static POOLS: Mutex<Vec<(usize, Option<&'static Helpers>)>> = Mutex::new(Vec::new());
     let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(&(_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
-        return Some(pool);
+        return pool;
     }
-    let pool: &'static Helpers = Box::leak(Box::new(Helpers::start(threads - 1)?));
+    let pool = Helpers::start(threads - 1).map(|helpers| &*Box::leak(Box::new(helpers)));
     pools.push((threads, pool));
-    Some(pool)
+    pool
 }
 
 /// A square HWC activation inside a zero border of `pad` pixels, so that

@@ -57,9 +57,21 @@ pub(crate) struct Helpers {
 }
 
 impl Helpers {
-    /// Starts `count` helpers (they live as long as the process). None if a
-    /// thread cannot be started.
+    /// Starts up to `count` helpers (they live as long as the process): as
+    /// many as the system gives threads for, so that none started is lost
+    /// when a later one fails (see [`Helpers::threads`]). None if not one
+    /// starts.
     pub(crate) fn start(count: usize) -> Option<Self> {
+        Self::start_with(count, |name, body| {
+            std::thread::Builder::new().name(name).spawn(body).map(drop)
+        })
+    }
+
+    /// [`Helpers::start`] with `spawn(name, body)` starting each thread.
+    fn start_with(
+        count: usize,
+        mut spawn: impl FnMut(String, Box<dyn FnOnce() + Send>) -> std::io::Result<()>,
+    ) -> Option<Self> {
         let noop: &'static (dyn Fn(usize) + Sync) = &|_| {};
         let shared: &'static Shared = Box::leak(Box::new(Shared {
             epoch: AtomicUsize::new(0),
@@ -69,17 +81,25 @@ impl Helpers {
             sleepers: Mutex::new(0),
             wake: Condvar::new(),
         }));
-        for index in 0..count {
-            std::thread::Builder::new()
-                .name(format!("g_a helper {index}"))
-                .spawn(move || helper(shared, index + 1))
-                .ok()?;
-        }
-        Some(Self {
+        let started = (0..count)
+            .take_while(|&index| {
+                spawn(
+                    format!("g_a helper {index}"),
+                    Box::new(move || helper(shared, index + 1)),
+                )
+                .is_ok()
+            })
+            .count();
+        (started > 0).then(|| Self {
             shared,
-            count,
+            count: started,
             caller: Mutex::new(()),
         })
+    }
+
+    /// The threads a job can use: the helpers and the caller.
+    pub(crate) fn threads(&self) -> usize {
+        self.count + 1
     }
 
     /// Runs `work(part)` for every part in `0..parts` (at most one more
@@ -206,6 +226,32 @@ mod tests {
                 assert_eq!(threads.into_inner().unwrap().len(), parts, "round {round}");
             }
         }
+    }
+
+    /// When the system refuses a thread, the helpers started before it
+    /// serve (and are the pool's size); none started is no pool.
+    #[test]
+    fn helpers_that_started_serve_when_one_cannot() {
+        let mut calls = 0;
+        let helpers = Helpers::start_with(3, |name, body| {
+            calls += 1;
+            if calls == 3 {
+                return Err(std::io::Error::other("no more threads"));
+            }
+            std::thread::Builder::new().name(name).spawn(body).map(drop)
+        })
+        .unwrap();
+        assert_eq!((calls, helpers.threads()), (3, 3));
+        let runs: Vec<AtomicUsize> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let threads = Mutex::new(std::collections::HashSet::new());
+        helpers.run(3, &|part| {
+            runs[part].fetch_add(1, Ordering::Relaxed);
+            threads.lock().unwrap().insert(std::thread::current().id());
+            std::thread::sleep(Duration::from_micros(200));
+        });
+        assert!(runs.iter().all(|r| r.load(Ordering::Relaxed) == 1));
+        assert_eq!(threads.into_inner().unwrap().len(), 3);
+        assert!(Helpers::start_with(2, |_, _| Err(std::io::Error::other("none"))).is_none());
     }
 
     /// A panic in a helper's part reaches the caller; after it, and after
