@@ -1,12 +1,13 @@
-//! The committed demo models (`models/demo/`), built into the binary so that
-//! `--model demo` works anywhere without a download.
+//! The committed built-in models (`models/demo/`), built into the binary so
+//! that `--model demo` works anywhere without a download: the compressors
+//! of the scenes benchmark at five rates (configs/scenes/, docs/results.md).
 //!
-//! The three demo bundles share one teacher, so `models/demo/` stores its
-//! backbone once (`backbone.safetensors`) and per λ the manifest and the rest
-//! of the weights (`l<λ>/model.toml`, `l<λ>/compressor.safetensors`). Both
-//! halves are safetensors written by the same serialiser as the bundle's own
-//! file, which orders tensors canonically, so merging them gives back the
-//! trained bundle byte for byte and its fingerprint still holds.
+//! The bundles share one teacher, so `models/demo/` stores its backbone
+//! once (`backbone.safetensors`) and per λ the manifest and the rest of the
+//! weights (`l<λ>/model.toml`, `l<λ>/compressor.safetensors`). Both halves
+//! are safetensors written by the same serialiser as the bundle's own file,
+//! which orders tensors canonically, so merging them gives back the trained
+//! bundle byte for byte and its fingerprint still holds.
 
 use std::path::{Path, PathBuf};
 
@@ -19,24 +20,26 @@ const BACKBONE: &str = "backbone.";
 
 const SHARED_BACKBONE: &[u8] = include_bytes!("../../../models/demo/backbone.safetensors");
 
-/// Name, manifest and compressor weights of each demo bundle; `demo` is the middle rate.
-const MODELS: [(&str, &str, &[u8]); 3] = [
-    (
-        "demo-l0.025",
-        include_str!("../../../models/demo/l0.025/model.toml"),
-        include_bytes!("../../../models/demo/l0.025/compressor.safetensors"),
-    ),
-    (
-        "demo-l0.2",
-        include_str!("../../../models/demo/l0.2/model.toml"),
-        include_bytes!("../../../models/demo/l0.2/compressor.safetensors"),
-    ),
-    (
-        "demo-l1.6",
-        include_str!("../../../models/demo/l1.6/model.toml"),
-        include_bytes!("../../../models/demo/l1.6/compressor.safetensors"),
-    ),
-];
+/// Name, manifest and compressor weights of each built-in bundle, from `models/demo/l<λ>/`.
+macro_rules! built_in {
+    ($($lmbda:literal),+) => {
+        [$((
+            concat!("demo-l", $lmbda),
+            include_str!(concat!("../../../models/demo/l", $lmbda, "/model.toml")),
+            include_bytes!(concat!("../../../models/demo/l", $lmbda, "/compressor.safetensors")).as_slice(),
+        )),+]
+    };
+}
+
+const MODELS: [(&str, &str, &[u8]); 5] = built_in!("0.04", "0.16", "0.64", "2.56", "10.24");
+
+/// What `demo` names: the middle rate.
+const DEFAULT: &str = "demo-l0.64";
+
+/// The built-in models' names, lowest λ (highest rate) first.
+pub fn names() -> Vec<&'static str> {
+    MODELS.iter().map(|(name, ..)| *name).collect()
+}
 
 /// clap's parser of `--model`: see [`model_path`].
 pub fn parse_model(value: &str) -> std::result::Result<PathBuf, String> {
@@ -51,7 +54,7 @@ pub fn model_path(model: &Path) -> Result<PathBuf> {
         return Ok(model.to_path_buf());
     }
     let name = match model.to_str() {
-        Some("demo") => "demo-l0.2",
+        Some("demo") => DEFAULT,
         Some(other) => other,
         None => "",
     };
@@ -93,6 +96,33 @@ fn merge(backbone: &[u8], compressor: &[u8]) -> Result<Vec<u8>> {
     let compressor = SafeTensors::deserialize(compressor)?;
     let tensors: Vec<(String, TensorView)> = backbone.tensors().into_iter().chain(compressor.tensors()).collect();
     Ok(safetensors::serialize(tensors, &None)?)
+}
+
+#[derive(clap::Args)]
+pub struct PackArgs {
+    /// NAME=BUNDLE_DIR, e.g. l0.16=runs/scenes/compressor-l0.16/bundle; repeat the flag.
+    #[arg(long = "bundle", required = true, value_parser = parse_named)]
+    bundles: Vec<(String, PathBuf)>,
+    /// Output directory (models/demo to replace the built-in models).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+fn parse_named(text: &str) -> std::result::Result<(String, PathBuf), String> {
+    match text.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => Ok((name.to_string(), PathBuf::from(dir))),
+        _ => Err(format!("expected NAME=BUNDLE_DIR, got {text:?}")),
+    }
+}
+
+pub fn run_pack(args: PackArgs) -> Result<()> {
+    pack(&args.bundles, &args.output)?;
+    println!(
+        "packed {} bundles into {}; rebuild the binary to build them in",
+        args.bundles.len(),
+        args.output.display()
+    );
+    Ok(())
 }
 
 /// Writes bundles (name → bundle directory, trained against one teacher) in

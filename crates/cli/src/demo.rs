@@ -1,11 +1,13 @@
-//! `frankensplit demo`: the whole system on the built-in synthetic dataset,
-//! from nothing: data, a teacher, compressors at three rates (stage 1 head
-//! distillation + stage 2 saliency-guided), evaluation against JPEG and WebP,
-//! the latency model, and the server and client over loopback. Each step is
-//! one of the CLI's own commands, printed before it runs, so the demo doubles
-//! as a tutorial; the run files it trains from are written next to the runs.
-//! It also packs its bundles as `models/demo/` stores them (see
-//! [`crate::builtin`]), which is how the committed demo models are made.
+//! `frankensplit demo`: the whole system on the built-in scenes benchmark,
+//! with no download: a freshly generated test set (a seed no training or
+//! tuning used), the built-in trained compressors evaluated on it against
+//! JPEG, WebP and PNG (top-1 with bootstrap intervals, and the mean byte
+//! ratio at equal accuracy), one small compressor trained for a minute to
+//! show the training path (stage 1 head distillation + stage 2
+//! saliency-guided, against the built-in teacher), the latency model, and
+//! the server and client over loopback. Each step is one of the CLI's own
+//! commands, printed before it runs, so the demo doubles as a tutorial; the
+//! run file it trains from is written next to the run.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -14,20 +16,23 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser};
 use frankensplit_models::Bundle;
 use frankensplit_serve::{start, ServeConfig};
-use frankensplit_train::run::{RunConfig, StageKind};
+use frankensplit_train::run::RunConfig;
 use tch::Device;
 
-/// The run files of `configs/synthetic/`: the demo trains exactly these
-/// recipes (with its own paths, and fewer steps under `--quick`).
-const TEACHER_RUN: &str = include_str!("../../../configs/synthetic/teacher.toml");
-const COMPRESSOR_RUN: &str = include_str!("../../../configs/synthetic/compressor-l0.2.toml");
+/// The recipe of the built-in compressors (`configs/scenes/`): the demo's
+/// one-minute run trains it with fewer images.
+const COMPRESSOR_RUN: &str = include_str!("../../../configs/scenes/compressor-l0.64.toml");
+
+/// The seed of the demo's test set: used by no training or tuning run (the
+/// validation set is seed 0, the training streams seeds 1 and 2).
+pub const TEST_SEED: u64 = 7;
 
 /// Marks a directory as the demo's, so that a rerun may replace it.
 const MARKER: &str = ".frankensplit-demo";
 
 #[derive(Args)]
 pub struct DemoArgs {
-    /// Working directory for the data, run files, runs and reports; a
+    /// Working directory for the data, run file, run and reports; a
     /// previous demo's directory is replaced, any other must be empty.
     #[arg(short, long, default_value = "runs/demo")]
     output: PathBuf,
@@ -35,9 +40,12 @@ pub struct DemoArgs {
     /// accuracies mean nothing.
     #[arg(long)]
     quick: bool,
-    /// Rate weights λ, one compressor each.
-    #[arg(long, value_delimiter = ',', default_value = "0.025,0.2,1.6")]
-    lambdas: Vec<f64>,
+    /// Seed of the generated test set (the default is the one docs/results.md reports).
+    #[arg(long, default_value_t = TEST_SEED)]
+    seed: u64,
+    /// Test images per class (10 classes); default 100, or 3 with --quick.
+    #[arg(long)]
+    test_per_class: Option<usize>,
     /// Where to train: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -45,29 +53,30 @@ pub struct DemoArgs {
 
 /// The sizes of one demo flavour.
 struct Plan {
-    train_per_class: usize,
+    test_per_class: usize,
     val_per_class: usize,
-    /// Epochs of every stage; `None` keeps the run files'.
-    epochs: Option<usize>,
+    /// Images of the one-minute run's stream per epoch (one epoch a stage).
+    train_images: usize,
     codecs: &'static str,
     latency_iterations: usize,
     loopback_images: usize,
 }
 
 const FULL: Plan = Plan {
-    train_per_class: 500,
-    val_per_class: 40,
-    epochs: None,
-    codecs: "jpeg:q=5,jpeg:q=20,jpeg:q=50,jpeg:q=90,webp:q=0,webp:q=20,webp:q=50,webp:q=90,png",
+    test_per_class: 100,
+    val_per_class: 20,
+    train_images: 2048,
+    codecs: "jpeg:q=1,jpeg:q=5,jpeg:q=10,jpeg:q=20,jpeg:q=40,jpeg:q=70,jpeg:q=90,\
+             webp:q=0,webp:q=5,webp:q=10,webp:q=20,webp:q=40,webp:q=70,webp:q=90,png",
     latency_iterations: 10,
     loopback_images: 4,
 };
 
 const QUICK: Plan = Plan {
-    train_per_class: 12,
-    val_per_class: 3,
-    epochs: Some(1),
-    codecs: "jpeg:q=20,webp:q=20,png",
+    test_per_class: 3,
+    val_per_class: 1,
+    train_images: 16,
+    codecs: "jpeg:q=20,webp:q=5,webp:q=50,png",
     latency_iterations: 2,
     loopback_images: 2,
 };
@@ -126,38 +135,26 @@ fn prepare_output(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Writes a run file for the demo: the embedded recipe with absolute paths
-/// into `root`, the stages cut down when `epochs` is given.
-fn write_run_file(
-    template: &str,
-    root: &Path,
-    output: &str,
-    lmbda: Option<f64>,
-    epochs: Option<usize>,
-    file: &Path,
-) -> Result<PathBuf> {
-    let mut config: RunConfig = toml::from_str(template).context("embedded run file")?;
-    config.output = root.join("runs").join(output);
-    config.data.train = root.join("data/train");
+/// Writes the demo's one-minute run file: the built-in recipe against the
+/// built-in teacher (`teacher_weights`), `images` stream images an epoch,
+/// one epoch a stage, validated on `root/data/val`.
+fn write_run_file(root: &Path, teacher_weights: &Path, images: usize, file: &Path) -> Result<PathBuf> {
+    let mut config: RunConfig = toml::from_str(COMPRESSOR_RUN).context("embedded run file")?;
+    config.output = root.join("runs/compressor");
     config.data.val = root.join("data/val");
-    if config.data.saliency.is_some() {
-        config.data.saliency = Some(root.join("saliency"));
-    }
-    if config.teacher.weights.is_some() {
-        config.teacher.weights = Some(root.join("runs/teacher/teacher.safetensors"));
-    }
+    config.teacher.weights = Some(teacher_weights.to_path_buf());
+    let stream = config
+        .data
+        .generate
+        .as_mut()
+        .context("the embedded recipe trains from the generator")?;
+    stream.per_epoch = images;
     for stage in &mut config.stages {
-        if let Some(lmbda) = lmbda {
-            if stage.kind != StageKind::Teacher {
-                stage.lmbda = lmbda;
-            }
-        }
-        if let Some(epochs) = epochs {
-            stage.epochs = epochs;
-        }
+        stage.epochs = 1;
+        stage.warmup = stage.warmup.min(images / stage.batch_size / 4);
     }
     let text = format!(
-        "# Written by `frankensplit demo` from configs/synthetic/; rerun with\n#   frankensplit train --config {}\n{}",
+        "# Written by `frankensplit demo` from configs/scenes/ (one epoch a stage of {images} images); rerun with\n#   frankensplit train --config {}\n{}",
         file.display(),
         toml::to_string(&config).context("run file")?
     );
@@ -166,95 +163,53 @@ fn write_run_file(
     Ok(file.to_path_buf())
 }
 
-/// `l0.2`-style names.
-fn lambda_name(lmbda: f64) -> String {
-    format!("l{lmbda}")
-}
-
 pub fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let plan = if args.quick { &QUICK } else { &FULL };
-    if args.lambdas.is_empty() || args.lambdas.iter().any(|l| !(l.is_finite() && *l > 0.0)) {
-        bail!("--lambdas needs positive rate weights");
+    let test_per_class = args.test_per_class.unwrap_or(plan.test_per_class);
+    if test_per_class == 0 {
+        bail!("--test-per-class must be at least 1");
     }
     let root =
         std::path::absolute(&args.output).with_context(|| format!("cannot resolve {}", args.output.display()))?;
     prepare_output(&root)?;
+    let models = crate::builtin::names();
     println!(
-        "FrankenSplit demo{} in {}: synthetic data → teacher → {} compressors → evaluation → latency → server and client",
+        "FrankenSplit demo{} in {}: fresh test set (seed {}) → {} built-in compressors against JPEG, WebP and PNG → a compressor trained for a minute → latency → server and client",
         if args.quick { " (--quick)" } else { "" },
         root.display(),
-        args.lambdas.len()
+        args.seed,
+        models.len()
     );
 
+    let data = root.join("data");
     step(&strings([
         "synth-data",
         "-o",
-        &path_arg(&root.join("data")),
-        "--size",
-        "72",
+        &path_arg(&data),
+        "--seed",
+        &args.seed.to_string(),
         "--train-per-class",
-        &plan.train_per_class.to_string(),
+        "0",
         "--val-per-class",
         &plan.val_per_class.to_string(),
+        "--test-per-class",
+        &test_per_class.to_string(),
     ]))?;
-
-    let configs = root.join("configs");
-    let teacher = write_run_file(
-        TEACHER_RUN,
-        &root,
-        "teacher",
-        None,
-        plan.epochs,
-        &configs.join("teacher.toml"),
-    )?;
-    step(&strings([
-        "train",
-        "--config",
-        &path_arg(&teacher),
-        "--device",
-        &args.device,
-    ]))?;
-
-    let mut bundles = Vec::new();
-    let mut packed = Vec::new();
-    for &lmbda in &args.lambdas {
-        let name = format!("compressor-{}", lambda_name(lmbda));
-        let file = write_run_file(
-            COMPRESSOR_RUN,
-            &root,
-            &name,
-            Some(lmbda),
-            plan.epochs,
-            &configs.join(format!("{name}.toml")),
-        )?;
-        step(&strings([
-            "train",
-            "--config",
-            &path_arg(&file),
-            "--device",
-            &args.device,
-        ]))?;
-        let bundle = root.join("runs").join(&name).join("bundle");
-        packed.push((lambda_name(lmbda), bundle.clone()));
-        bundles.push(bundle);
-    }
-    let models = root.join("models/demo");
-    crate::builtin::pack(&packed, &models)?;
 
     let mut eval = strings(["eval"]);
-    for bundle in &bundles {
-        eval.extend(strings(["--model", &path_arg(bundle)]));
+    for name in &models {
+        eval.extend(strings(["--model", name]));
     }
     let results = root.join("results.md");
     let rate_plots = [root.join("rate-accuracy.png"), root.join("rate-accuracy.svg")];
     eval.extend(strings([
         "--data",
-        &path_arg(&root.join("data/val")),
+        &path_arg(&data.join("test")),
         "--codec",
-        plan.codecs,
+        &plan.codecs.split_whitespace().collect::<String>(),
         "--int8-calibration",
-        &path_arg(&root.join("data/train")),
+        &path_arg(&data.join("val")),
         "--report",
         &path_arg(&results),
         "--report",
@@ -266,13 +221,27 @@ pub fn run(args: DemoArgs) -> Result<()> {
     ]));
     step(&eval)?;
 
-    let middle = &bundles[bundles.len() / 2];
-    let images = sample_images(&root.join("data/val"), plan.loopback_images)?;
+    let middle = crate::builtin::model_path(Path::new("demo"))?;
+    let run_file = write_run_file(
+        &root,
+        &middle.join("weights.safetensors"),
+        plan.train_images,
+        &root.join("configs/compressor.toml"),
+    )?;
+    step(&strings([
+        "train",
+        "--config",
+        &path_arg(&run_file),
+        "--device",
+        &args.device,
+    ]))?;
+
+    let images = sample_images(&data.join("test"), plan.loopback_images)?;
     let latency_plots = [root.join("latency.png"), root.join("latency.svg")];
     let mut latency = strings([
         "latency",
         "--model",
-        &path_arg(middle),
+        "demo",
         "--codec",
         "jpeg:q=50,webp:q=50,png",
         "--iterations",
@@ -285,11 +254,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
     latency.extend(images.iter().map(|p| path_arg(p)));
     step(&latency)?;
 
-    loopback(middle, &images)?;
+    loopback(&middle, &images)?;
 
     println!(
-        "\ndemo finished in {:.0} s. Rate vs accuracy (validation set, real entropy coding):\n",
-        started.elapsed().as_secs_f64()
+        "\ndemo finished in {:.0} s. Rate vs accuracy on the {} test images (real entropy coding; 95 % bootstrap intervals):\n",
+        started.elapsed().as_secs_f64(),
+        10 * test_per_class
     );
     print!("{}", std::fs::read_to_string(&results)?);
     println!("\nfiles:");
@@ -300,24 +270,17 @@ pub fn run(args: DemoArgs) -> Result<()> {
         ("accuracy vs bpp (SVG)", rate_plots[1].clone()),
         ("latency vs bandwidth", latency_plots[0].clone()),
         ("latency vs bandwidth (SVG)", latency_plots[1].clone()),
+        ("one-minute compressor", root.join("runs/compressor/bundle")),
+        ("its run file", run_file),
     ] {
         println!("  {what:<28} {}", path.display());
     }
-    for bundle in &bundles {
-        println!("  {:<28} {}", "bundle", bundle.display());
-    }
-    println!("  {:<28} {}", "run files", configs.display());
-    println!(
-        "  {:<28} {} (the committed models/demo/ layout)",
-        "bundles, packed",
-        models.display()
-    );
     Ok(())
 }
 
-/// `n` validation images, one per class in turn.
-fn sample_images(val: &Path, n: usize) -> Result<Vec<PathBuf>> {
-    let folder = frankensplit_train::data::ImageFolder::open(val)?;
+/// `n` images of an ImageFolder, one per class in turn.
+fn sample_images(folder: &Path, n: usize) -> Result<Vec<PathBuf>> {
+    let folder = frankensplit_train::data::ImageFolder::open(folder)?;
     let classes = folder.classes.len() as i64;
     let mut picked = Vec::new();
     for class in 0..classes {

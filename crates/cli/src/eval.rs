@@ -2,7 +2,9 @@
 //! offloading the image with standard codecs, on an ImageFolder. Split
 //! inference goes through real entropy coding (payload bytes on the wire);
 //! the codec baselines feed the same backbone the decoded centre crop, and
-//! their bytes are the compressed image's.
+//! their bytes are the compressed image's. Top-1 comes with a 95 %
+//! bootstrap interval, and each FrankenSplit family with its mean byte
+//! ratio against each lossy codec at equal top-1 ([`crate::stats`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +21,10 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::plot::{self, Chart, Series};
+use crate::stats::{byte_ratio, Bootstrap, Outcomes, Point};
+
+/// Bootstrap resamples behind every interval `eval` reports.
+const BOOTSTRAP_ROUNDS: usize = 2000;
 
 #[derive(Args)]
 pub struct EvalArgs {
@@ -70,6 +76,8 @@ pub struct MethodResult {
     pub images: usize,
     /// Top-1 accuracy (%).
     pub top1: f64,
+    /// 95 % bootstrap interval of top-1 (%), resampling the images.
+    pub top1_ci: [f64; 2],
     /// Top-5 accuracy (%).
     pub top5: f64,
     /// Mean bytes sent per image (container header included for FrankenSplit).
@@ -85,6 +93,35 @@ pub struct MethodResult {
     pub decode_ms: f64,
 }
 
+/// The mean byte ratio of a FrankenSplit family to a codec at equal top-1.
+#[derive(Debug, Clone, Serialize)]
+pub struct ByteRatio {
+    /// The FrankenSplit family (`frankensplit`, `frankensplit int8`).
+    pub family: String,
+    /// The codec family it is compared with.
+    pub reference: String,
+    /// Geometric mean over the common top-1 range of the family's bytes
+    /// over the reference's at equal top-1 (below 1: FrankenSplit sends less).
+    pub ratio: f64,
+    /// 95 % bootstrap interval of the ratio.
+    pub ratio_ci: [f64; 2],
+    /// Resamples whose curves no longer overlapped (left out of the interval).
+    pub resamples_without_overlap: usize,
+    /// The top-1 range (%) both curves cover, over which the ratio is averaged.
+    pub top1_range: [f64; 2],
+}
+
+/// What `eval` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// One row per method.
+    pub methods: Vec<MethodResult>,
+    /// FrankenSplit's bytes against each lossy codec's at equal top-1.
+    pub byte_ratios: Vec<ByteRatio>,
+    /// How many bootstrap resamples the intervals come from.
+    pub bootstrap_rounds: usize,
+}
+
 /// Running sums for one method.
 #[derive(Default)]
 struct Tally {
@@ -95,6 +132,7 @@ struct Tally {
     string_bytes: usize,
     encode_s: f64,
     decode_s: f64,
+    outcomes: Outcomes,
 }
 
 impl Tally {
@@ -103,21 +141,25 @@ impl Tally {
         let k = logits.size()[0].min(5);
         let top: Vec<i64> = Vec::try_from(logits.topk(k, 0, true, true).1).unwrap_or_default();
         self.images += 1;
-        self.top1 += usize::from(top.first() == Some(&label));
+        let right = top.first() == Some(&label);
+        self.top1 += usize::from(right);
         self.top5 += usize::from(top.contains(&label));
         self.bytes += bytes;
+        self.outcomes.correct.push(right);
+        self.outcomes.bytes.push(bytes);
         self.encode_s += encode_s;
         self.decode_s += decode_s;
     }
 
-    fn result(&self, method: String, family: &str, pixels: f64) -> MethodResult {
+    fn result(&self, method: String, family: &str, pixels: f64) -> (MethodResult, Outcomes) {
         let n = self.images.max(1) as f64;
         let mean_bytes = self.bytes as f64 / n;
-        MethodResult {
+        let result = MethodResult {
             method,
             family: family.into(),
             images: self.images,
             top1: 100.0 * self.top1 as f64 / n,
+            top1_ci: [f64::NAN; 2],
             top5: 100.0 * self.top5 as f64 / n,
             mean_bytes,
             bpp: mean_bytes * 8.0 / pixels,
@@ -126,7 +168,8 @@ impl Tally {
                 .then(|| self.string_bytes as f64 / n * 8.0 / pixels),
             encode_ms: self.encode_s / n * 1e3,
             decode_ms: self.decode_s / n * 1e3,
-        }
+        };
+        (result, self.outcomes.clone())
     }
 }
 
@@ -215,7 +258,7 @@ fn evaluate_split(
     labels: &[i64],
     (method, family): (String, &str),
     compress: impl Fn(&[f32]) -> Result<Vec<u8>>,
-) -> Result<MethodResult> {
+) -> Result<(MethodResult, Outcomes)> {
     let preprocess = &bundle.manifest.preprocess;
     let tally = evaluate(
         dataset,
@@ -240,7 +283,7 @@ fn evaluate_int8(
     calibration: &[Vec<f32>],
     dataset: &ImageFolder,
     labels: &[i64],
-) -> Result<MethodResult> {
+) -> Result<(MethodResult, Outcomes)> {
     let mut edge = EdgeModel::open(path).with_context(|| format!("cannot load {} on the edge", path.display()))?;
     let ranges = edge.calibrate(calibration)?;
     edge.use_int8(&ranges)?;
@@ -259,7 +302,12 @@ fn calibration_images(folder: &ImageFolder, bundle: &Bundle) -> Result<Vec<Vec<f
         .collect()
 }
 
-fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec: &ImageCodec) -> Result<MethodResult> {
+fn evaluate_codec(
+    bundle: &Bundle,
+    dataset: &ImageFolder,
+    labels: &[i64],
+    codec: &ImageCodec,
+) -> Result<(MethodResult, Outcomes)> {
     let preprocess = &bundle.manifest.preprocess;
     let tally = evaluate(
         dataset,
@@ -276,17 +324,84 @@ fn evaluate_codec(bundle: &Bundle, dataset: &ImageFolder, labels: &[i64], codec:
     Ok(tally.result(codec.to_string(), codec.family(), side * side))
 }
 
+/// Fills in the intervals of `methods` and the byte ratios of each
+/// FrankenSplit family against each lossy codec family.
+fn summarise(methods: Vec<(MethodResult, Outcomes)>) -> Report {
+    let images = methods.first().map_or(0, |(r, _)| r.images);
+    let bootstrap = Bootstrap::new(images, BOOTSTRAP_ROUNDS, 0);
+    let mut families: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, (r, _)) in methods.iter().enumerate() {
+        families.entry(r.family.clone()).or_default().push(i);
+    }
+    let mut byte_ratios = Vec::new();
+    for (family, ours) in families.iter().filter(|(f, _)| f.starts_with("frankensplit")) {
+        for (reference, theirs) in families.iter().filter(|(f, _)| ["jpeg", "webp"].contains(&f.as_str())) {
+            let points = |indices: &[usize]| -> Vec<Point> {
+                indices
+                    .iter()
+                    .map(|&i| Point {
+                        bytes: methods[i].0.mean_bytes,
+                        top1: methods[i].0.top1,
+                    })
+                    .collect()
+            };
+            let Some((ratio, top1_range)) = byte_ratio(&points(ours), &points(theirs)) else {
+                continue;
+            };
+            let outcomes = |indices: &[usize]| -> Vec<&Outcomes> { indices.iter().map(|&i| &methods[i].1).collect() };
+            let (ratio_ci, resamples_without_overlap) = bootstrap
+                .ratio_interval(&outcomes(ours), &outcomes(theirs))
+                .unwrap_or(([f64::NAN; 2], BOOTSTRAP_ROUNDS));
+            byte_ratios.push(ByteRatio {
+                family: family.clone(),
+                reference: reference.clone(),
+                ratio,
+                ratio_ci,
+                resamples_without_overlap,
+                top1_range,
+            });
+        }
+    }
+    let methods = methods
+        .into_iter()
+        .map(|(mut r, outcomes)| {
+            r.top1_ci = bootstrap.top1_interval(&outcomes);
+            r
+        })
+        .collect();
+    Report {
+        methods,
+        byte_ratios,
+        bootstrap_rounds: BOOTSTRAP_ROUNDS,
+    }
+}
+
+/// One line per byte ratio, for people.
+pub fn ratio_lines(ratios: &[ByteRatio]) -> String {
+    ratios
+        .iter()
+        .map(|r| {
+            format!(
+                "{} needs {:.2}× the bytes of {} for the same top-1 (95 % CI {:.2}–{:.2}×), averaged over top-1 {:.2}–{:.2} %\n",
+                r.family, r.ratio, r.reference, r.ratio_ci[0], r.ratio_ci[1], r.top1_range[0], r.top1_range[1]
+            )
+        })
+        .collect()
+}
+
 /// The Markdown table of `results`.
 pub fn markdown(results: &[MethodResult]) -> String {
     let mut out = String::from(
-        "| method | images | top-1 % | top-5 % | bytes | bpp | bpp (string) | encode ms | decode + classify ms |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| method | images | top-1 % | top-1 95 % CI | top-5 % | bytes | bpp | bpp (string) | encode ms | decode + classify ms |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in results {
         out += &format!(
-            "| {} | {} | {:.2} | {:.2} | {:.0} | {:.4} | {} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.2} | {:.2}–{:.2} | {:.2} | {:.0} | {:.4} | {} | {:.2} | {:.2} |\n",
             r.method,
             r.images,
             r.top1,
+            r.top1_ci[0],
+            r.top1_ci[1],
             r.top5,
             r.mean_bytes,
             r.bpp,
@@ -350,8 +465,12 @@ pub fn run(args: EvalArgs) -> Result<()> {
             results.push(evaluate_codec(&bundle, &dataset, &labels, codec)?);
         }
     }
-    let table = markdown(&results);
-    let json = serde_json::to_string_pretty(&results)?;
+    let report = summarise(results);
+    let mut table = markdown(&report.methods);
+    if !report.byte_ratios.is_empty() {
+        table += &format!("\n{}", ratio_lines(&report.byte_ratios));
+    }
+    let json = serde_json::to_string_pretty(&report)?;
     for path in &args.report {
         let text = if path.extension().is_some_and(|e| e == "json") {
             &json
@@ -361,7 +480,7 @@ pub fn run(args: EvalArgs) -> Result<()> {
         frankensplit_edge::write_atomically(path, text.as_bytes())?;
     }
     for path in &args.plot {
-        draw(&results, path)?;
+        draw(&report.methods, path)?;
     }
     if args.json {
         println!("{json}");

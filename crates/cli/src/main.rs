@@ -13,6 +13,7 @@ mod models;
 mod onnx;
 mod plot;
 mod serve;
+mod stats;
 mod train;
 mod units;
 
@@ -32,9 +33,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The whole system in minutes on the built-in synthetic data: train a
-    /// teacher and three compressors, evaluate them against JPEG and WebP,
-    /// model the latency, and classify over loopback HTTP (the default job).
+    /// The whole system in minutes on the built-in scenes benchmark: the
+    /// built-in compressors against JPEG, WebP and PNG on a fresh test set
+    /// (byte ratio at equal top-1, bootstrap intervals), a compressor trained
+    /// for a minute, the latency model, and classification over loopback
+    /// HTTP (the default job).
     Demo(demo::DemoArgs),
     /// Build a model bundle from a reference (PyTorch) checkpoint.
     Convert(models::ConvertArgs),
@@ -62,8 +65,13 @@ enum Command {
     /// XGradCAM saliency maps of a dataset from a teacher, as the reference's
     /// stage 2 needs them (one .npy per image; resumable).
     Saliency(train::SaliencyArgs),
-    /// Write the built-in synthetic ImageFolder dataset (no download needed).
+    /// Write the built-in scenes benchmark as ImageFolders (train, val,
+    /// test; no download needed).
     SynthData(train::SynthArgs),
+    /// Store bundles trained against one teacher in the layout of the
+    /// built-in models (models/demo/: the backbone once, then per model its
+    /// manifest and compressor), for rebuilding the binary with them.
+    PackModels(builtin::PackArgs),
     /// Rate vs accuracy of bundles (real entropy coding) against JPEG/WebP/PNG
     /// offloading on an ImageFolder: table, JSON, plot.
     Eval(eval::EvalArgs),
@@ -100,6 +108,7 @@ fn dispatch(command: Command) -> Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run_train(args),
         Command::SynthData(args) => train::run_synth(args),
+        Command::PackModels(args) => builtin::run_pack(args),
         Command::Saliency(args) => train::run_saliency(args),
         Command::ExportOnnx(args) => onnx::run(args),
         Command::Bench { target } => bench::run(target),

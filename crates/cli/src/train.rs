@@ -81,7 +81,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
 
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Output directory (train/ and val/ ImageFolders).
+    /// Output directory (train/, val/ and test/ ImageFolders).
     #[arg(short, long)]
     output: PathBuf,
     /// Number of classes (at most 10).
@@ -93,10 +93,14 @@ pub struct SynthArgs {
     /// Validation images per class.
     #[arg(long, default_value_t = 20)]
     val_per_class: usize,
+    /// Test images per class (generate the test set with a seed that no
+    /// training or tuning used).
+    #[arg(long, default_value_t = 0)]
+    test_per_class: usize,
     /// Image side in pixels.
-    #[arg(long, default_value_t = 96)]
+    #[arg(long, default_value_t = 112)]
     size: u32,
-    /// Seed (same seed, same images).
+    /// Seed (same seed, same images; train, val and test images of one seed are unrelated).
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write JPEG (quality 90) instead of PNG.
@@ -109,15 +113,25 @@ pub fn run_synth(args: SynthArgs) -> Result<()> {
         classes: args.classes,
         train_per_class: args.train_per_class,
         val_per_class: args.val_per_class,
+        test_per_class: args.test_per_class,
         size: args.size,
         seed: args.seed,
         jpeg: args.jpeg,
     };
     let written = generate(&args.output, &config)?;
+    let splits: Vec<&str> = [
+        ("train", args.train_per_class),
+        ("val", args.val_per_class),
+        ("test", args.test_per_class),
+    ]
+    .into_iter()
+    .filter_map(|(name, n)| (n > 0).then_some(name))
+    .collect();
     println!(
-        "wrote {written} images of {} classes to {}/{{train,val}}",
+        "wrote {written} images of {} classes to {}/{{{}}}",
         args.classes,
-        args.output.display()
+        args.output.display(),
+        splits.join(",")
     );
     Ok(())
 }

@@ -38,29 +38,29 @@ fn bench_edge_times_both_encoders_on_the_same_model() {
         .expect("frankensplit runs");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    // The demo model's g_a: 3 → 16 → 24 → 12 at 64², a 12×8×8 latent.
+    // The demo model's g_a: 3 → 16 → 24 → 12 at 96², a 12×12×12 latent;
+    // its three blocks output 48², 24² and 12² pixels.
     assert_eq!(report["latent"]["channels"], 12);
-    assert_eq!(report["latent"]["height"], 8);
+    assert_eq!(report["latent"]["height"], 12);
+    let (p1, p2, p3) = (48.0 * 48.0, 24.0 * 24.0, 12.0 * 12.0);
     let macs = report["macs"].as_f64().unwrap();
-    let expected = (32.0 * 32.0 * (27.0 * 16.0 + 144.0 * 16.0 + 3.0 * 16.0))
-        + (16.0 * 16.0 * (144.0 * 24.0 + 216.0 * 24.0 + 16.0 * 24.0))
-        + (8.0 * 8.0 * (216.0 * 12.0 + 108.0 * 12.0 + 24.0 * 12.0));
+    let expected = (p1 * (27.0 * 16.0 + 144.0 * 16.0 + 3.0 * 16.0))
+        + (p2 * (144.0 * 24.0 + 216.0 * 24.0 + 16.0 * 24.0))
+        + (p3 * (216.0 * 12.0 + 108.0 * 12.0 + 24.0 * 12.0));
     assert_eq!(macs, expected);
-    // The first block (3 → 16, 3×3 pair, 32² outputs) folds into one 7×7
-    // convolution: 147·16 instead of 27·16 + 144·16 per output pixel.
-    let folded = macs - 32.0 * 32.0 * (27.0 * 16.0 + 144.0 * 16.0 - 147.0 * 16.0);
-    // Winograd computes the others' conv2 (24 → 24 at 16², 12 → 12 at 8²)
+    // The first block (3 → 16, 3×3 pair) folds into one 7×7 convolution:
+    // 147·16 instead of 27·16 + 144·16 per output pixel.
+    let folded = macs - p1 * (27.0 * 16.0 + 144.0 * 16.0 - 147.0 * 16.0);
+    // Winograd computes the others' conv2 (24 → 24 at 24², 12 → 12 at 12²)
     // with 16 products per 2×2 outputs instead of 36.
-    let winograd = folded
-        - (16.0 * 16.0 * 9.0 - 8.0 * 8.0 * 16.0) * 24.0 * 24.0
-        - (8.0 * 8.0 * 9.0 - 4.0 * 4.0 * 16.0) * 12.0 * 12.0;
+    let winograd = folded - (p2 * 9.0 - p2 / 4.0 * 16.0) * 24.0 * 24.0 - (p3 * 9.0 - p3 / 4.0 * 16.0) * 12.0 * 12.0;
     let peak = report["peak_gflops"].as_f64().unwrap();
     let methods = report["encoder"].as_array().unwrap();
     // int8: the folded block, and every convolution's row of taps read in
     // groups of 4 (zero weights past it): 7·3 → 24, a 3-channel skip → 4.
-    let int8 = 32.0 * 32.0 * (7.0 * 24.0 * 16.0 + 4.0 * 16.0)
-        + 16.0 * 16.0 * (48.0 * 3.0 * 24.0 + 72.0 * 3.0 * 24.0 + 16.0 * 24.0)
-        + 8.0 * 8.0 * (72.0 * 3.0 * 12.0 + 36.0 * 3.0 * 12.0 + 24.0 * 12.0);
+    let int8 = p1 * (7.0 * 24.0 * 16.0 + 4.0 * 16.0)
+        + p2 * (48.0 * 3.0 * 24.0 + 72.0 * 3.0 * 24.0 + 16.0 * 24.0)
+        + p3 * (72.0 * 3.0 * 12.0 + 36.0 * 3.0 * 12.0 + 24.0 * 12.0);
     assert_eq!(methods.len(), 5);
     for method in methods {
         let name = method["name"].as_str().unwrap();
@@ -395,16 +395,16 @@ fn export(part: &str, work: &Path) -> (proto::ModelProto, Tensor, Tensor) {
 #[test]
 fn export_onnx_parts_reproduce_the_tch_model() {
     let work = std::env::temp_dir().join(format!("frankensplit-onnx-parts-{}", std::process::id()));
-    // The demo model: latent 12×8×8 (decoder window 4 with a shift of 2 on the
-    // 8×8 grid), features 16 tokens × 128, ten classes.
+    // The demo model: latent 12×12×12 (decoder window 6 with a shift of 3 on
+    // the 12×12 grid), features 36 tokens × 128, ten classes.
     let shapes = [
         (
             "encoder",
-            ["batch", "3", "64", "64"].as_slice(),
-            ["batch", "12", "8", "8"].as_slice(),
+            ["batch", "3", "96", "96"].as_slice(),
+            ["batch", "12", "12", "12"].as_slice(),
         ),
-        ("decoder", &["batch", "12", "8", "8"], &["batch", "16", "128"]),
-        ("tail", &["batch", "16", "128"], &["batch", "10"]),
+        ("decoder", &["batch", "12", "12", "12"], &["batch", "36", "128"]),
+        ("tail", &["batch", "36", "128"], &["batch", "10"]),
     ];
     let mut io = Vec::new();
     for (part, input_dims, output_dims) in shapes {

@@ -1,8 +1,9 @@
 //! Datasets and the input pipeline for training: ImageFolder trees (one
-//! folder per class), torchvision's transforms as the reference uses them,
-//! and a multi-threaded loader whose batches depend only on the seed, the
-//! epoch and the batch index — not on thread timing — so a resumed run sees
-//! the same batches it would have seen.
+//! folder per class) and generated streams behind one [`Source`] trait,
+//! torchvision's transforms as the reference uses them, and a multi-threaded
+//! loader whose batches depend only on the seed, the epoch and the batch
+//! index — not on thread timing — so a resumed run sees the same batches it
+//! would have seen.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,17 @@ use crate::{Error, Result};
 
 /// File extensions read as images.
 const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
+
+/// Where a loader's samples come from: a fixed set of files, or a
+/// generator that draws new images every epoch.
+pub trait Source: Send + Sync {
+    /// Samples per epoch.
+    fn len(&self) -> usize;
+    /// Class names; a sample's label indexes this list.
+    fn classes(&self) -> &[String];
+    /// Sample `index` as it is in `epoch`, with its label.
+    fn sample(&self, index: usize, epoch: usize) -> Result<(RgbImage, i64)>;
+}
 
 /// An ImageFolder dataset: `root/<class>/<image>`, classes in name order
 /// (torchvision's `ImageFolder` numbering).
@@ -88,6 +100,21 @@ impl ImageFolder {
     pub fn relative(&self, index: usize) -> &Path {
         let path = &self.samples[index].0;
         path.strip_prefix(&self.root).unwrap_or(path)
+    }
+}
+
+impl Source for ImageFolder {
+    fn len(&self) -> usize {
+        self.samples.len()
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn sample(&self, index: usize, _epoch: usize) -> Result<(RgbImage, i64)> {
+        let (path, label) = &self.samples[index];
+        Ok((RgbImage::open(path)?, *label))
     }
 }
 
@@ -268,7 +295,7 @@ pub struct Loader {
 impl Loader {
     /// Starts loading the batches `first_batch..` of `epoch`.
     pub fn start(
-        dataset: Arc<ImageFolder>,
+        dataset: Arc<dyn Source>,
         transform: Arc<Transform>,
         config: &LoaderConfig,
         epoch: usize,
@@ -297,7 +324,7 @@ impl Loader {
                 std::thread::spawn(move || loop {
                     let index = cursor.fetch_add(1, Ordering::SeqCst);
                     let Some(samples) = batches.get(index) else { break };
-                    let batch = load_batch(&dataset, &transform, samples, index, seed, epoch);
+                    let batch = load_batch(dataset.as_ref(), &transform, samples, index, seed, epoch);
                     if sender.send((index, batch)).is_err() {
                         break;
                     }
@@ -320,7 +347,7 @@ impl Loader {
 }
 
 fn load_batch(
-    dataset: &ImageFolder,
+    dataset: &dyn Source,
     transform: &Transform,
     samples: &[usize],
     index: usize,
@@ -330,11 +357,10 @@ fn load_batch(
     let mut images = Vec::new();
     let mut labels = Vec::with_capacity(samples.len());
     for &sample in samples {
-        let (path, label) = &dataset.samples[sample];
-        let image = RgbImage::open(path)?;
+        let (image, label) = dataset.sample(sample, epoch)?;
         let mut rng = sample_rng(seed, epoch, sample);
         images.extend(transform.apply(&image, &mut rng)?);
-        labels.push(*label);
+        labels.push(label);
     }
     Ok(Batch {
         index,

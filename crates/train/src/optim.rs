@@ -1,5 +1,6 @@
 //! Adam with PyTorch's update rule and defaults (β = (0.9, 0.999), ε = 1e-8,
-//! no weight decay), written out so that its state can be checkpointed and
+//! no weight decay), or AdamW's decoupled weight decay on the matrices and
+//! kernels (timm leaves biases and norms undecayed), written out so that its state can be checkpointed and
 //! restored exactly (tch's optimiser keeps its state inside libtorch).
 //!
 //! The moments of all parameters live in two flat buffers and one step
@@ -24,6 +25,9 @@ pub struct Adam {
     pub step: i64,
     /// Learning rate of the next step.
     pub lr: f64,
+    /// Decoupled weight decay (AdamW): each step first scales the decayed
+    /// parameters by `1 − lr · weight_decay`.
+    pub weight_decay: f64,
 }
 
 const BETA1: f64 = 0.9;
@@ -51,6 +55,7 @@ impl Adam {
             second: zeros(),
             step: 0,
             lr,
+            weight_decay: 0.0,
         }
     }
 
@@ -69,6 +74,14 @@ impl Adam {
         let correction2 = (1.0 - BETA2.powi(self.step as i32)).sqrt();
         let grads: Vec<Tensor> = self.params.iter().map(Tensor::grad).collect();
         tch::no_grad(|| {
+            if self.weight_decay > 0.0 {
+                let keep = 1.0 - self.lr * self.weight_decay;
+                for (p, g) in self.params.iter().zip(&grads) {
+                    if g.defined() && p.dim() >= 2 {
+                        let _ = p.shallow_clone().g_mul_scalar_(keep);
+                    }
+                }
+            }
             if grads.iter().all(Tensor::defined) {
                 let flat: Vec<Tensor> = grads.iter().map(|g| g.to_kind(Kind::Float).reshape([-1])).collect();
                 let g = Tensor::cat(&flat, 0);

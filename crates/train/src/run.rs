@@ -32,9 +32,10 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::data::{Augment, ImageFolder, Loader, LoaderConfig, Transform};
+use crate::data::{Augment, ImageFolder, Loader, LoaderConfig, Source, Transform};
 use crate::optim::Adam;
-use crate::saliency::{generate_maps, Backbone, MapsConfig};
+use crate::saliency::{generate_maps, xgradcam, Backbone, MapsConfig};
+use crate::synthetic::{StreamConfig, SyntheticStream};
 use crate::{npy, Error, Result};
 
 /// The backbone: a timm preset name or a full configuration.
@@ -81,19 +82,28 @@ fn default_split() -> usize {
     2
 }
 
-/// `[data]`.
+/// `[data]`: the training images come from a folder (`train`) or from the
+/// built-in generator (`[data.generate]`), exactly one of the two.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DataConfig {
     /// Training ImageFolder.
-    pub train: PathBuf,
+    #[serde(default)]
+    pub train: Option<PathBuf>,
+    /// Training images drawn fresh every epoch by the built-in generator.
+    #[serde(default)]
+    pub generate: Option<StreamConfig>,
     /// Validation ImageFolder.
     pub val: PathBuf,
-    /// Saliency maps of the training set (`frankensplit saliency` output:
-    /// one `.npy` per image, mirroring the tree), for `saliency` stages;
-    /// maps missing there are computed from the teacher when the stage starts.
+    /// Saliency maps of the training folder (`frankensplit saliency`
+    /// output: one `.npy` per image, mirroring the tree), for `saliency`
+    /// stages; maps missing there are computed from the teacher when the
+    /// stage starts. Without it, each batch's maps are computed from the
+    /// teacher as the batch is drawn (the only way for a generated stream,
+    /// whose images are new every epoch).
     #[serde(default)]
     pub saliency: Option<PathBuf>,
-    /// Class names come from the training folder; this caps validation images (all by default).
+    /// Validates on at most this many images, taken evenly across the
+    /// (class-ordered) folder so every class keeps its share; all by default.
     #[serde(default)]
     pub val_limit: Option<usize>,
 }
@@ -131,6 +141,49 @@ pub struct StageConfig {
     /// `distill`, square resize + centre crop for `saliency` (the reference's).
     #[serde(default)]
     pub augment: Option<Augment>,
+    /// How the learning rate moves over the stage.
+    #[serde(default)]
+    pub schedule: Schedule,
+    /// Steps of linear warm-up from `lr / warmup` to `lr` at the stage's start.
+    #[serde(default)]
+    pub warmup: usize,
+    /// Decoupled weight decay (AdamW) of the matrices and kernels; 0 is Adam.
+    #[serde(default)]
+    pub weight_decay: f64,
+    /// Label smoothing of a `teacher` stage's cross-entropy.
+    #[serde(default)]
+    pub label_smoothing: f64,
+}
+
+/// The learning-rate schedule of a stage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Schedule {
+    /// `lr · gamma^epoch` (PyTorch's `ExponentialLR`, stepped per epoch; the reference's).
+    #[default]
+    Exponential,
+    /// Half a cosine from `lr` to 0 over the stage's steps after the warm-up.
+    Cosine,
+}
+
+impl StageConfig {
+    /// The learning rate of step `batch` of `epoch`, with `batches` steps an epoch.
+    pub fn lr_at(&self, epoch: usize, batch: usize, batches: usize) -> f64 {
+        let step = epoch * batches + batch;
+        let base = match self.schedule {
+            Schedule::Exponential => self.lr * self.gamma.powi(epoch as i32),
+            Schedule::Cosine => {
+                let span = (self.epochs * batches).saturating_sub(self.warmup).max(1);
+                let t = step.saturating_sub(self.warmup) as f64 / span as f64;
+                self.lr * 0.5 * (1.0 + (std::f64::consts::PI * t.min(1.0)).cos())
+            }
+        };
+        if step < self.warmup {
+            base.min(self.lr * (step + 1) as f64 / self.warmup as f64)
+        } else {
+            base
+        }
+    }
 }
 
 fn default_gamma() -> f64 {
@@ -201,7 +254,9 @@ impl RunConfig {
             }
         };
         rebase(&mut config.output);
-        rebase(&mut config.data.train);
+        if let Some(p) = config.data.train.as_mut() {
+            rebase(p);
+        }
         rebase(&mut config.data.val);
         if let Some(p) = config.data.saliency.as_mut() {
             rebase(p);
@@ -235,11 +290,24 @@ impl RunConfig {
                     "stage {i}: epochs, batch_size, lr and gamma must be positive"
                 )));
             }
-            if stage.kind == StageKind::Saliency && self.data.saliency.is_none() {
+            if !(0.0..1.0).contains(&stage.label_smoothing) || !(0.0..1.0).contains(&stage.weight_decay) {
                 return Err(Error::Config(format!(
-                    "stage {i} is a saliency stage but [data] has no saliency directory"
+                    "stage {i}: label_smoothing and weight_decay must lie in [0, 1)"
                 )));
             }
+        }
+        match (&self.data.train, &self.data.generate) {
+            (Some(_), None) | (None, Some(_)) => {}
+            _ => {
+                return Err(Error::Config(
+                    "[data] needs exactly one source of training images: `train` (a folder) or [data.generate]".into(),
+                ))
+            }
+        }
+        if self.data.generate.is_some() && self.data.saliency.is_some() {
+            return Err(Error::Config(
+                "[data] saliency holds maps of a training folder; a generated stream's maps are computed per batch, so leave it out".into(),
+            ));
         }
         let trains_teacher = self.stages.iter().any(|s| s.kind == StageKind::Teacher);
         if self.teacher.weights.is_none() && !trains_teacher {
@@ -375,26 +443,43 @@ impl Models {
     }
 }
 
+/// At most `limit` of `items`, evenly spaced.
+fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
+    if limit == 0 || limit >= items.len() {
+        return items.to_vec();
+    }
+    (0..limit).map(|i| items[i * items.len() / limit].clone()).collect()
+}
+
 /// Runs (or resumes) a training run.
 pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
     let arch = config.architecture()?;
-    let train_set = Arc::new(ImageFolder::open(&config.data.train)?);
+    let (train_set, train_folder): (Arc<dyn Source>, Option<Arc<ImageFolder>>) =
+        match (&config.data.train, &config.data.generate) {
+            (Some(path), _) => {
+                let folder = Arc::new(ImageFolder::open(path)?);
+                (folder.clone(), Some(folder))
+            }
+            (None, Some(stream)) => (Arc::new(SyntheticStream::new(stream.clone())?), None),
+            (None, None) => return Err(Error::Config("[data] has no training images".into())),
+        };
     let mut val_set = ImageFolder::open(&config.data.val)?;
-    if val_set.classes != train_set.classes {
+    if val_set.classes != train_set.classes() {
         return Err(Error::Data(format!(
-            "{} and {} have different class folders",
-            config.data.train.display(),
-            config.data.val.display()
+            "the training classes {:?} and those of {} ({:?}) differ",
+            train_set.classes(),
+            config.data.val.display(),
+            val_set.classes
         )));
     }
     if let Some(limit) = config.data.val_limit {
-        val_set.samples.truncate(limit);
+        val_set.samples = spread(&val_set.samples, limit);
     }
     let val_set = Arc::new(val_set);
-    if train_set.classes.len() as i64 > arch.backbone.num_classes {
+    if train_set.classes().len() as i64 > arch.backbone.num_classes {
         return Err(Error::Config(format!(
             "the data has {} classes, the backbone {} outputs",
-            train_set.classes.len(),
+            train_set.classes().len(),
             arch.backbone.num_classes
         )));
     }
@@ -453,23 +538,24 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
 
     while progress.stage < config.stages.len() {
         let stage = &config.stages[progress.stage];
-        if stage.kind == StageKind::Saliency {
+        let saved_maps = match (&config.data.saliency, &train_folder) {
+            (Some(dir), Some(folder)) => Some((dir.as_path(), folder)),
+            _ => None,
+        };
+        if let (StageKind::Saliency, Some((dir, folder))) = (stage.kind, saved_maps) {
             // Maps come from the teacher as it now is; existing ones are kept.
-            let dir = config.data.saliency.as_deref().expect("validated");
             let maps = MapsConfig {
-                stages: (1..arch.backbone.num_stages()).collect(),
-                eigen_smooth: true,
-                side: arch.compressor.latent_size() as usize,
                 batch_size: 16,
                 workers: config.workers,
                 progress: options.progress,
                 overlay: None,
+                ..maps_config(&arch)
             };
             let backbone = Backbone {
                 head: &models.head,
                 tail: &models.tail,
             };
-            let written = generate_maps(&backbone, &train_set, &preprocess, dir, &maps, options.device)?;
+            let written = generate_maps(&backbone, folder, &preprocess, dir, &maps, options.device)?;
             if written > 0 && options.progress {
                 eprintln!("wrote {written} saliency maps to {}", dir.display());
             }
@@ -481,7 +567,6 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                 .map_err(Error::Config)?;
         }
         while progress.epoch < stage.epochs {
-            optimizer.lr = stage.lr * stage.gamma.powi(progress.epoch as i32);
             let augment = stage.augment.unwrap_or(match stage.kind {
                 StageKind::Saliency => Augment::SquareResizeCenterCrop,
                 _ => Augment::RandomResizedCrop,
@@ -513,8 +598,10 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                 &progress,
             );
             let mut stretch = Stretch::default();
+            let batches = loader.num_batches();
             for batch in loader {
                 let batch = batch?;
+                optimizer.lr = stage.lr_at(progress.epoch, progress.batch, batches);
                 tch::manual_seed((config.seed as i64) ^ (progress.global_step as i64).wrapping_mul(0x2545_F491));
                 let x = Tensor::from_slice(&batch.images)
                     .view([
@@ -529,7 +616,13 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                     StageKind::Teacher => {
                         let labels = Tensor::from_slice(&batch.labels).to_device(options.device);
                         let logits = autocast(config.mixed_precision, || models.logits(&x, true));
-                        let loss = logits.to_kind(Kind::Float).cross_entropy_for_logits(&labels);
+                        let loss = logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+                            &labels,
+                            None,
+                            tch::Reduction::Mean,
+                            -100,
+                            stage.label_smoothing,
+                        );
                         optimizer.zero_grad();
                         loss.backward();
                         StepTerms {
@@ -539,13 +632,11 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
                         }
                     }
                     StageKind::Distill | StageKind::Saliency => {
-                        let saliency = match stage.kind {
-                            StageKind::Saliency => Some(saliency_batch(
-                                config.data.saliency.as_deref().expect("validated"),
-                                &train_set,
-                                &batch.samples,
-                                options.device,
-                            )?),
+                        let saliency = match (stage.kind, saved_maps) {
+                            (StageKind::Saliency, Some((dir, folder))) => {
+                                Some(saliency_batch(dir, folder, &batch.samples, options.device)?)
+                            }
+                            (StageKind::Saliency, None) => Some(online_saliency(&models, &x, &batch.labels)?),
                             _ => None,
                         };
                         optimizer.zero_grad();
@@ -619,7 +710,7 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
             if improved || config.keep == Keep::Last {
                 match stage.kind {
                     StageKind::Teacher => write_teacher(&out.join(TEACHER), &models)?,
-                    _ => write_run_bundle(&out.join(BUNDLE), &models, &train_set.classes, config, stage)?,
+                    _ => write_run_bundle(&out.join(BUNDLE), &models, train_set.classes(), config, stage)?,
                 }
             }
             progress.epoch += 1;
@@ -630,6 +721,10 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
             // Later stages distil from the kept teacher.
             let best = Tensor::read_safetensors(out.join(TEACHER))?.into_iter().collect();
             load_into(&mut models.backbone_vars, best)?;
+        } else if progress.stage + 1 < config.stages.len() {
+            // The compressor as this stage left it, for comparing stages (stage 1 alone against 1 + 2).
+            let dir = out.join(format!("{BUNDLE}-after-stage{}", progress.stage));
+            write_run_bundle(&dir, &models, train_set.classes(), config, stage)?;
         }
         progress.stage += 1;
         progress.epoch = 0;
@@ -654,9 +749,9 @@ fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
     }
 }
 
-/// Adam over what the stage trains; the rest is frozen.
+/// Adam (AdamW with a weight decay) over what the stage trains; the rest is frozen.
 fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
-    match stage.kind {
+    let mut optimizer = match stage.kind {
         StageKind::Teacher => {
             models.set_backbone_trainable(true);
             models.compressor_vars.freeze();
@@ -667,7 +762,9 @@ fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
             models.compressor_vars.unfreeze();
             Adam::new(Models::named(&models.compressor_vars), stage.lr)
         }
-    }
+    };
+    optimizer.weight_decay = stage.weight_decay;
+    optimizer
 }
 
 /// Loss values of one step.
@@ -745,6 +842,42 @@ fn compressor_step(models: &Models, x: &Tensor, lmbda: f64, saliency: Option<&Te
     autocast(amp, || {
         compressor_loss(&models.compressor, &models.head, x, lmbda, saliency, None)
     })
+}
+
+/// The reference's map settings for an architecture: XGradCAM at every
+/// stage after the first, eigen-smoothed, on the latent grid.
+fn maps_config(arch: &Architecture) -> MapsConfig {
+    MapsConfig {
+        stages: (1..arch.backbone.num_stages()).collect(),
+        eigen_smooth: true,
+        side: arch.compressor.latent_size() as usize,
+        batch_size: 16,
+        workers: 1,
+        progress: false,
+        overlay: None,
+    }
+}
+
+/// A batch's saliency maps `(B, 1, H, W)` computed now from the teacher,
+/// as [`generate_maps`] would have written them.
+fn online_saliency(models: &Models, x: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let settings = maps_config(&models.arch);
+    let backbone = Backbone {
+        head: &models.head,
+        tail: &models.tail,
+    };
+    let maps = xgradcam(
+        &backbone,
+        x,
+        labels,
+        &settings.stages,
+        settings.side,
+        settings.eigen_smooth,
+    )?;
+    let side = settings.side as i64;
+    Ok(Tensor::from_slice(&maps.concat())
+        .view([labels.len() as i64, 1, side, side])
+        .to_device(x.device()))
 }
 
 /// The saliency maps of a batch's samples, `(B, 1, H, W)`.
@@ -1035,4 +1168,48 @@ fn write_run_bundle(
         },
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_validation_limit_keeps_every_class_its_share() {
+        // 10 classes × 20 images in class order, as an ImageFolder lists them.
+        let samples: Vec<usize> = (0..200).map(|i| i / 20).collect();
+        let kept = spread(&samples, 50);
+        assert_eq!(kept.len(), 50);
+        for class in 0..10 {
+            assert_eq!(kept.iter().filter(|&&c| c == class).count(), 5, "class {class}");
+        }
+        assert_eq!(spread(&samples, 0), samples);
+        assert_eq!(spread(&samples, 500), samples);
+    }
+
+    #[test]
+    fn cosine_schedules_warm_up_then_decay_to_zero() {
+        let stage: StageConfig = toml::from_str(
+            "kind = \"distill\"\nepochs = 2\nbatch_size = 1\nlr = 1.0\nschedule = \"cosine\"\nwarmup = 4",
+        )
+        .unwrap();
+        // 10 steps an epoch: warm-up over steps 0–3, then half a cosine over 16 steps.
+        let lrs: Vec<f64> = (0..20).map(|step| stage.lr_at(step / 10, step % 10, 10)).collect();
+        use std::f64::consts::PI;
+        for (step, want) in [
+            (0, 0.25),
+            (3, 1.0),
+            (4, 1.0),
+            (12, 0.5),
+            (19, 0.5 * (1.0 + (PI * 15.0 / 16.0).cos())),
+        ] {
+            assert!((lrs[step] - want).abs() < 1e-12, "step {step}: {}", lrs[step]);
+        }
+        assert!(lrs[4..].windows(2).all(|w| w[1] < w[0]));
+        // The reference's schedule: constant within an epoch, × gamma per epoch.
+        let exponential: StageConfig =
+            toml::from_str("kind = \"distill\"\nepochs = 2\nbatch_size = 1\nlr = 1.0\ngamma = 0.5").unwrap();
+        assert_eq!(exponential.lr_at(0, 9, 10), 1.0);
+        assert_eq!(exponential.lr_at(1, 0, 10), 0.5);
+    }
 }

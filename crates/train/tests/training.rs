@@ -12,15 +12,54 @@ use frankensplit_train::run::{read_checkpoint, train, MetricsLine, RunConfig, Tr
 use frankensplit_train::synthetic::{generate, SyntheticConfig};
 use tch::{Device, Tensor};
 
-fn run_file(dir: &Path, output: &str) -> PathBuf {
-    let arch = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/small_arch.toml"),
-    )
-    .unwrap();
-    // The fixture's [compressor] and [backbone] tables, renamed into a run file.
-    let arch = arch
+/// The small fixture architecture's [compressor] and [backbone] tables, renamed into a run file's.
+fn fixture_arch() -> String {
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/small_arch.toml"))
+        .unwrap()
         .replace("split_stage = 2\n", "")
-        .replace("[backbone]", "[teacher.backbone]");
+        .replace("[backbone]", "[teacher.backbone]")
+}
+
+/// Writes `dir/<output>.toml` with `text`, the fixture architecture appended.
+fn write_run_file(dir: &Path, output: &str, text: &str) -> PathBuf {
+    let path = dir.join(format!("{output}.toml"));
+    std::fs::write(&path, format!("{text}\n{}", fixture_arch())).unwrap();
+    path
+}
+
+/// Writes the validation folder (and `train_per_class` training images a class) of 3 classes.
+fn small_data(dir: &Path, train_per_class: usize) {
+    let _ = std::fs::remove_dir_all(dir);
+    let config = SyntheticConfig {
+        classes: 3,
+        train_per_class,
+        val_per_class: 2,
+        test_per_class: 0,
+        size: 72,
+        seed: 1,
+        jpeg: false,
+    };
+    generate(&dir.join("data"), &config).unwrap();
+}
+
+/// Runs `split` stopped after `stop` steps, resumes it, and checks that it
+/// ends where `whole` (already run, ending at `end`) ended, weight for weight.
+fn check_resume(whole: &RunConfig, split: &RunConfig, stop: u64, end: &frankensplit_train::run::Progress) {
+    let stopped = train(split, &options(Some(stop), false)).unwrap();
+    assert_eq!(stopped.progress.global_step, stop);
+    let resumed = train(split, &options(None, true)).unwrap();
+    assert_eq!(&resumed.progress, end);
+    let (a, b) = (
+        weights(&whole.output.join("checkpoint.safetensors")),
+        weights(&split.output.join("checkpoint.safetensors")),
+    );
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "{k} differs after resuming");
+    }
+}
+
+fn run_file(dir: &Path, output: &str) -> PathBuf {
     let text = format!(
         r#"
 output = "{output}"
@@ -55,13 +94,9 @@ epochs = 1
 batch_size = 4
 lr = 4e-4
 lmbda = 0.05
-
-{arch}
 "#
     );
-    let path = dir.join(format!("{output}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    write_run_file(dir, output, &text)
 }
 
 fn options(stop_after_steps: Option<u64>, resume: bool) -> TrainOptions {
@@ -80,19 +115,7 @@ fn weights(path: &Path) -> BTreeMap<String, Tensor> {
 #[test]
 fn a_run_trains_logs_and_resumes_exactly() {
     let dir = std::env::temp_dir().join(format!("frankensplit-train-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    generate(
-        &dir.join("data"),
-        &SyntheticConfig {
-            classes: 3,
-            train_per_class: 4,
-            val_per_class: 2,
-            size: 72,
-            seed: 1,
-            jpeg: false,
-        },
-    )
-    .unwrap();
+    small_data(&dir, 4);
 
     let whole = RunConfig::from_file(&run_file(&dir, "whole")).unwrap();
     let summary = train(&whole, &options(None, false)).unwrap();
@@ -113,6 +136,10 @@ fn a_run_trains_logs_and_resumes_exactly() {
     assert_eq!(bundle.manifest.labels, ["blob", "checker", "cross"]);
     assert!(bundle.backbone_head.is_some());
     assert!(summary.teacher.unwrap().exists());
+    // Stage 1's compressor is kept beside the final one; the teacher stage and the last stage leave none.
+    let after_stage1 = Bundle::open(&whole.output.join("bundle-after-stage1"), Device::Cpu).unwrap();
+    assert_ne!(after_stage1.fingerprint, bundle.fingerprint);
+    assert!(!whole.output.join("bundle-after-stage0").exists() && !whole.output.join("bundle-after-stage2").exists());
     let log: Vec<MetricsLine> = std::fs::read_to_string(whole.output.join("metrics.jsonl"))
         .unwrap()
         .lines()
@@ -128,18 +155,7 @@ fn a_run_trains_logs_and_resumes_exactly() {
 
     // Stopped after step 5 (inside the distillation's first epoch), then resumed.
     let split = RunConfig::from_file(&run_file(&dir, "split")).unwrap();
-    let stopped = train(&split, &options(Some(5), false)).unwrap();
-    assert_eq!(stopped.progress.global_step, 5);
-    let resumed = train(&split, &options(None, true)).unwrap();
-    assert_eq!(resumed.progress, summary.progress);
-    let (a, b) = (
-        weights(&whole.output.join("checkpoint.safetensors")),
-        weights(&split.output.join("checkpoint.safetensors")),
-    );
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (k, t) in &a {
-        assert!(t.equal(&b[k]), "{k} differs after resuming");
-    }
+    check_resume(&whole, &split, 5, &summary.progress);
     // The resumed log reads as one run: no step twice.
     let steps: Vec<(String, u64)> = std::fs::read_to_string(split.output.join("metrics.jsonl"))
         .unwrap()
@@ -152,5 +168,75 @@ fn a_run_trains_logs_and_resumes_exactly() {
     let mut unique = steps.clone();
     unique.dedup();
     assert_eq!(steps, unique);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A run file training from the generator's stream: teacher with warm-up,
+/// cosine decay, AdamW and label smoothing; stage 2 with maps computed per batch.
+fn stream_run_file(dir: &Path, output: &str) -> PathBuf {
+    let text = format!(
+        r#"
+output = "{output}"
+seed = 5
+workers = 2
+checkpoint_every = 1
+
+[data]
+val = "data/val"
+
+[data.generate]
+seed = 9
+size = 72
+per_epoch = 8
+classes = 3
+
+[teacher]
+split_stage = 2
+
+[[stages]]
+kind = "teacher"
+epochs = 2
+batch_size = 4
+lr = 2e-3
+schedule = "cosine"
+warmup = 2
+weight_decay = 0.05
+label_smoothing = 0.1
+
+[[stages]]
+kind = "saliency"
+epochs = 1
+batch_size = 4
+lr = 4e-4
+lmbda = 0.05
+"#
+    );
+    write_run_file(dir, output, &text)
+}
+
+#[test]
+fn a_streamed_run_with_maps_per_batch_resumes_exactly() {
+    let dir = std::env::temp_dir().join(format!("frankensplit-stream-{}", std::process::id()));
+    small_data(&dir, 0);
+    let whole = RunConfig::from_file(&stream_run_file(&dir, "whole")).unwrap();
+    let summary = train(&whole, &options(None, false)).unwrap();
+    // 8 images a epoch, batch 4: 2 steps an epoch, 3 epochs.
+    assert_eq!(summary.progress.global_step, 6);
+    assert!(summary.bundle.unwrap().join("model.toml").exists());
+    let log: Vec<MetricsLine> = std::fs::read_to_string(whole.output.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train_lr: Vec<f64> = log.iter().filter(|l| l.split == "train").map(|l| l.lr).collect();
+    // Warm-up 1e-3, 2e-3, then half a cosine over the last two steps: 2e-3, 2e-3·(1 + cos(π/2))/2.
+    let expected = [1e-3, 2e-3, 2e-3, 1e-3];
+    assert!(train_lr.len() >= expected.len(), "{train_lr:?}");
+    for (got, want) in train_lr.iter().zip(expected) {
+        assert!((got - want).abs() < 1e-12, "{train_lr:?}");
+    }
+
+    let split = RunConfig::from_file(&stream_run_file(&dir, "split")).unwrap();
+    check_resume(&whole, &split, 5, &summary.progress);
     let _ = std::fs::remove_dir_all(&dir);
 }
