@@ -5,7 +5,7 @@ reference's `QuantizableSimpleAnalysisNetwork2`) loaded with the same
 bundle's weights, within 1e-4 of the output's scale.
 
     frankensplit export-onnx --model demo --part encoder -o encoder.onnx
-    python3 tools/onnx/check_encoder.py --model ~/.cache/frankensplit/models/*/demo-l0.2 encoder.onnx
+    python3 tools/onnx/check_encoder.py --model ~/.cache/frankensplit/models/*/demo-l0.64 encoder.onnx
     (needs torch, safetensors, onnx, onnxruntime)
 """
 

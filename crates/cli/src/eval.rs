@@ -240,9 +240,14 @@ fn evaluate<T>(
 /// a run's `bundle/`) and its fingerprint.
 fn bundle_name(bundle: &Bundle) -> String {
     let dir = &bundle.dir;
+    let run = || dir.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str());
     let name = match dir.file_name().and_then(|n| n.to_str()) {
-        Some("bundle") => dir.parent().and_then(|p| p.file_name()).and_then(|n| n.to_str()),
-        other => other,
+        Some("bundle") => run().map(str::to_string),
+        Some(other) => match (other.strip_prefix("bundle-after-stage"), run()) {
+            (Some(stage), Some(run)) => Some(format!("{run}, after stage {stage}")),
+            _ => Some(other.to_string()),
+        },
+        None => None,
     };
     match name {
         Some(name) => format!("frankensplit {name} ({})", bundle.fingerprint),
