@@ -158,8 +158,8 @@ type Stored = (Vec<i64>, Vec<u8>);
 /// backbone from the split stage (2) on.
 fn part_weights(part: &str) -> BTreeMap<String, Stored> {
     let (file, keep): (&str, fn(&str) -> bool) = match part {
-        "encoder" => ("l0.2/compressor.safetensors", |k| k.starts_with("compressor.g_a.")),
-        "decoder" => ("l0.2/compressor.safetensors", |k| k.starts_with("compressor.g_s.")),
+        "encoder" => ("l0.64/compressor.safetensors", |k| k.starts_with("compressor.g_a.")),
+        "decoder" => ("l0.64/compressor.safetensors", |k| k.starts_with("compressor.g_s.")),
         _ => ("backbone.safetensors", |k| {
             !k.starts_with("backbone.patch_embed.")
                 && !k.starts_with("backbone.layers.0.")

@@ -101,7 +101,7 @@ fn quick_demo_trains_evaluates_and_serves() {
         assert!(["jpeg", "webp"].contains(&ratio["reference"].as_str().unwrap()));
     }
     let table = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert_eq!(table.lines().filter(|l| l.starts_with("| ")).count(), 2 + results.len());
+    assert_eq!(table.lines().filter(|l| l.starts_with('|')).count(), 2 + results.len());
     assert!(stdout.contains(&table), "the demo prints its table");
 
     for plot in ["rate-accuracy", "latency"] {

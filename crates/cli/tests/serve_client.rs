@@ -173,7 +173,7 @@ fn encode_serve_and_client_agree_with_local_classification() {
         "--jpeg",
     ]);
     let val = data.join("val");
-    let eval: Vec<Value> = serde_json::from_str(&run(&[
+    let report: Value = serde_json::from_str(&run(&[
         "eval",
         "--json",
         "--model",
@@ -184,6 +184,7 @@ fn encode_serve_and_client_agree_with_local_classification() {
         "png,jpeg:q=50",
     ]))
     .unwrap();
+    let eval = report["methods"].as_array().unwrap();
     let images: Vec<PathBuf> = ["blob", "checker", "cross"]
         .iter()
         .flat_map(|c| {
@@ -221,7 +222,7 @@ fn encode_serve_and_client_agree_with_local_classification() {
         (Some("png"), Some("jpeg:q=50"))
     );
     assert!(png["bpp"].as_f64() > jpeg["bpp"].as_f64());
-    for r in &eval {
+    for r in eval {
         assert!(r["top5"].as_f64() >= r["top1"].as_f64(), "{r}");
     }
 

@@ -28,6 +28,10 @@ const IMAGE_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 pub trait Source: Send + Sync {
     /// Samples per epoch.
     fn len(&self) -> usize;
+    /// Whether an epoch has no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// Class names; a sample's label indexes this list.
     fn classes(&self) -> &[String];
     /// Sample `index` as it is in `epoch`, with its label.
