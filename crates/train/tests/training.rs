@@ -99,6 +99,10 @@ lmbda = 0.05
     write_run_file(dir, output, &text)
 }
 
+/// Runs seed torch's one global generator at every step: tests that train
+/// take turns, or each would draw the other's noise.
+static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn options(stop_after_steps: Option<u64>, resume: bool) -> TrainOptions {
     TrainOptions {
         resume,
@@ -114,6 +118,7 @@ fn weights(path: &Path) -> BTreeMap<String, Tensor> {
 
 #[test]
 fn a_run_trains_logs_and_resumes_exactly() {
+    let _turn = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("frankensplit-train-{}", std::process::id()));
     small_data(&dir, 4);
 
@@ -216,6 +221,7 @@ lmbda = 0.05
 
 #[test]
 fn a_streamed_run_with_maps_per_batch_resumes_exactly() {
+    let _turn = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = std::env::temp_dir().join(format!("frankensplit-stream-{}", std::process::id()));
     small_data(&dir, 0);
     let whole = RunConfig::from_file(&stream_run_file(&dir, "whole")).unwrap();
