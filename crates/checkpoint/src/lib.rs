@@ -119,23 +119,55 @@ pub struct NamedTensor {
 pub struct Checkpoint {
     root: Value,
     storages: HashMap<String, Vec<u8>>,
+    limits: Limits,
 }
 
 /// Largest pickle accepted (the tensors live outside it; real ones are a few MB).
 const MAX_PICKLE_BYTES: u64 = 256 << 20;
 
+/// How much a checkpoint may make the reader allocate: a file is untrusted
+/// input, and a few hundred compressed bytes can declare terabytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most bytes of tensor data read from the archive's storages, and
+    /// separately most bytes of tensors one [`Checkpoint::tensors_under`]
+    /// builds. Default 8 GiB (Swin-B's checkpoint holds 0.35 GiB).
+    pub max_data_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_data_bytes: 8 << 30,
+        }
+    }
+}
+
 impl Checkpoint {
-    /// Reads a checkpoint file.
+    /// Reads a checkpoint file with the default [`Limits`].
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, Limits::default())
+    }
+
+    /// Reads a checkpoint file within `limits`.
+    pub fn open_with(path: &Path, limits: Limits) -> Result<Self> {
         let file = File::open(path).map_err(|source| Error::Io {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_reader(file)
+        Self::from_reader_with(file, limits)
     }
 
-    /// Reads a checkpoint from any seekable source.
+    /// Reads a checkpoint from any seekable source with the default [`Limits`].
     pub fn from_reader<R: Read + Seek>(reader: R) -> Result<Self> {
+        Self::from_reader_with(reader, Limits::default())
+    }
+
+    /// Reads a checkpoint from any seekable source within `limits`. Each
+    /// storage is read up to the size its tensors' pickle declares, never
+    /// past what its zip entry declares, and their total is bounded before
+    /// anything is allocated.
+    pub fn from_reader_with<R: Read + Seek>(reader: R, limits: Limits) -> Result<Self> {
         let mut archive = zip::ZipArchive::new(reader).map_err(|e| Error::Zip(e.to_string()))?;
         let pickle_name = (0..archive.len())
             .filter_map(|i| archive.name_for_index(i).map(str::to_string))
@@ -145,13 +177,40 @@ impl Checkpoint {
         let pickle_bytes = read_member(&mut archive, &pickle_name, MAX_PICKLE_BYTES)?;
         let root = pickle::load(&pickle_bytes)?;
         let mut storages = HashMap::new();
-        for key in pickle::storage_keys(&root) {
-            let name = format!("{prefix}data/{key}");
-            if let Ok(bytes) = read_member(&mut archive, &name, u64::MAX) {
-                storages.insert(key, bytes);
+        let mut total = 0u64;
+        for storage in pickle::storages(&root) {
+            let name = format!("{prefix}data/{}", storage.key);
+            let Ok(member) = archive.by_name(&name) else {
+                // Reported when a tensor on it is materialised.
+                continue;
+            };
+            let declared = match storage.elements {
+                Some(n) => (n as u64)
+                    .checked_mul(storage.dtype.size() as u64)
+                    .ok_or_else(|| Error::Zip(format!("{name}: declared size overflows")))?,
+                None => member.size(),
+            };
+            if declared > member.size() {
+                return Err(Error::Zip(format!(
+                    "{name} holds {} bytes, its tensors declare {declared}",
+                    member.size()
+                )));
             }
+            total = total.saturating_add(declared);
+            if total > limits.max_data_bytes {
+                return Err(Error::Zip(format!(
+                    "tensor data of more than {} bytes (the limit; raise it if this checkpoint is trusted)",
+                    limits.max_data_bytes
+                )));
+            }
+            drop(member);
+            storages.insert(storage.key, read_member(&mut archive, &name, declared)?);
         }
-        Ok(Self { root, storages })
+        Ok(Self {
+            root,
+            storages,
+            limits,
+        })
     }
 
     /// The unpickled object.
@@ -174,7 +233,8 @@ impl Checkpoint {
             })?;
         }
         let mut out = Vec::new();
-        self.collect(node, String::new(), &mut out)?;
+        let mut budget = self.limits.max_data_bytes;
+        self.collect(node, String::new(), &mut out, &mut budget)?;
         if out.is_empty() {
             return Err(Error::Layout(format!(
                 "no tensors under {}",
@@ -188,9 +248,9 @@ impl Checkpoint {
         Ok(out)
     }
 
-    fn collect(&self, value: &Value, name: String, out: &mut Vec<NamedTensor>) -> Result<()> {
+    fn collect(&self, value: &Value, name: String, out: &mut Vec<NamedTensor>, budget: &mut u64) -> Result<()> {
         match value {
-            Value::Tensor(t) => out.push(self.materialize(&name, t)?),
+            Value::Tensor(t) => out.push(self.materialize(&name, t, budget)?),
             Value::Dict(items) => {
                 for (k, v) in items {
                     if let Value::Str(k) = k {
@@ -199,7 +259,7 @@ impl Checkpoint {
                         } else {
                             format!("{name}.{k}")
                         };
-                        self.collect(v, child, out)?;
+                        self.collect(v, child, out, budget)?;
                     }
                 }
             }
@@ -208,7 +268,9 @@ impl Checkpoint {
         Ok(())
     }
 
-    fn materialize(&self, name: &str, t: &TensorRef) -> Result<NamedTensor> {
+    /// Copies a tensor's view out of its storage, after checking that the
+    /// view lies inside the storage and fits `budget` (bytes left to build).
+    fn materialize(&self, name: &str, t: &TensorRef, budget: &mut u64) -> Result<NamedTensor> {
         let bad = |why: String| Error::Storage {
             name: name.to_string(),
             why,
@@ -224,7 +286,22 @@ impl Checkpoint {
             .iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))
             .ok_or_else(|| bad("shape overflows".into()))?;
-        let mut data = Vec::with_capacity(numel.checked_mul(size).ok_or_else(|| bad("shape overflows".into()))?);
+        // Views that read an element more than once (stride 0) are not
+        // supported: without them a tensor is never larger than its storage.
+        if numel > elements {
+            return Err(bad(format!(
+                "view of {numel} elements over a storage of {elements} elements"
+            )));
+        }
+        let bytes = (numel * size) as u64;
+        if bytes > *budget {
+            return Err(bad(format!(
+                "tensors of more than {} bytes in all (the limit)",
+                self.limits.max_data_bytes
+            )));
+        }
+        *budget -= bytes;
+        let mut data = Vec::with_capacity(numel * size);
         let contiguous: Vec<usize> = t
             .shape
             .iter()
@@ -288,16 +365,24 @@ impl Checkpoint {
     }
 }
 
+/// The first `limit` bytes of member `name` (all of it when shorter), never
+/// more: a member's stream may inflate past the size its entry declares.
 fn read_member<R: Read + Seek>(archive: &mut zip::ZipArchive<R>, name: &str, limit: u64) -> Result<Vec<u8>> {
-    let mut file = archive.by_name(name).map_err(|e| Error::Zip(format!("{name}: {e}")))?;
-    if file.size() > limit {
+    let file = archive.by_name(name).map_err(|e| Error::Zip(format!("{name}: {e}")))?;
+    let declared = file.size();
+    if declared > limit && name.ends_with("data.pkl") {
+        return Err(Error::Zip(format!("{name} is {declared} bytes, over the {limit}-byte limit")));
+    }
+    let want = declared.min(limit);
+    let mut bytes = Vec::with_capacity(usize::try_from(want).unwrap_or(usize::MAX).min(1 << 30));
+    file.take(want)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::Zip(format!("{name}: {e}")))?;
+    if (bytes.len() as u64) < want {
         return Err(Error::Zip(format!(
-            "{name} is {} bytes, over the {limit}-byte limit",
-            file.size()
+            "{name} ends after {} of its {want} bytes",
+            bytes.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(file.size().min(1 << 30) as usize);
-    file.read_to_end(&mut bytes)
-        .map_err(|e| Error::Zip(format!("{name}: {e}")))?;
     Ok(bytes)
 }

@@ -12,6 +12,8 @@ pub struct StorageRef {
     pub key: String,
     /// Element type, from the storage class.
     pub dtype: DType,
+    /// Elements the pickle says the storage holds (its fifth field), when given.
+    pub elements: Option<usize>,
 }
 
 /// A tensor view onto a storage.
@@ -85,23 +87,32 @@ pub fn load(bytes: &[u8]) -> Result<Value> {
         stack: Vec::new(),
         marks: Vec::new(),
         memo: Vec::new(),
-        copied_nodes: 0,
+        copied_nodes: std::cell::Cell::new(0),
     };
     vm.run()
 }
 
-/// Storage keys referenced by tensors in `value`.
-pub fn storage_keys(value: &Value) -> Vec<String> {
-    let mut keys = Vec::new();
+/// The storages tensors in `value` refer to, each once (by key; the
+/// largest declared size when tensors disagree).
+pub fn storages(value: &Value) -> Vec<StorageRef> {
+    let mut found: Vec<StorageRef> = Vec::new();
+    let mut index = std::collections::HashMap::new();
     visit(value, &mut |v| {
         if let Value::Tensor(t) = v {
-            if !keys.contains(&t.storage.key) {
-                keys.push(t.storage.key.clone());
+            match index.get(&t.storage.key) {
+                Some(&i) => {
+                    let known: &mut StorageRef = &mut found[i];
+                    known.elements = known.elements.max(t.storage.elements);
+                }
+                None => {
+                    index.insert(t.storage.key.clone(), found.len());
+                    found.push(t.storage.clone());
+                }
             }
         }
         true
     });
-    keys
+    found
 }
 
 /// Calls `f` on every node of `value` until it returns `false`, without recursion.
@@ -135,7 +146,7 @@ struct Machine<'a> {
     stack: Vec<Slot>,
     marks: Vec<usize>,
     memo: Vec<Option<Slot>>,
-    copied_nodes: usize,
+    copied_nodes: std::cell::Cell<usize>,
 }
 
 fn err<T>(msg: impl Into<String>) -> Result<T> {
@@ -252,11 +263,11 @@ impl Machine<'_> {
         if index >= MAX_MEMO {
             return err("memo index too large");
         }
-        let slot = self
+        let top = self
             .stack
             .last()
-            .cloned()
             .ok_or_else(|| Error::Pickle("memoize on an empty stack".into()))?;
+        let slot = self.copy(top)?;
         if self.memo.len() <= index {
             self.memo.resize(index + 1, None);
         }
@@ -268,16 +279,21 @@ impl Machine<'_> {
         let Some(Some(slot)) = self.memo.get(index) else {
             return err(format!("memo {index} is empty"));
         };
-        // Each fetch copies the value: bound the total so that repeated
-        // fetches of ever larger values cannot exhaust memory.
-        let budget = MAX_COPIED_NODES.saturating_sub(self.copied_nodes);
+        let slot = self.copy(slot)?;
+        self.push_slot(slot)
+    }
+
+    /// A copy of `slot`, counted: memo stores and fetches and DUP all copy
+    /// values, so the total copied is bounded and no sequence of them (a list
+    /// doubled by DUP + APPEND, say) can grow memory exponentially.
+    fn copy(&self, slot: &Slot) -> Result<Slot> {
+        let budget = MAX_COPIED_NODES.saturating_sub(self.copied_nodes.get());
         let size = node_count(&slot.0, budget);
         if size >= budget {
-            return err("memoised values are copied too often");
+            return err("values are copied too often (memo or DUP)");
         }
-        self.copied_nodes += size;
-        let slot = slot.clone();
-        self.push_slot(slot)
+        self.copied_nodes.set(self.copied_nodes.get() + size);
+        Ok(slot.clone())
     }
 
     fn run(&mut self) -> Result<Value> {
@@ -401,11 +417,8 @@ impl Machine<'_> {
                     self.pop_mark()?;
                 }
                 b'2' => {
-                    let slot = self
-                        .stack
-                        .last()
-                        .cloned()
-                        .ok_or_else(|| Error::Pickle("stack underflow".into()))?;
+                    let top = self.stack.last().ok_or_else(|| Error::Pickle("stack underflow".into()))?;
+                    let slot = self.copy(top)?;
                     self.push_slot(slot)?
                 }
                 b'c' => {
@@ -577,8 +590,12 @@ fn rebuild_tensor(args: Value) -> Result<Value> {
     if shape.len() != stride.len() {
         return err("tensor size and stride differ in length");
     }
+    let elements = match id.get(4) {
+        Some(n) => Some(usize_of(n, "storage size")?),
+        None => None,
+    };
     Ok(Value::Tensor(TensorRef {
-        storage: StorageRef { key, dtype },
+        storage: StorageRef { key, dtype, elements },
         offset: usize_of(&items[1], "storage offset")?,
         shape,
         stride,

@@ -27,9 +27,12 @@ pub enum Error {
     /// The bytes are not a decodable JPEG, PNG or WebP image.
     #[error("cannot decode image{context}: {reason} (supported: JPEG, PNG, WebP)")]
     Decode { context: String, reason: String },
-    /// The image is too small or too large for the pipeline.
+    /// The image is too small for the pipeline (no crop fits).
     #[error("image of {width}×{height} pixels is not usable: {why}")]
     Size { width: u32, height: u32, why: String },
+    /// The image, or what the pipeline would make of it, exceeds a limit.
+    #[error("image of {width}×{height} pixels is over the limit: {why}")]
+    TooLarge { width: u32, height: u32, why: String },
 }
 
 /// Result alias.
@@ -69,7 +72,7 @@ fn decode_jpeg(bytes: &[u8], max_pixels: u64) -> Option<Result<RgbImage>> {
         }
         let (width, height) = (decompress.width() as u32, decompress.height() as u32);
         if u64::from(width) * u64::from(height) > max_pixels {
-            return Some(Err(Error::Size {
+            return Some(Err(Error::TooLarge {
                 width,
                 height,
                 why: format!("more than {max_pixels} pixels"),
@@ -144,7 +147,7 @@ impl RgbImage {
         };
         let (width, height) = reader()?.into_dimensions().map_err(|e| decode_error(e.to_string()))?;
         if u64::from(width) * u64::from(height) > max_pixels.min(MAX_PIXELS) {
-            return Err(Error::Size {
+            return Err(Error::TooLarge {
                 width,
                 height,
                 why: format!("more than {} pixels", max_pixels.min(MAX_PIXELS)),
@@ -161,6 +164,19 @@ impl RgbImage {
             height: rgb.height(),
             pixels: rgb.into_raw(),
         })
+    }
+
+    /// The `(width, height)` an encoded image declares in its header, read
+    /// without decoding its pixels.
+    pub fn dimensions(bytes: &[u8]) -> Result<(u32, u32)> {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.into_dimensions().map_err(|e| e.to_string()))
+            .map_err(|reason| Error::Decode {
+                context: String::new(),
+                reason,
+            })
     }
 
     /// Reads and decodes an image file.
@@ -187,6 +203,16 @@ impl RgbImage {
         }
         Self { width, height, pixels }
     }
+}
+
+/// What [`Preprocess::plan`] found an input will cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// `(width, height)` after `Resize`.
+    pub resized: (u32, u32),
+    /// Bytes the pipeline holds at its peak, the decoded image included (an
+    /// upper bound): what a server accounts for before decoding.
+    pub working_bytes: u64,
 }
 
 /// The evaluation transform of the reference: short side to `resize`, centre
@@ -234,37 +260,81 @@ impl Preprocess {
         Ok(resized.crop(offset(resized.width), offset(resized.height), self.crop, self.crop))
     }
 
-    /// `Resize(resize)` alone (short side, aspect kept, Pillow bilinear);
-    /// errors when the result could not hold a `crop × crop` window.
-    pub fn resize_short_side(&self, image: &RgbImage) -> Result<RgbImage> {
-        let (w, h) = (image.width, image.height);
-        if w == 0 || h == 0 || u64::from(w) * u64::from(h) > MAX_PIXELS {
-            return Err(Error::Size {
-                width: w,
-                height: h,
-                why: format!("needs 1 to {MAX_PIXELS} pixels"),
-            });
+    /// What the pipeline will allocate for a `width × height` input, computed
+    /// before anything is: the resized size and the bytes held at the peak.
+    /// Errors when the image cannot give a `crop × crop` window, or when the
+    /// decoded image, the horizontal pass's rows or the resized image would
+    /// exceed `max_pixels` (a 1 × 16,777,215 PNG is 65 KB but resizes to
+    /// 256 × 4,294,967,040 pixels). No arithmetic here can overflow.
+    pub fn plan(&self, width: u32, height: u32, max_pixels: u64) -> Result<Plan> {
+        let refuse = |why: String| Error::Size { width, height, why };
+        let over = |why: String| Error::TooLarge { width, height, why };
+        if width == 0 || height == 0 {
+            return Err(refuse("an image needs at least one pixel".into()));
+        }
+        let (w, h) = (u64::from(width), u64::from(height));
+        if w * h > max_pixels {
+            return Err(over(format!("more than {max_pixels} pixels")));
         }
         let (short, long) = if w <= h { (w, h) } else { (h, w) };
         // torchvision: the long side is int(size · long / short), truncated.
-        let new_long = (u64::from(self.resize) * u64::from(long) / u64::from(short)) as u32;
+        let new_long = u64::from(self.resize) * long / short;
         let (new_w, new_h) = if w <= h {
-            (self.resize, new_long)
+            (u64::from(self.resize), new_long)
         } else {
-            (new_long, self.resize)
+            (new_long, u64::from(self.resize))
         };
-        if new_w < self.crop || new_h < self.crop {
-            return Err(Error::Size {
-                width: w,
-                height: h,
-                why: format!("resized to {new_w}×{new_h}, smaller than the {} crop", self.crop),
-            });
+        let crop = u64::from(self.crop);
+        if new_w < crop || new_h < crop {
+            return Err(refuse(format!(
+                "resized to {new_w}×{new_h}, smaller than the {} crop",
+                self.crop
+            )));
         }
-        Ok(if (new_w, new_h) == (w, h) {
+        // Each factor is below 2^41 (256 · 2^32 at most), so no product overflows.
+        let resized = new_w.saturating_mul(new_h);
+        // The horizontal pass keeps at most every input row at the new width.
+        let rows = if new_w != w { h.saturating_mul(new_w) } else { 0 };
+        if resized > max_pixels || rows > max_pixels || new_w.max(new_h) > u64::from(u32::MAX) {
+            return Err(over(format!(
+                "resizing the short side to {} makes {new_w}×{new_h} pixels, more than {max_pixels}",
+                self.resize
+            )));
+        }
+        // Fixed-point filter taps: at most 2 per input and 3 per output pixel of each axis.
+        let taps = 4 * (2 * (w + h) + 3 * (new_w + new_h));
+        let pixels = (w * h).saturating_add(rows).saturating_add(resized).saturating_add(crop * crop);
+        let working_bytes = pixels.saturating_mul(3).saturating_add(12 * crop * crop).saturating_add(taps);
+        Ok(Plan {
+            resized: (new_w as u32, new_h as u32),
+            working_bytes,
+        })
+    }
+
+    /// `Resize(resize)` alone (short side, aspect kept, Pillow bilinear);
+    /// errors when the result could not hold a `crop × crop` window or when
+    /// any image the resize makes would exceed [`MAX_PIXELS`].
+    pub fn resize_short_side(&self, image: &RgbImage) -> Result<RgbImage> {
+        let plan = self.plan(image.width, image.height, MAX_PIXELS)?;
+        let (new_w, new_h) = plan.resized;
+        Ok(if (new_w, new_h) == (image.width, image.height) {
             image.clone()
         } else {
             resize_bilinear(image, new_w, new_h)
         })
+    }
+
+    /// Decodes `bytes` and runs the whole pipeline, refusing (before
+    /// decoding) any image for which the decoded image or anything the
+    /// pipeline makes of it would exceed `max_pixels`: what a server calls on
+    /// uploads.
+    pub fn decode_and_apply(&self, bytes: &[u8], max_pixels: u64) -> Result<Vec<f32>> {
+        let (width, height) = RgbImage::dimensions(bytes)?;
+        self.plan(width, height, max_pixels)?;
+        let image = RgbImage::decode_limited(bytes, max_pixels)?;
+        // Decoders keep to their headers, but the bound must not depend on it.
+        self.plan(image.width, image.height, max_pixels)?;
+        self.apply(&image)
     }
 
     /// `ToTensor` and `Normalize` of an already cropped image: CHW `f32`.
