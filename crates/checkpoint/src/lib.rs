@@ -206,11 +206,7 @@ impl Checkpoint {
             drop(member);
             storages.insert(storage.key, read_member(&mut archive, &name, declared)?);
         }
-        Ok(Self {
-            root,
-            storages,
-            limits,
-        })
+        Ok(Self { root, storages, limits })
     }
 
     /// The unpickled object.
@@ -371,7 +367,9 @@ fn read_member<R: Read + Seek>(archive: &mut zip::ZipArchive<R>, name: &str, lim
     let file = archive.by_name(name).map_err(|e| Error::Zip(format!("{name}: {e}")))?;
     let declared = file.size();
     if declared > limit && name.ends_with("data.pkl") {
-        return Err(Error::Zip(format!("{name} is {declared} bytes, over the {limit}-byte limit")));
+        return Err(Error::Zip(format!(
+            "{name} is {declared} bytes, over the {limit}-byte limit"
+        )));
     }
     let want = declared.min(limit);
     let mut bytes = Vec::with_capacity(usize::try_from(want).unwrap_or(usize::MAX).min(1 << 30));

@@ -417,7 +417,10 @@ impl Machine<'_> {
                     self.pop_mark()?;
                 }
                 b'2' => {
-                    let top = self.stack.last().ok_or_else(|| Error::Pickle("stack underflow".into()))?;
+                    let top = self
+                        .stack
+                        .last()
+                        .ok_or_else(|| Error::Pickle("stack underflow".into()))?;
                     let slot = self.copy(top)?;
                     self.push_slot(slot)?
                 }

@@ -52,8 +52,11 @@ fn archive(pickle: &[u8], storage: &[u8], deflate: bool) -> Vec<u8> {
     } else {
         zip::CompressionMethod::Stored
     };
-    zip.start_file("archive/data/0", SimpleFileOptions::default().compression_method(method))
-        .unwrap();
+    zip.start_file(
+        "archive/data/0",
+        SimpleFileOptions::default().compression_method(method),
+    )
+    .unwrap();
     zip.write_all(storage).unwrap();
     zip.finish().unwrap().into_inner()
 }
@@ -68,7 +71,10 @@ fn a_well_formed_archive_of_this_builder_reads() {
     let file = archive(&tensor_pickle(4, &[2, 2], &[2, 1]), &floats(4), true);
     let ckpt = Checkpoint::from_reader(Cursor::new(file)).unwrap();
     let tensors = ckpt.tensors_under(&[]).unwrap();
-    assert_eq!((tensors[0].name.as_str(), tensors[0].shape.as_slice()), ("w", &[2usize, 2][..]));
+    assert_eq!(
+        (tensors[0].name.as_str(), tensors[0].shape.as_slice()),
+        ("w", &[2usize, 2][..])
+    );
     assert_eq!(tensors[0].data, floats(4));
 }
 
@@ -95,7 +101,10 @@ fn a_view_larger_than_its_storage_is_refused_before_allocating() {
     assert!(err.to_string().contains("over a storage of 4 elements"), "{err}");
     // Contiguous: the view runs past the storage's end.
     let file = archive(&tensor_pickle(4, &[1 << 40], &[1]), &floats(4), false);
-    let err = Checkpoint::from_reader(Cursor::new(file)).unwrap().tensors_under(&[]).unwrap_err();
+    let err = Checkpoint::from_reader(Cursor::new(file))
+        .unwrap()
+        .tensors_under(&[])
+        .unwrap_err();
     assert!(err.to_string().contains("storage of 4 elements"), "{err}");
 }
 
@@ -116,7 +125,9 @@ fn a_storage_member_is_read_only_up_to_its_declared_size() {
 #[test]
 fn declared_sizes_over_the_limit_or_over_the_member_are_refused() {
     let file = archive(&tensor_pickle(1 << 20, &[4], &[1]), &floats(1 << 20), true);
-    let limits = Limits { max_data_bytes: 1 << 20 };
+    let limits = Limits {
+        max_data_bytes: 1 << 20,
+    };
     let err = Checkpoint::from_reader_with(Cursor::new(file), limits).unwrap_err();
     assert!(err.to_string().contains("more than 1048576 bytes"), "{err}");
     // The pickle says 2^50 elements, the member holds 16 bytes.

@@ -17,6 +17,8 @@ use safetensors::SafeTensors;
 
 /// Weights of the backbone (the teacher) start with this.
 const BACKBONE: &str = "backbone.";
+/// The packed layout's shared teacher file.
+const BACKBONE_FILE: &str = "backbone.safetensors";
 
 const SHARED_BACKBONE: &[u8] = include_bytes!("../../../models/demo/backbone.safetensors");
 
@@ -103,9 +105,14 @@ pub struct PackArgs {
     /// NAME=BUNDLE_DIR, e.g. l0.16=runs/scenes/compressor-l0.16/bundle; repeat the flag.
     #[arg(long = "bundle", required = true, value_parser = parse_named)]
     bundles: Vec<(String, PathBuf)>,
-    /// Output directory (models/demo to replace the built-in models).
+    /// Output directory (models/demo to replace the built-in models),
+    /// replaced in one step; refused when it holds anything but packed models
+    /// of these names unless --force.
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output whatever it holds.
+    #[arg(long)]
+    force: bool,
 }
 
 fn parse_named(text: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -116,7 +123,7 @@ fn parse_named(text: &str) -> std::result::Result<(String, PathBuf), String> {
 }
 
 pub fn run_pack(args: PackArgs) -> Result<()> {
-    pack(&args.bundles, &args.output)?;
+    pack(&args.bundles, &args.output, args.force)?;
     println!(
         "packed {} bundles into {}; rebuild the binary to build them in",
         args.bundles.len(),
@@ -129,7 +136,12 @@ pub fn run_pack(args: PackArgs) -> Result<()> {
 /// the committed layout under `out`: `backbone.safetensors` once, and
 /// `l<λ>/{model.toml, compressor.safetensors}` per bundle. Checks that each
 /// bundle merges back to its own bytes.
-pub fn pack(bundles: &[(String, PathBuf)], out: &Path) -> Result<()> {
+pub fn pack(bundles: &[(String, PathBuf)], out: &Path, force: bool) -> Result<()> {
+    let mut ours = vec![BACKBONE_FILE];
+    ours.extend(bundles.iter().map(|(name, _)| name.as_str()));
+    frankensplit_fsio::check_replaceable(out, &ours, force).map_err(anyhow::Error::msg)?;
+    let staging =
+        frankensplit_fsio::Staging::new(out).with_context(|| format!("cannot write beside {}", out.display()))?;
     let mut shared: Option<Vec<u8>> = None;
     for (name, dir) in bundles {
         let bytes =
@@ -157,16 +169,17 @@ pub fn pack(bundles: &[(String, PathBuf)], out: &Path) -> Result<()> {
                 dir.display()
             );
         }
-        let target = out.join(name);
+        let target = staging.path().join(name);
         std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
-        frankensplit_edge::write_atomically(&target.join("compressor.safetensors"), &rest)?;
-        let manifest = std::fs::read(dir.join("model.toml"))?;
-        frankensplit_edge::write_atomically(&target.join("model.toml"), &manifest)?;
+        std::fs::write(target.join("compressor.safetensors"), &rest)?;
+        std::fs::write(target.join("model.toml"), std::fs::read(dir.join("model.toml"))?)?;
     }
     if let Some(backbone) = shared {
-        frankensplit_edge::write_atomically(&out.join("backbone.safetensors"), &backbone)?;
+        std::fs::write(staging.path().join(BACKBONE_FILE), &backbone)?;
     }
-    Ok(())
+    staging
+        .commit()
+        .with_context(|| format!("cannot move the models into {}", out.display()))
 }
 
 /// `$FRANKENSPLIT_CACHE`, else the user's cache directory, as the setup script picks it.

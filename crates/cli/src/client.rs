@@ -69,6 +69,43 @@ pub struct ClientArgs {
     /// Print one JSON object per request, then a summary object.
     #[arg(long)]
     json: bool,
+    /// File holding the bearer token to send (its first non-comment line),
+    /// for servers started with --auth-token-file.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// PEM certificate(s) of the authority to trust for an https:// server
+    /// (e.g. a self-signed server certificate), besides the system's roots.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
+}
+
+/// The HTTP client: the token on every request, the extra CA trusted.
+pub fn http_client(token_file: Option<&std::path::Path>, ca_cert: Option<&std::path::Path>) -> Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = token_file {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let token = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+            .with_context(|| format!("{} holds no token", path.display()))?;
+        let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+            .with_context(|| format!("the token in {} is not a valid header value", path.display()))?;
+        value.set_sensitive(true);
+        builder = builder.default_headers([(reqwest::header::AUTHORIZATION, value)].into_iter().collect());
+    }
+    if let Some(path) = ca_cert {
+        let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("{} holds no PEM certificate", path.display()))?;
+        if certs.is_empty() {
+            bail!("{} holds no PEM certificate", path.display());
+        }
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().context("cannot set up the HTTP client")
 }
 
 #[derive(Serialize)]
@@ -189,8 +226,8 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     let jobs: Vec<&Prepared> = (0..args.repeat.max(1)).flat_map(|_| prepared.iter()).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let started = Instant::now();
+    let client = http_client(args.token_file.as_deref(), args.ca_cert.as_deref())?;
     let reports: Vec<RequestReport> = runtime.block_on(async {
-        let client = reqwest::Client::new();
         // The link model's RTT term for this connection: the median of a few
         // empty round trips.
         let link = match throttle {

@@ -307,11 +307,8 @@ fn loopback(bundle_dir: &Path, images: &[PathBuf]) -> Result<()> {
     let config = ServeConfig {
         max_batch: 8,
         batch_wait: Duration::from_millis(2),
-        queue_capacity: 64,
-        max_body_bytes: 1 << 20,
         request_timeout: Duration::from_secs(30),
-        top_k: 5,
-        max_image_pixels: 4096 * 4096,
+        ..ServeConfig::default()
     };
     let server = runtime.block_on(start(
         bundle,

@@ -52,9 +52,18 @@ pub struct ConvertArgs {
     /// Class names, one per line, in class-index order.
     #[arg(long)]
     labels: Option<PathBuf>,
-    /// Output bundle directory (replaced atomically if it exists).
+    /// Output bundle directory. An existing bundle there is replaced in one
+    /// step (a crash leaves the old or the new); a directory holding anything
+    /// else is refused unless --force.
     #[arg(short, long)]
     output: PathBuf,
+    /// Replace the output even when it is not a bundle directory.
+    #[arg(long)]
+    force: bool,
+    /// Most bytes of tensor data the checkpoint may make the reader load (the
+    /// file is untrusted input: a few compressed bytes can declare terabytes).
+    #[arg(long, default_value_t = frankensplit_models::convert::CheckpointLimits::default().max_data_bytes, value_name = "BYTES")]
+    max_checkpoint_bytes: u64,
 }
 
 pub fn run_convert(args: ConvertArgs) -> Result<()> {
@@ -92,6 +101,10 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
             Formula::SignFlipped => LikelihoodFormula::SignFlipped,
         }),
         labels,
+        checkpoint_limits: frankensplit_models::convert::CheckpointLimits {
+            max_data_bytes: args.max_checkpoint_bytes,
+        },
+        force: args.force,
     };
     let report = convert(&options, &args.output)?;
     println!(

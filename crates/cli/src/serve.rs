@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use frankensplit_models::Bundle;
-use frankensplit_serve::{shutdown_signal, start, ServeConfig};
+use frankensplit_serve::{shutdown_signal, start, tls_config, ServeConfig, Tokens};
 use tch::Device;
 
 #[derive(Args)]
@@ -24,9 +24,15 @@ pub struct ServeArgs {
     /// Milliseconds to wait for more requests once one is queued.
     #[arg(long, default_value_t = 5)]
     batch_wait_ms: u64,
-    /// Decoded requests that may wait for inference; beyond, 503 + Retry-After.
-    #[arg(long, default_value_t = 64)]
+    /// Inputs (payloads or images) admitted and not yet answered; a request
+    /// is admitted whole or gets 503 + Retry-After (413 if it alone frames more).
+    #[arg(long, default_value_t = ServeConfig::default().queue_capacity)]
     queue: usize,
+    /// Bytes admitted requests may hold at once (bodies, decoded images and
+    /// every intermediate of the input pipeline, latents), reserved before
+    /// decoding; beyond, 503 + Retry-After.
+    #[arg(long, default_value_t = ServeConfig::default().max_inflight_bytes, value_name = "BYTES")]
+    max_inflight_bytes: u64,
     /// Largest request body in bytes; beyond, 413.
     #[arg(long, default_value_t = 1 << 20)]
     max_body_bytes: usize,
@@ -36,9 +42,21 @@ pub struct ServeArgs {
     /// Classes per answer.
     #[arg(long, default_value_t = 5)]
     top_k: usize,
-    /// Largest image /v1/classify-image decodes, in pixels; beyond, 400.
-    #[arg(long, default_value_t = 4096 * 4096)]
+    /// Largest image /v1/classify-image takes, in pixels: the decoded image
+    /// and every image the resize makes of it (checked from the header,
+    /// before decoding); beyond, 413.
+    #[arg(long, default_value_t = ServeConfig::default().max_image_pixels)]
     max_image_pixels: u64,
+    /// Require `Authorization: Bearer <token>` on the API and /metrics, the
+    /// tokens one per line in this file (/healthz and /openapi.json stay open).
+    #[arg(long, value_name = "FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -50,14 +68,33 @@ pub fn run(args: ServeArgs) -> Result<()> {
     } else {
         "POST payloads to /v1/classify"
     };
+    let tokens = args
+        .auth_token_file
+        .as_deref()
+        .map(Tokens::from_file)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(tls_config(cert, key).map_err(anyhow::Error::msg)?),
+        _ => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let access = if tokens.is_some() {
+        "; bearer token required"
+    } else {
+        ""
+    };
     let config = ServeConfig {
         max_batch: args.max_batch,
         batch_wait: Duration::from_millis(args.batch_wait_ms),
         queue_capacity: args.queue,
+        max_inflight_bytes: args.max_inflight_bytes,
         max_body_bytes: args.max_body_bytes,
         request_timeout: Duration::from_millis(args.timeout_ms),
         top_k: args.top_k,
         max_image_pixels: args.max_image_pixels,
+        tokens,
+        tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
@@ -65,7 +102,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         eprintln!(
-            "serving model {model} on http://{} ({endpoints}; Ctrl-C stops after the requests in flight)",
+            "serving model {model} on {scheme}://{} ({endpoints}{access}; Ctrl-C stops after the requests in flight)",
             server.addr
         );
         server.done.await.context("server task failed")??;

@@ -223,7 +223,7 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
         let mut vars = tch::nn::VarStore::new(device);
         let head = SwinTransformer::new(&vars.root(), &config, 0..1);
         let tail = SwinTransformer::new(&vars.root(), &config, 1..config.num_stages());
-        let tensors = frankensplit_models::convert::read_state_dict(&args.teacher)?;
+        let tensors = frankensplit_models::convert::read_state_dict(&args.teacher, Default::default())?;
         load_into(&mut vars, select(tensors, "", None))
             .with_context(|| format!("{} does not fit {}", args.teacher.display(), args.backbone))?;
         let preprocess = frankensplit_preprocess::Preprocess::for_input(config.img_size as u32);

@@ -355,7 +355,7 @@ fn backbone_from_separate_timm_weights() {
     ]);
 
     let state: Vec<(String, Tensor)> =
-        frankensplit_models::convert::read_state_dict(&models.join("reference_checkpoint.pt"))
+        frankensplit_models::convert::read_state_dict(&models.join("reference_checkpoint.pt"), Default::default())
             .unwrap()
             .into_iter()
             .filter(|(k, _)| !k.starts_with("backbone."))

@@ -159,16 +159,9 @@ pub fn for_each_image(images: &[PathBuf], mut each: impl FnMut(&Path) -> Result<
     Ok(())
 }
 
-/// Writes `bytes` to a temporary sibling, then renames it over `path`.
+/// Writes `bytes` to a flushed sibling, then renames it over `path`.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp-{}", std::process::id()));
-    let tmp = std::path::PathBuf::from(tmp);
-    std::fs::write(&tmp, bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move {} into place", path.display()))
+    frankensplit_fsio::write_file(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[derive(Args)]

@@ -45,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             labels: Vec::new(),
             source: format!("random initialisation, seed {seed} (for timing only)"),
         },
+        false,
     )?;
     println!("wrote {} (model {fingerprint})", out.display());
     Ok(())

@@ -232,10 +232,17 @@ pub struct BundleContents<'a> {
     pub source: String,
 }
 
-/// Writes a bundle into `dir` atomically (a sibling temporary directory is
-/// renamed into place; an existing bundle there is replaced only then).
-pub fn write_bundle(dir: &Path, contents: BundleContents<'_>) -> Result<ModelFingerprint> {
+/// The files a bundle directory holds: all a directory may hold for
+/// [`write_bundle`] to replace it without `force`.
+pub const BUNDLE_FILES: [&str; 2] = [MANIFEST, WEIGHTS];
+
+/// Writes a bundle into `dir`: staged in a sibling, flushed, then swapped
+/// with the old directory in one step, so a crash leaves the old bundle or
+/// the new. A `dir` holding anything but a bundle's files is refused unless
+/// `force`.
+pub fn write_bundle(dir: &Path, contents: BundleContents<'_>, force: bool) -> Result<ModelFingerprint> {
     contents.architecture.validate()?;
+    frankensplit_fsio::check_replaceable(dir, &BUNDLE_FILES, force).map_err(Error::Invalid)?;
     let mut named: BTreeMap<String, Tensor> = BTreeMap::new();
     for (prefix, vs) in [
         ("compressor.", contents.compressor_vars),
@@ -257,18 +264,9 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>) -> Result<ModelFin
     named.insert("entropy_tables.cdf_length".into(), Tensor::from_slice(&lengths));
     named.insert("entropy_tables.offset".into(), Tensor::from_slice(&offsets));
 
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io_error(parent, e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Invalid(format!("{} is not a directory name", dir.display())))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| io_error(&tmp, e))?;
-    let result = (|| {
+    let staging = frankensplit_fsio::Staging::new(dir).map_err(|e| io_error(dir, e))?;
+    let tmp = staging.path().to_path_buf();
+    let result = (|| -> Result<ModelFingerprint> {
         let list: Vec<(String, Tensor)> = named.into_iter().collect();
         Tensor::write_safetensors(&list, tmp.join(WEIGHTS))?;
         let bytes = std::fs::read(tmp.join(WEIGHTS)).map_err(|e| io_error(&tmp.join(WEIGHTS), e))?;
@@ -289,19 +287,9 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>) -> Result<ModelFin
         std::fs::write(tmp.join(MANIFEST), text).map_err(|e| io_error(&tmp.join(MANIFEST), e))?;
         Ok(fingerprint)
     })();
-    match result {
-        Ok(fingerprint) => {
-            if dir.exists() {
-                std::fs::remove_dir_all(dir).map_err(|e| io_error(dir, e))?;
-            }
-            std::fs::rename(&tmp, dir).map_err(|e| io_error(dir, e))?;
-            Ok(fingerprint)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    let fingerprint = result?;
+    staging.commit().map_err(|e| io_error(dir, e))?;
+    Ok(fingerprint)
 }
 
 fn io_error(path: &Path, e: std::io::Error) -> Error {

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use frankensplit_checkpoint::{Checkpoint, DType, NamedTensor};
+
+/// What a checkpoint may make its reader allocate.
+pub use frankensplit_checkpoint::Limits as CheckpointLimits;
 use frankensplit_codec::{CdfTables, LikelihoodFormula, ModelFingerprint};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -37,6 +40,10 @@ pub struct ConvertOptions {
     pub likelihood_formula: Option<LikelihoodFormula>,
     /// Class names.
     pub labels: Vec<String>,
+    /// What the checkpoint (an untrusted file) may make the reader allocate.
+    pub checkpoint_limits: frankensplit_checkpoint::Limits,
+    /// Replace the output even when it is not a bundle directory.
+    pub force: bool,
 }
 
 /// What a conversion produced.
@@ -71,12 +78,13 @@ fn is_head_key(key: &str, split: usize) -> bool {
 }
 
 /// Reads every tensor of a checkpoint file: safetensors by extension,
-/// otherwise a `torch.save` zip whose state dict sits under `model` (or at the root).
-pub fn read_state_dict(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+/// otherwise a `torch.save` zip whose state dict sits under `model` (or at
+/// the root), read within `limits`.
+pub fn read_state_dict(path: &Path, limits: frankensplit_checkpoint::Limits) -> Result<BTreeMap<String, Tensor>> {
     if path.extension().is_some_and(|e| e == "safetensors") {
         return Ok(Tensor::read_safetensors(path)?.into_iter().collect());
     }
-    let ckpt = Checkpoint::open(path).map_err(|e| Error::Invalid(e.to_string()))?;
+    let ckpt = Checkpoint::open_with(path, limits).map_err(|e| Error::Invalid(e.to_string()))?;
     let tensors = match ckpt.root().get("model") {
         Some(_) => ckpt.tensors_under(&["model"]),
         None => ckpt.tensors_under(&[]),
@@ -150,7 +158,7 @@ fn partition(state: BTreeMap<String, Tensor>) -> Result<(BTreeMap<String, Tensor
 pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
     let arch = &options.architecture;
     arch.validate()?;
-    let state = read_state_dict(&options.checkpoint)?;
+    let state = read_state_dict(&options.checkpoint, options.checkpoint_limits)?;
     let tensors_read = state.len();
     let legacy_names = state.keys().any(|k| k.contains("entropy_bottleneck._matrix"));
     let (mut compressor_tensors, mut backbone_tensors) = partition(state)?;
@@ -161,7 +169,7 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
             // against; the file must be the same backbone, or the head and
             // tail of the image path would come from different models.
             let mut differing = Vec::new();
-            for (key, t) in select(read_state_dict(path)?, "", None) {
+            for (key, t) in select(read_state_dict(path, options.checkpoint_limits)?, "", None) {
                 match backbone_tensors.get(&key) {
                     Some(ours) if !same_values(ours, &t) => differing.push(key),
                     Some(_) => {}
@@ -248,6 +256,7 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
             labels: options.labels.clone(),
             source: format!("converted from {}", options.checkpoint.display()),
         },
+        options.force,
     )?;
     Ok(ConvertReport {
         fingerprint,

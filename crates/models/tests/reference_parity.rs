@@ -293,6 +293,8 @@ fn bundles_with_the_backbone_head_classify_images_like_timm() {
         architecture: arch,
         likelihood_formula: None,
         labels: Vec::new(),
+        checkpoint_limits: Default::default(),
+        force: false,
     };
     let report = convert(&options, &dir.join("whole")).unwrap();
     assert!(report.backbone_head);
@@ -315,6 +317,22 @@ fn bundles_with_the_backbone_head_classify_images_like_timm() {
     )
     .unwrap();
     assert!(!report.backbone_head);
+    // A directory of the user's own is neither replaced nor touched without --force.
+    let mine = dir.join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep me").unwrap();
+    let err = convert(&options, &mine).unwrap_err().to_string();
+    assert!(err.contains("notes.txt") && err.contains("--force"), "{err}");
+    assert_eq!(std::fs::read_to_string(mine.join("notes.txt")).unwrap(), "keep me");
+    convert(
+        &ConvertOptions {
+            force: true,
+            ..options.clone()
+        },
+        &mine,
+    )
+    .unwrap();
+    assert!(Bundle::open(&mine, Device::Cpu).is_ok() && !mine.join("notes.txt").exists());
     let tail = Bundle::open(&dir.join("tail"), Device::Cpu).unwrap();
     assert!(tail.classify_images(&images).is_err());
     assert!(tail.backbone_vars.variables().len() < bundle.backbone_vars.variables().len());

@@ -303,8 +303,14 @@ impl Preprocess {
         }
         // Fixed-point filter taps: at most 2 per input and 3 per output pixel of each axis.
         let taps = 4 * (2 * (w + h) + 3 * (new_w + new_h));
-        let pixels = (w * h).saturating_add(rows).saturating_add(resized).saturating_add(crop * crop);
-        let working_bytes = pixels.saturating_mul(3).saturating_add(12 * crop * crop).saturating_add(taps);
+        let pixels = (w * h)
+            .saturating_add(rows)
+            .saturating_add(resized)
+            .saturating_add(crop * crop);
+        let working_bytes = pixels
+            .saturating_mul(3)
+            .saturating_add(12 * crop * crop)
+            .saturating_add(taps);
         Ok(Plan {
             resized: (new_w as u32, new_h as u32),
             working_bytes,

@@ -5,18 +5,24 @@
 //! server-side timings. Bundles that hold the whole backbone also classify
 //! whole images (`/v1/classify-image`), the offloading baseline.
 //!
-//! Back-pressure is explicit: a bounded queue (503 with `Retry-After` when
-//! full), a body-size limit (413), a per-request timeout (504); payloads of
-//! another model are refused with 409 and malformed ones with 400. `/metrics`
+//! Back-pressure is explicit: a request is admitted whole or refused
+//! before any work (503 with `Retry-After` while the inputs or bytes in
+//! flight are at their bounds, 413 when it could never fit), a body-size
+//! limit (413), image sizes planned from the header (413), a per-request
+//! timeout (504, and the inference thread skips what nobody waits for);
+//! payloads of another model are refused with 409 and malformed ones with
+//! 400. Access: bearer tokens (401) and TLS, both optional. `/metrics`
 //! exposes Prometheus counters and histograms, `/openapi.json` describes the
 //! API; shutdown on SIGINT/SIGTERM finishes the requests in flight.
 
+mod access;
+mod admission;
 mod metrics;
 mod openapi;
 mod worker;
 
 use std::net::SocketAddr;
-use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +38,8 @@ use frankensplit_models::{Bundle, PayloadDecoder};
 use frankensplit_preprocess::{Preprocess, RgbImage};
 use serde::{Deserialize, Serialize};
 
+pub use access::{tls_config, Tokens};
+use admission::{Admission, Refusal, Ticket};
 pub use metrics::Metrics;
 use worker::{Input, Job, Prediction};
 
@@ -42,8 +50,12 @@ pub struct ServeConfig {
     pub max_batch: usize,
     /// How long the inference thread waits for more requests once one arrived.
     pub batch_wait: Duration,
-    /// Requests waiting for inference before new ones get 503.
+    /// Inputs (payloads or images) admitted and not yet answered; a request
+    /// that would exceed it gets 503 (413 if it frames more on its own).
     pub queue_capacity: usize,
+    /// Bytes admitted requests may hold at once (bodies, decoded images and
+    /// the input pipeline's intermediates, latents); beyond, 503.
+    pub max_inflight_bytes: u64,
     /// Largest request body accepted (413 beyond).
     pub max_body_bytes: usize,
     /// Time a request may take in the server before it gets 504.
@@ -53,6 +65,11 @@ pub struct ServeConfig {
     /// Largest image (pixels) `/v1/classify-image` decodes; bounds memory
     /// per request, since a small PNG can declare a huge canvas.
     pub max_image_pixels: u64,
+    /// Bearer tokens the API and `/metrics` require (`/healthz` and
+    /// `/openapi.json` stay open); `None` serves everyone.
+    pub tokens: Option<Tokens>,
+    /// TLS identity; `None` serves plain HTTP.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for ServeConfig {
@@ -60,11 +77,14 @@ impl Default for ServeConfig {
         Self {
             max_batch: 8,
             batch_wait: Duration::from_millis(5),
-            queue_capacity: 64,
+            queue_capacity: 2 * MAX_FRAMES,
+            max_inflight_bytes: 1 << 30,
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(10),
             top_k: 5,
             max_image_pixels: 4096 * 4096,
+            tokens: None,
+            tls: None,
         }
     }
 }
@@ -72,7 +92,9 @@ impl Default for ServeConfig {
 #[derive(Clone)]
 struct AppState {
     decoder: Arc<PayloadDecoder>,
-    queue: SyncSender<Job>,
+    /// Unbounded: admission bounds what can be in it.
+    queue: Sender<Job>,
+    admission: Arc<Admission>,
     config: Arc<ServeConfig>,
     metrics: Arc<Metrics>,
     model: Arc<str>,
@@ -104,9 +126,11 @@ pub async fn start(
         .is_some()
         .then(|| Arc::new(bundle.manifest.preprocess.clone()));
     let (queue, worker) = worker::spawn(bundle, &config, metrics.clone());
+    let admission = Arc::new(Admission::new(config.queue_capacity, config.max_inflight_bytes));
     let state = AppState {
         decoder,
         queue,
+        admission,
         config: Arc::new(config.clone()),
         metrics,
         model,
@@ -116,7 +140,13 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let addr = listener.local_addr()?;
     let done = tokio::spawn(async move {
-        let served = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+        let served = match config.tls {
+            Some(tls) => {
+                let listener = access::TlsListener::new(listener, tls)?;
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            }
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        };
         // The router (and with it the queue's sender) is gone: the worker drains and exits.
         let _ = tokio::task::spawn_blocking(move || worker.join()).await;
         served
@@ -126,11 +156,16 @@ pub async fn start(
 
 fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
-    Router::new()
+    let mut protected = Router::new()
         .route("/v1/classify", post(classify))
         .route("/v1/classify-image", post(classify_image))
+        .route("/metrics", get(metrics_text));
+    if let Some(tokens) = state.config.tokens.clone() {
+        protected = protected.layer(axum::middleware::from_fn_with_state(tokens, access::require_token));
+    }
+    Router::new()
+        .merge(protected)
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/metrics", get(metrics_text))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -178,12 +213,40 @@ struct Timings {
 }
 
 #[derive(Serialize)]
-struct ErrorBody {
-    error: String,
+pub(crate) struct ErrorBody {
+    pub(crate) error: String,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(ErrorBody { error: message.into() })).into_response()
+}
+
+fn refused(refusal: Refusal) -> Response {
+    let body = Json(ErrorBody { error: refusal.message });
+    if refusal.retry {
+        (refusal.status, [(header::RETRY_AFTER, "1")], body).into_response()
+    } else {
+        (refusal.status, body).into_response()
+    }
+}
+
+/// Runs `work` on the blocking pool, answering 504 if it outlasts the
+/// request's deadline (the work itself finishes on its own: it is bounded
+/// by the admission that preceded it).
+async fn blocking<T: Send + 'static>(
+    state: &AppState,
+    started: Instant,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response> {
+    let deadline = tokio::time::Instant::from_std(started + state.config.request_timeout);
+    match tokio::time::timeout_at(deadline, tokio::task::spawn_blocking(work)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(e)) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("worker task failed: {e}"),
+        )),
+        Err(_) => Err(error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server")),
+    }
 }
 
 /// Content type of a body holding several payloads, each preceded by its
@@ -265,13 +328,32 @@ fn decode_body(
 }
 
 async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: Instant) -> Response {
+    // Admission before any decoding: the frame count is read from the
+    // length prefixes alone, each payload becomes one f32 latent.
+    let count = if framed {
+        match frames(&body) {
+            Ok(payloads) => payloads.len(),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        }
+    } else {
+        1
+    };
+    let shape = state.decoder.shape;
+    let latent_bytes = 4 * u64::from(shape.channels) * u64::from(shape.height) * u64::from(shape.width);
+    let ticket = match state
+        .admission
+        .admit(count, body.len() as u64 + count as u64 * latent_bytes)
+    {
+        Ok(ticket) => ticket,
+        Err(refusal) => return refused(refusal),
+    };
     let decoder = state.decoder.clone();
-    let inputs = match tokio::task::spawn_blocking(move || decode_body(&decoder, &body, framed)).await {
+    let inputs = match blocking(state, started, move || decode_body(&decoder, &body, framed)).await {
         Ok(Ok(inputs)) => inputs,
         Ok(Err((status, message))) => return error(status, message),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("decoder task failed: {e}")),
+        Err(response) => return response,
     };
-    match infer(state, inputs, started).await {
+    match infer(state, inputs, started, ticket).await {
         Ok(results) if framed => Json(FramedResponse { results }).into_response(),
         Ok(mut results) => Json(results.pop().expect("one payload, one result")).into_response(),
         Err(response) => response,
@@ -311,66 +393,89 @@ async fn classify_image_inner(state: &AppState, body: Bytes, options: ImageOptio
         );
     };
     let max_pixels = state.config.max_image_pixels;
-    let prepared = tokio::task::spawn_blocking(move || -> Result<(Input, usize), String> {
-        let image = RgbImage::decode_limited(&body, max_pixels).map_err(|e| e.to_string())?;
+    // What decoding and the pipeline will allocate, from the header alone.
+    let planned = RgbImage::dimensions(&body).and_then(|(width, height)| {
+        if options.cropped {
+            let crop = preprocess.crop;
+            if (width, height) != (crop, crop) {
+                return Err(frankensplit_preprocess::Error::Size {
+                    width,
+                    height,
+                    why: format!("cropped=true needs a {crop}×{crop} image"),
+                });
+            }
+            Ok(15 * u64::from(crop) * u64::from(crop))
+        } else {
+            Ok(preprocess.plan(width, height, max_pixels)?.working_bytes)
+        }
+    });
+    let working_bytes = match planned {
+        Ok(bytes) => bytes,
+        Err(e) => return image_error(e),
+    };
+    let ticket = match state.admission.admit(1, body.len() as u64 + working_bytes) {
+        Ok(ticket) => ticket,
+        Err(refusal) => return refused(refusal),
+    };
+    let prepared = blocking(state, started, move || {
         let input = if options.cropped {
+            let image = RgbImage::decode_limited(&body, max_pixels)?;
             if (image.width, image.height) != (preprocess.crop, preprocess.crop) {
-                return Err(format!(
-                    "cropped=true needs a {0}×{0} image, got {1}×{2}",
-                    preprocess.crop, image.width, image.height
-                ));
+                return Err(frankensplit_preprocess::Error::Size {
+                    width: image.width,
+                    height: image.height,
+                    why: format!("cropped=true needs a {0}×{0} image", preprocess.crop),
+                });
             }
             preprocess.normalize(&image)
         } else {
-            preprocess.apply(&image).map_err(|e| e.to_string())?
+            preprocess.decode_and_apply(&body, max_pixels)?
         };
         Ok((Input::Image(input), body.len()))
     })
     .await;
     let input = match prepared {
         Ok(Ok(input)) => input,
-        Ok(Err(message)) => return error(StatusCode::BAD_REQUEST, message),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("image task failed: {e}")),
+        Ok(Err(e)) => return image_error(e),
+        Err(response) => return response,
     };
-    match infer(state, vec![input], started).await {
+    match infer(state, vec![input], started, ticket).await {
         Ok(mut results) => Json(results.pop().expect("one image, one result")).into_response(),
         Err(response) => response,
     }
 }
 
-/// Queues decoded inputs for the inference thread and waits for their
-/// answers, or the error response to give.
+/// 413 for images over a limit, 400 for the rest.
+fn image_error(e: frankensplit_preprocess::Error) -> Response {
+    let status = match e {
+        frankensplit_preprocess::Error::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    error(status, e.to_string())
+}
+
+/// Queues an admitted request's decoded inputs for the inference thread and
+/// waits for their answers, or the error response to give. The ticket is
+/// given back when this returns, answered or timed out.
 async fn infer(
     state: &AppState,
     inputs: Vec<(Input, usize)>,
     started: Instant,
+    _ticket: Ticket,
 ) -> Result<Vec<ClassifyResponse>, Response> {
     let decode_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut answers = Vec::with_capacity(inputs.len());
     for (input, input_bytes) in inputs {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        match state.queue.try_send(Job {
+        let job = Job {
             input,
             enqueued: Instant::now(),
             reply,
-        }) {
-            Ok(()) => {
-                state.metrics.queue_depth.inc();
-            }
-            Err(TrySendError::Full(_)) => {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    [(header::RETRY_AFTER, "1")],
-                    Json(ErrorBody {
-                        error: "inference queue is full; retry shortly".into(),
-                    }),
-                )
-                    .into_response())
-            }
-            Err(TrySendError::Disconnected(_)) => {
-                return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"))
-            }
+        };
+        if state.queue.send(job).is_err() {
+            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down"));
         }
+        state.metrics.queue_depth.inc();
         answers.push((answer, input_bytes));
     }
     let deadline = tokio::time::Instant::from_std(started + state.config.request_timeout);

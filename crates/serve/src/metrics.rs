@@ -26,6 +26,8 @@ pub struct Metrics {
     pub queue_depth: Gauge,
     /// Sizes of the batches run.
     pub batch_size: Histogram,
+    /// Inputs dropped before inference because their request had timed out.
+    pub abandoned: Counter,
 }
 
 impl Default for Metrics {
@@ -56,12 +58,19 @@ impl Metrics {
             queue_depth.clone(),
         );
         registry.register("batch_size", "Requests per inference batch", batch_size.clone());
+        let abandoned = Counter::default();
+        registry.register(
+            "abandoned_inputs",
+            "Inputs skipped by the inference thread because their request timed out",
+            abandoned.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             queue_depth,
             batch_size,
+            abandoned,
         }
     }
 

@@ -21,7 +21,8 @@ pub fn document() -> Value {
                 "queue": {"type": "number"}, "inference": {"type": "number"}, "total": {"type": "number"}}}
         }
     });
-    let busy = json!({"description": "Inference queue full (retry after the Retry-After seconds) or shutting down",
+    let unauthorized = error_response("Missing or wrong bearer token (servers started with --auth-token-file)");
+    let busy = json!({"description": "The inputs or bytes in flight are at the server's bounds (retry after the Retry-After seconds), or it is shutting down",
         "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         "content": {"application/json": {"schema": error}}});
     json!({
@@ -49,7 +50,8 @@ pub fn document() -> Value {
                                 "content": {"application/json": {"schema": prediction}}},
                         "400": error_response("Malformed payload (bad header, truncated or corrupt string, wrong latent shape)"),
                         "409": error_response("Payload produced by another model (fingerprint mismatch)"),
-                        "413": {"description": "Body larger than the server's limit"},
+                        "401": unauthorized.clone(),
+                        "413": error_response("Body larger than the server's limit, or more payloads than it ever admits at once"),
                         "503": busy,
                         "504": error_response("The request exceeded the server's timeout")
                     }
@@ -66,17 +68,21 @@ pub fn document() -> Value {
                     },
                     "responses": {
                         "200": {"description": "Top classes and server-side timings", "content": {"application/json": {"schema": prediction}}},
-                        "400": error_response("Not a decodable JPEG/PNG/WebP image, too many pixels, or a cropped image of the wrong size"),
-                        "413": {"description": "Body larger than the server's limit"},
+                        "400": error_response("Not a decodable JPEG/PNG/WebP image, or a cropped image of the wrong size"),
+                        "401": unauthorized.clone(),
+                        "413": error_response("Body larger than the server's limit, or an image whose decoded size or resize exceeds the pixel limit (checked from its header)"),
                         "501": error_response("The model bundle holds only the backbone after the split"),
                         "503": busy,
                         "504": error_response("The request exceeded the server's timeout")
                     }
                 }
             },
-            "/healthz": {"get": {"summary": "Liveness", "responses": {"200": {"description": "The server is up", "content": {"text/plain": {}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics (OpenMetrics text)", "responses": {"200": {"description": "Requests by endpoint and status, queue depth, batch sizes, latency histograms"}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1 JSON"}}}}
-        }
+            "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "The server is up", "content": {"text/plain": {}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics (OpenMetrics text)", "responses": {"200": {"description": "Requests by endpoint and status, queue depth, batch sizes, latency histograms, inputs abandoned after timeouts"}, "401": unauthorized}}},
+            "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI 3.1 JSON"}}}}
+        },
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+            "description": "Required when the server runs with --auth-token-file (then also over TLS: --tls-cert, --tls-key); /healthz and /openapi.json stay open."}}},
+        "security": [{"bearer": []}]
     })
 }

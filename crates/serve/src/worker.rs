@@ -3,7 +3,7 @@
 //! `batch_wait` of the first, runs latents and whole images of a batch as
 //! one forward pass each, and answers each request's channel.
 
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -70,8 +70,10 @@ impl JobResult {
     }
 }
 
-pub(crate) fn spawn(bundle: Bundle, config: &ServeConfig, metrics: Arc<Metrics>) -> (SyncSender<Job>, JoinHandle<()>) {
-    let (tx, rx) = sync_channel(config.queue_capacity.max(1));
+/// Starts the inference thread. Its queue is unbounded: admission control
+/// bounds what requests can put in it.
+pub(crate) fn spawn(bundle: Bundle, config: &ServeConfig, metrics: Arc<Metrics>) -> (Sender<Job>, JoinHandle<()>) {
+    let (tx, rx) = channel();
     let max_batch = config.max_batch.max(1);
     let wait = config.batch_wait;
     let handle = std::thread::Builder::new()
@@ -93,6 +95,14 @@ fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metr
             }
         }
         metrics.queue_depth.dec_by(batch.len() as i64);
+        // Requests that timed out (their handler gave up and dropped the
+        // receiver) are not computed.
+        let before = batch.len();
+        batch.retain(|job| !job.reply.is_closed());
+        metrics.abandoned.inc_by((before - batch.len()) as u64);
+        if batch.is_empty() {
+            continue;
+        }
         metrics.batch_size.observe(batch.len() as f64);
         let started = Instant::now();
         let outcome = infer(&bundle, &mut batch);

@@ -1,7 +1,9 @@
 //! The server on a loopback port, with the small fixture model: good
 //! payloads (200, same top-k as local inference), another model's payload
-//! (409), truncated and random bytes (400), an oversized body (413), a flood
-//! beyond the queue (503 with Retry-After), and it still answers afterwards.
+//! (409), truncated and random bytes (400), an oversized body or image
+//! (413), a flood beyond the queue (503 with Retry-After), and it still
+//! answers afterwards; 256 framed payloads admitted whole; bearer tokens
+//! (401) and TLS.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ fn small_bundle(name: &str, whole_backbone: bool) -> PathBuf {
         architecture: arch,
         likelihood_formula: None,
         labels: (0..10).map(|i| format!("class-{i}")).collect(),
+        checkpoint_limits: Default::default(),
+        force: false,
     };
     convert(&options, &dir).unwrap();
     if let Some(path) = backbone_weights {
@@ -229,6 +233,15 @@ async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
     finish(server, &dir).await;
 }
 
+/// A black PNG of `width × height` pixels.
+fn strip_png(width: u32, height: u32) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    image::RgbImage::new(width, height)
+        .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+        .unwrap();
+    bytes
+}
+
 /// A PNG of `side × side` pixels with a smooth pattern.
 fn png(side: u32, seed: u32) -> Vec<u8> {
     let image = image::RgbImage::from_fn(side, side, |x, y| {
@@ -308,8 +321,14 @@ async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
     let (status, json) = post_image(&client, addr, "", b"GIF89a not an image".to_vec()).await;
     assert_eq!(status, 400, "{json}");
     let (status, json) = post_image(&client, addr, "", png(300, 0)).await;
-    assert_eq!(status, 400, "{json}");
+    assert_eq!(status, 413, "{json}");
     assert!(json["error"].as_str().unwrap().contains("pixels"), "{json}");
+    // Within the pixel limit as decoded, but Resize would make 73 × 2,920,000
+    // pixels of it: refused from the header, before decoding.
+    let (status, json) = post_image(&client, addr, "", strip_png(1, 40_000)).await;
+    assert_eq!(status, 413, "{json}");
+    let (status, json) = post_image(&client, addr, "", strip_png(40_000, 1)).await;
+    assert_eq!(status, 413, "{json}");
     let (status, _) = post_image(&client, addr, "?cropped=maybe", pictures[0].clone()).await;
     assert_eq!(status, 400);
     let (status, json) = post_image(&client, addr, "", pictures[2].clone()).await;
@@ -353,4 +372,115 @@ async fn finish(server: frankensplit_serve::RunningServer, dir: &std::path::Path
 
 async fn post_owned(client: reqwest::Client, addr: SocketAddr, body: Vec<u8>) -> (u16, Option<String>, Value) {
     post(&client, addr, body).await
+}
+
+fn framed_body(payload: &[u8], count: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    for _ in 0..count {
+        body.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        body.extend_from_slice(payload);
+    }
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framed_request_of_256_payloads_is_admitted_whole_on_an_idle_server() {
+    let dir = small_bundle("framed256", false);
+    let local = Bundle::open(&dir, Device::Cpu).unwrap();
+    let payload = local.compress(&input(3, 64)).unwrap();
+    let (server, stop) = launch(local, ServeConfig::default()).await;
+    let client = reqwest::Client::new();
+    let send = |count: usize| {
+        client
+            .post(format!("http://{}/v1/classify", server.addr))
+            .header("content-type", frankensplit_serve::FRAMED_PAYLOADS)
+            .body(framed_body(&payload, count))
+            .send()
+    };
+    let response = send(256).await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let json: Value = response.json().await.unwrap();
+    assert_eq!(json["results"].as_array().unwrap().len(), 256);
+    // A request framing more than the server could ever hold is told so
+    // (413), not asked to retry.
+    let config = ServeConfig {
+        queue_capacity: 8,
+        ..ServeConfig::default()
+    };
+    let (small, stop_small) = launch(Bundle::open(&dir, Device::Cpu).unwrap(), config).await;
+    let response = client
+        .post(format!("http://{}/v1/classify", small.addr))
+        .header("content-type", frankensplit_serve::FRAMED_PAYLOADS)
+        .body(framed_body(&payload, 9))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 413);
+    assert!(response.headers().get("retry-after").is_none());
+    stop_small.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), small.done)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    stop.send(()).unwrap();
+    finish(server, &dir).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_tls_keep_strangers_out() {
+    let dir = small_bundle("access", false);
+    let local = Bundle::open(&dir, Device::Cpu).unwrap();
+    let payload = local.compress(&input(4, 64)).unwrap();
+    let secrets = std::env::temp_dir().join(format!("frankensplit-serve-{}-secrets", std::process::id()));
+    std::fs::create_dir_all(&secrets).unwrap();
+    let identity = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (secrets.join("cert.pem"), secrets.join("key.pem"));
+    std::fs::write(&cert, identity.cert.pem()).unwrap();
+    std::fs::write(&key, identity.key_pair.serialize_pem()).unwrap();
+    let token = "0123456789abcdef0123456789abcdef";
+    let config = ServeConfig {
+        tokens: Some(frankensplit_serve::Tokens::new([token])),
+        tls: Some(frankensplit_serve::tls_config(&cert, &key).unwrap()),
+        ..ServeConfig::default()
+    };
+    let (server, stop) = launch(local, config).await;
+    let port = server.addr.port();
+    let trusting = reqwest::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(identity.cert.pem().as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let classify = |auth: Option<&str>| {
+        let mut request = trusting.post(format!("{url}/v1/classify")).body(payload.clone());
+        if let Some(auth) = auth {
+            request = request.header("authorization", auth);
+        }
+        request.send()
+    };
+    let status = |r: reqwest::Response| r.status().as_u16();
+    assert_eq!(status(classify(None).await.unwrap()), 401, "no token");
+    assert_eq!(
+        status(classify(Some("Bearer wrong-token-wrong-token")).await.unwrap()),
+        401
+    );
+    assert_eq!(status(classify(Some(&format!("Basic {token}"))).await.unwrap()), 401);
+    assert_eq!(status(classify(Some(&format!("Bearer {token}"))).await.unwrap()), 200);
+    let metrics = trusting.get(format!("{url}/metrics")).send().await.unwrap();
+    assert_eq!(status(metrics), 401, "/metrics is protected");
+    let health = trusting.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(status(health), 200, "/healthz stays open");
+    // Plain HTTP to the TLS port gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP was answered: {plain:?}");
+    // A client that does not trust the certificate refuses the server.
+    let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
+    assert!(untrusting.get(format!("{url}/healthz")).send().await.is_err());
+    stop.send(()).unwrap();
+    finish(server, &dir).await;
+    std::fs::remove_dir_all(&secrets).unwrap();
 }

@@ -520,7 +520,7 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
             )));
         }
         if let Some(weights) = &config.teacher.weights {
-            let tensors = frankensplit_models::convert::read_state_dict(weights)?;
+            let tensors = frankensplit_models::convert::read_state_dict(weights, Default::default())?;
             // timm names, or a bundle's weights file (`backbone.` prefix).
             let prefix = if tensors.keys().any(|k| k.starts_with("backbone.patch_embed.")) {
                 "backbone."
@@ -1078,10 +1078,7 @@ fn truncate_metrics(path: &Path, global_step: u64) -> Result<()> {
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)
-        .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+    frankensplit_fsio::write_file(path, bytes).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
 }
 
 /// Writes the checkpoint to a temporary file and renames it into place, so
@@ -1108,7 +1105,7 @@ fn write_checkpoint(path: &Path, models: &Models, optimizer: &Adam, progress: &P
 fn write_safetensors_atomically(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     let tmp = path.with_extension("safetensors.tmp");
     Tensor::write_safetensors(tensors, &tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+    frankensplit_fsio::commit_file(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
 }
 
 /// Reads a checkpoint: the run's progress and every tensor.
@@ -1166,6 +1163,7 @@ fn write_run_bundle(
                 config.seed, stage.lmbda, stage.kind
             ),
         },
+        false,
     )?;
     Ok(())
 }

@@ -294,7 +294,7 @@ fn write_overlay(path: &Path, chw: &[f32], preprocess: &Preprocess, map: &[f32],
     buffer
         .save_with_format(&tmp, image::ImageFormat::Png)
         .map_err(|e| Error::Data(format!("{}: {e}", path.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
+    frankensplit_fsio::commit_file(&tmp, path).map_err(|e| Error::Data(format!("{}: {e}", path.display())))
 }
 
 /// The jet colour map at `v` in [0, 1].

@@ -69,6 +69,7 @@ pub fn random_bundle(dir: &Path, arch: &Architecture, seed: i64) {
             labels: Vec::new(),
             source: format!("edge parity test, seed {seed}"),
         },
+        false,
     )
     .unwrap();
 }
