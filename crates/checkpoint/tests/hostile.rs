@@ -158,3 +158,36 @@ fn tied_tensors_count_against_the_build_budget() {
     let ckpt = Checkpoint::from_reader(Cursor::new(archive(&two, &floats(256), false))).unwrap();
     assert_eq!(ckpt.tensors_under(&[]).unwrap().len(), 2);
 }
+
+#[test]
+fn the_fuzz_seed_checkpoints_reach_tensor_materialisation() {
+    // fuzz/seeds/checkpoint holds torch.save-layout archives made by
+    // tools/fixtures/gen_fuzz_seeds.py: each must load, so that fuzzing from
+    // them starts inside the tensor-building code.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/checkpoint");
+    let mut loaded = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let ckpt = Checkpoint::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let under = if ckpt.root().get("model").is_some() {
+            vec!["model"]
+        } else {
+            vec![]
+        };
+        let tensors = ckpt
+            .tensors_under(&under)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(tensors.iter().all(|t| !t.data.is_empty()), "{}", path.display());
+        loaded += 1;
+    }
+    assert!(loaded >= 3, "{loaded} seeds");
+    let views = Checkpoint::open(&dir.join("views.pt")).unwrap();
+    let tensors = views.tensors_under(&["model"]).unwrap();
+    let transposed = tensors.iter().find(|t| t.name == "transposed").unwrap();
+    // The 3 × 4 matrix 0..12 read through its transpose, in C order.
+    let expected: Vec<u8> = [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
+        .iter()
+        .flat_map(|&v| (v as f32).to_le_bytes())
+        .collect();
+    assert_eq!(transposed.data, expected);
+}

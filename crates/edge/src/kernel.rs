@@ -417,7 +417,9 @@ unsafe fn portable_quantized(tile: &QuantizedTile, pixels: usize) {
 
 /// The same sums in plain Rust (up to [`TILE_PIXELS`] pixels), for x86
 /// machines without AVX2/FMA and other targets without vector tiles, and
-/// as the tests' reference.
+/// as the tests' reference: fused multiply-adds in the vector tiles' order,
+/// so that every machine writes the same payloads (where the CPU has no FMA
+/// instruction, `mul_add` is computed exactly in software, slowly).
 #[cfg_attr(all(target_arch = "aarch64", not(test)), allow(dead_code))]
 unsafe fn portable(tile: &Tile, pixels: usize) {
     let bias = std::slice::from_raw_parts(tile.bias, TILE_CHANNELS);
@@ -435,7 +437,7 @@ unsafe fn portable(tile: &Tile, pixels: usize) {
             for (p, a) in acc[..pixels].iter_mut().enumerate() {
                 let x = *row.add(p * tile.pixel_step + j);
                 for (a, w) in a.iter_mut().zip(w) {
-                    *a += x * w;
+                    *a = x.mul_add(*w, *a);
                 }
             }
         }
@@ -866,8 +868,9 @@ mod tests {
 
     /// The dispatched tile (AVX2, AVX-512 or NEON where the machine has
     /// them) against the portable loop and against sums written out, for
-    /// every pixel count, partial channel blocks and each epilogue; a vector
-    /// tile equal bit for bit to the same sums by fused multiply-adds.
+    /// every pixel count, partial channel blocks and each epilogue; vector
+    /// tiles and the portable loop equal bit for bit to the same sums by
+    /// fused multiply-adds (one payload on every machine).
     #[test]
     fn tiles_compute_the_sums_through_each_epilogue() {
         let (kernel, cin, stride) = (3, 5, 2);
@@ -937,6 +940,12 @@ mod tests {
                     if vectorised() {
                         // Bit for bit, so that every machine writes the same payloads.
                         assert_eq!(dispatched, fused, "{epilogue:?}, {channels} channels, {pixels} pixels");
+                    }
+                    if portable_too {
+                        assert_eq!(
+                            plain, fused,
+                            "{epilogue:?}, {channels} channels, {pixels} pixels (portable)"
+                        );
                     }
                     let checked = if portable_too { 2 } else { 1 };
                     for got in [&dispatched, &plain].into_iter().take(checked) {

@@ -110,13 +110,12 @@ pub fn run_encode(args: EncodeArgs) -> Result<()> {
     if args.int8 {
         model.use_int8(&load_calibration(&args.model, args.calibration.as_deref())?)?;
     }
+    let targets = payload_targets(&args.images, &args.output);
+    let mut next = targets.iter();
     for_each_image(&args.images, |path| {
+        let target = next.next().expect("one target per image");
         let encoded = encode_image(&model, path).and_then(|(payload, encode_ms)| {
-            let stem = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "payload".into());
-            let target = args.output.join(format!("{stem}.fsp"));
+            let target = target.as_ref().map_err(|e| anyhow::anyhow!("{e}"))?.clone();
             write_atomically(&target, &payload)?;
             Ok(Encoded {
                 image: path.to_path_buf(),
@@ -157,6 +156,53 @@ pub fn for_each_image(images: &[PathBuf], mut each: impl FnMut(&Path) -> Result<
         bail!("{failures} of {} images failed", images.len());
     }
     Ok(())
+}
+
+/// Where `encode` writes each image's payload: under `output`, at the
+/// image's path relative to the deepest directory holding all the images
+/// (`a/cat.jpg` and `b/cat.jpg` give `a/cat.fsp` and `b/cat.fsp`; images of
+/// one directory give `cat.fsp`), with `.fsp` for the extension, or appended
+/// to the whole name where two images would share a name (`cat.jpg.fsp`,
+/// `cat.png.fsp`). An image that cannot be found gets its error.
+pub fn payload_targets(images: &[PathBuf], output: &Path) -> Vec<Result<PathBuf, String>> {
+    let resolved: Vec<Result<PathBuf, String>> = images
+        .iter()
+        .map(|p| std::fs::canonicalize(p).map_err(|e| format!("cannot read {}: {e}", p.display())))
+        .collect();
+    let mut common: Option<PathBuf> = None;
+    for path in resolved.iter().flatten() {
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        common = Some(match common {
+            None => parent.to_path_buf(),
+            Some(c) => c
+                .components()
+                .zip(parent.components())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a)
+                .collect(),
+        });
+    }
+    let common = common.unwrap_or_default();
+    let relative = |path: &Path| -> PathBuf { path.strip_prefix(&common).unwrap_or(path).to_path_buf() };
+    let with_stem = |rel: &Path| rel.with_extension("fsp");
+    let mut seen = std::collections::HashMap::<PathBuf, usize>::new();
+    for path in resolved.iter().flatten() {
+        *seen.entry(with_stem(&relative(path))).or_default() += 1;
+    }
+    resolved
+        .into_iter()
+        .map(|path| {
+            let rel = relative(&path?);
+            let name = if seen[&with_stem(&rel)] > 1 {
+                let mut whole = rel.clone().into_os_string();
+                whole.push(".fsp");
+                PathBuf::from(whole)
+            } else {
+                with_stem(&rel)
+            };
+            Ok(output.join(name))
+        })
+        .collect()
 }
 
 /// Writes `bytes` to a flushed sibling, then renames it over `path`.
@@ -258,4 +304,39 @@ pub fn run_inspect(args: InspectArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod payload_names {
+    use super::*;
+
+    #[test]
+    fn images_of_the_same_name_keep_their_own_payloads() {
+        let root = std::env::temp_dir().join(format!("fs-edge-names-{}", std::process::id()));
+        for file in ["a/cat.jpg", "b/cat.jpg", "b/dog.jpg", "b/dog.png"] {
+            std::fs::create_dir_all(root.join(file).parent().unwrap()).unwrap();
+            std::fs::write(root.join(file), b"").unwrap();
+        }
+        let images: Vec<PathBuf> = ["a/cat.jpg", "b/cat.jpg", "b/dog.jpg", "b/dog.png", "b/missing.jpg"]
+            .iter()
+            .map(|f| root.join(f))
+            .collect();
+        let out = Path::new("out");
+        let targets = payload_targets(&images, out);
+        let names: Vec<_> = targets[..4].iter().map(|t| t.clone().unwrap()).collect();
+        assert_eq!(
+            names,
+            [
+                out.join("a/cat.fsp"),
+                out.join("b/cat.fsp"),
+                out.join("b/dog.jpg.fsp"),
+                out.join("b/dog.png.fsp")
+            ]
+        );
+        assert!(targets[4].as_ref().unwrap_err().contains("missing.jpg"));
+        // Images of one directory land directly in the output.
+        let one = payload_targets(&images[1..2], out);
+        assert_eq!(one[0].as_ref().unwrap(), &out.join("cat.fsp"));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -70,3 +70,23 @@ fn uploads_are_refused_from_their_header_before_decoding() {
     let input = preprocess.decode_and_apply(&png(300, 260), 4096 * 4096).unwrap();
     assert_eq!(input.len(), 3 * 224 * 224);
 }
+
+#[test]
+fn the_fuzz_seed_images_of_odd_sizes_go_through_the_whole_pipeline() {
+    // fuzz/seeds/image (tools/fixtures/gen_fuzz_seeds.py): PNG, JPEG and
+    // WebP of 1 × 1 to 97 × 1 pixels in every colour type; each must reach
+    // the resize and give a crop, as the fuzz target expects of them.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/image");
+    let preprocess = Preprocess::for_input(32);
+    let mut count = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        let input = preprocess
+            .decode_and_apply(&bytes, 1 << 20)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert_eq!(input.len(), 3 * 32 * 32, "{}", path.display());
+        count += 1;
+    }
+    assert!(count >= 60, "{count} seeds");
+}
