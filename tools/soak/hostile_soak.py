@@ -48,11 +48,12 @@ def png(width, height, row=None):
     parts = []
     line = b"\x00" + raw_row
     # Stream rows through the compressor: 16,777,215 rows never sit in memory.
-    block = line * 4096
+    per_block = max(1, min(4096, (4 << 20) // len(line)))
+    block = line * per_block
     left = height
     while left:
-        n = min(left, 4096)
-        parts.append(compressor.compress(block if n == 4096 else line * n))
+        n = min(left, per_block)
+        parts.append(compressor.compress(block if n == per_block else line * n))
         left -= n
     parts.append(compressor.flush())
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
@@ -99,8 +100,37 @@ def request(port, path, body, headers=None, timeout=60):
         response = conn.getresponse()
         data = response.read()
         return response.status, response.getheader("Retry-After"), data
+    except (BrokenPipeError, ConnectionResetError):
+        # A server may answer an oversized upload (413) and close before the
+        # body is sent: read the answer it left on the socket.
+        return raw_request(port, path, body, headers or {}, timeout)
     finally:
         conn.close()
+
+
+def raw_request(port, path, body, headers, timeout):
+    """POST over a bare socket, reading whatever status line came back even
+    when the server closed its side while we were still sending."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        try:
+            sock.sendall(head.encode() + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        try:
+            while b"\r\n" not in answer:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    parts = answer.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ConnectionError("closed without an answer")
+    return int(parts[1]), None, b""
 
 
 def peak_rss_kib(pid):
@@ -271,8 +301,9 @@ def main():
     for name, command in commands.items():
         def capped():
             resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-        done = subprocess.run(command, capture_output=True, text=True, preexec_fn=capped, timeout=300)
-        cli[name] = {"exit": done.returncode, "stderr": done.stderr.strip().splitlines()[-1:] if done.stderr else []}
+        done = subprocess.run(command, capture_output=True, text=True, preexec_fn=capped, timeout=300,
+                              env={**os.environ, "RUST_BACKTRACE": "0"})
+        cli[name] = {"exit": done.returncode, "message": " ".join(done.stderr.split())[:300]}
 
     summary = {
         "seconds": args.seconds,
