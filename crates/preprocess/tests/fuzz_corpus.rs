@@ -22,5 +22,8 @@ fn fuzz_corpus_replays_without_panics() {
     }
     assert!(count >= 100, "corpus at {} has only {count} inputs", dir.display());
     // The corpus reaches the resize, not only the decoders' error paths.
-    assert!(decoded >= 20, "only {decoded} of {count} inputs got through the pipeline");
+    assert!(
+        decoded >= 20,
+        "only {decoded} of {count} inputs got through the pipeline"
+    );
 }
