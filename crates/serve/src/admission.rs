@@ -37,7 +37,8 @@ pub(crate) struct Refusal {
 
 impl Admission {
     pub fn new(max_inputs: usize, max_bytes: u64) -> Self {
-        let max_inputs = max_inputs.clamp(1, Semaphore::MAX_PERMITS);
+        // Permits are taken as a u32 at once.
+        let max_inputs = max_inputs.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let units = (max_bytes / UNIT).clamp(1, u64::from(u32::MAX)) as usize;
         Self {
             inputs: Arc::new(Semaphore::new(max_inputs)),
