@@ -15,8 +15,7 @@ use clap::Args;
 use frankensplit_edge::EdgeModel;
 use frankensplit_imagecodecs::ImageCodec;
 use frankensplit_models::Bundle;
-use frankensplit_preprocess::RgbImage;
-use frankensplit_train::data::ImageFolder;
+use frankensplit_preprocess::{ImageFolder, RgbImage};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 

@@ -8,7 +8,10 @@
 //! * `CenterCrop(224)`, `ToTensor`, `Normalize(ImageNet mean, std)` in `f32`.
 //!
 //! The output is a `3 × 224 × 224` CHW buffer ready for the encoder.
+//!
+//! [`ImageFolder`] lists the datasets these images come from.
 
+pub mod folder;
 mod resize;
 
 use std::path::Path;
@@ -16,6 +19,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use folder::ImageFolder;
 pub use resize::resize_bilinear;
 
 /// Why an image could not be read or prepared.
@@ -33,6 +37,9 @@ pub enum Error {
     /// The image, or what the pipeline would make of it, exceeds a limit.
     #[error("image of {width}×{height} pixels is over the limit: {why}")]
     TooLarge { width: u32, height: u32, why: String },
+    /// An ImageFolder directory could not be listed or holds no images.
+    #[error("{0}")]
+    Folder(String),
 }
 
 /// Result alias.

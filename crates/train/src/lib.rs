@@ -5,11 +5,15 @@
 //! pretrained one is at hand. Owns the data pipeline, the optimiser with its
 //! saveable state, checkpoints that survive being killed, and the run loop.
 
+mod config;
 pub mod data;
+mod loss;
+mod metrics;
 pub mod npy;
 pub mod optim;
 pub mod run;
 pub mod saliency;
+mod state;
 pub mod synthetic;
 
 /// Why training could not go on.

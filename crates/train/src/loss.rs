@@ -1,0 +1,111 @@
+//! The training losses: the teacher's cross-entropy and the compressor's
+//! distortion (saliency-weighted in stage 2) plus λ times its bits, with the
+//! values a step reports.
+
+use frankensplit_models::{Compressor, SwinTransformer};
+use tch::nn::ModuleT;
+use tch::{Device, Kind, Tensor};
+
+use crate::state::Models;
+
+/// Runs `f` under autocast (mixed precision) when `enabled`.
+pub(crate) fn autocast<T>(enabled: bool, f: impl FnOnce() -> T) -> T {
+    if enabled {
+        tch::autocast(true, f)
+    } else {
+        f()
+    }
+}
+
+/// Loss values of one step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepTerms {
+    /// The loss.
+    pub loss: f64,
+    /// The distortion term (compressor stages).
+    pub distortion: Option<f64>,
+    /// Σ bits of the batch (compressor stages).
+    pub bits: Option<f64>,
+}
+
+/// The loss of a compressor step, with its terms.
+pub struct CompressorLoss {
+    /// What to back-propagate.
+    pub loss_tensor: Tensor,
+    /// Its value and terms.
+    pub values: StepTerms,
+}
+
+/// The compressor's training loss on a batch: the teacher's features `h`
+/// after stage `split − 1` (no gradient), the student's `h̃` through the
+/// noisy bottleneck, distortion `Σ(h − h̃)²` — or with a saliency map
+/// `(B, 1, H, W)`, `Σ(d + d⊙s)/2` with `s` nearest-resized to the token
+/// grid — plus `λ · Σ −log₂ p(ỹ)`. `noise` fixes the latent noise
+/// (drawn from torch's generator when `None`).
+pub fn compressor_loss(
+    compressor: &Compressor,
+    teacher_head: &SwinTransformer,
+    x: &Tensor,
+    lmbda: f64,
+    saliency: Option<&Tensor>,
+    noise: Option<&Tensor>,
+) -> CompressorLoss {
+    let target = tch::no_grad(|| teacher_head.forward_t(x, false));
+    let out = match noise {
+        Some(noise) => compressor.forward_noisy(x, noise),
+        None => compressor.forward_t(x, true),
+    };
+    let d = (&out.features - &target).square();
+    let distortion = match saliency {
+        None => d.sum(Kind::Float),
+        Some(maps) => {
+            let (batch, tokens) = (d.size()[0], d.size()[1]);
+            let side = (tokens as f64).sqrt().round() as i64;
+            let s = maps
+                .upsample_nearest2d([side, side], None, None)
+                .view([batch, tokens, 1]);
+            ((&d + &d * s).sum(Kind::Float)) / 2.0
+        }
+    };
+    let bits = out.likelihoods.log2().sum(Kind::Float).neg();
+    let loss = &distortion + &bits * lmbda;
+    // One transfer to the host for the three values (one synchronisation on a GPU).
+    let host = Vec::<f64>::try_from(
+        Tensor::stack(&[&loss, &distortion, &bits], 0)
+            .detach()
+            .to_kind(Kind::Double)
+            .to_device(Device::Cpu),
+    )
+    .unwrap_or_else(|_| vec![f64::NAN; 3]);
+    let values = StepTerms {
+        loss: host[0],
+        distortion: Some(host[1]),
+        bits: Some(host[2]),
+    };
+    CompressorLoss {
+        loss_tensor: loss,
+        values,
+    }
+}
+
+/// A teacher step's loss: the cross-entropy of the whole backbone's logits
+/// (computed under autocast when `amp`, the loss itself in `f32`).
+pub(crate) fn teacher_step(models: &Models, x: &Tensor, labels: &Tensor, label_smoothing: f64, amp: bool) -> Tensor {
+    let logits = autocast(amp, || models.logits(x, true));
+    logits
+        .to_kind(Kind::Float)
+        .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, label_smoothing)
+}
+
+/// A compressor step's loss on the run's models, under autocast when `amp`.
+pub(crate) fn compressor_step(
+    models: &Models,
+    x: &Tensor,
+    lmbda: f64,
+    saliency: Option<&Tensor>,
+    amp: bool,
+) -> CompressorLoss {
+    autocast(amp, || {
+        compressor_loss(&models.compressor, &models.head, x, lmbda, saliency, None)
+    })
+}
