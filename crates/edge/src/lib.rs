@@ -2,17 +2,18 @@
 //! decoded and preprocessed, the encoder g_a runs, and the latent is
 //! entropy-coded into a payload (docs/format.md). This crate and its binary
 //! `frankensplit-edge` carry no tensor framework (g_a runs on our own
-//! convolution kernels: [`encoder`], [`kernel`], [`winograd`]; in 8-bit
+//! convolution kernels: [`encoder`], [`conv`], [`kernel`]; in 8-bit
 //! integers after calibration: [`int8`]), and no
 //! server, HTTP or training code.
 
 pub mod bench;
+pub mod conv;
 pub mod encoder;
 pub mod int8;
 pub mod kernel;
 pub mod model;
 mod pool;
-pub mod winograd;
+pub mod tensor;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

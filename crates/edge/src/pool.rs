@@ -1,6 +1,7 @@
-//! The threads that share a convolution's rows: the calling thread and
-//! `threads − 1` kept helpers that, after each piece of work, spin on a
-//! counter for a while before they sleep. An encode hands out a dozen
+//! A convolution's output rows split among threads ([`split_rows`],
+//! [`split_row_pairs`]), and the threads that share them: the calling
+//! thread and `threads − 1` kept helpers that, after each piece of work,
+//! spin on a counter for a while before they sleep. An encode hands out a dozen
 //! pieces a few hundred µs apart; a helper woken from sleep (rayon's pool,
 //! or a condition variable) starts 50–120 µs late each time (measured: a
 //! trivial split took 75–120 µs with 50–1000 µs of serial work between
@@ -11,8 +12,86 @@ use std::any::Any;
 use std::cell::UnsafeCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex, PoisonError, TryLockError};
+use std::sync::{Condvar, Mutex, OnceLock, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
+
+/// Below this many multiply-adds per thread (≈ 0.1 ms) a convolution stays
+/// on fewer threads: handing rows to another thread (a wake-up, cold
+/// caches) would cost more than it saves.
+pub const MIN_MACS_PER_THREAD: usize = 4_000_000;
+
+/// Runs `work(rows, chunk)` over the `rows` rows of `body` (`row_len`
+/// values each), split into at most `threads` runs of whole rows (no more
+/// than the machine's cores), the calling thread computing the first and
+/// kept [`Helpers`] the others, and into fewer where each
+/// would get less than [`MIN_MACS_PER_THREAD`] of the `macs` the whole work
+/// executes.
+pub(crate) fn split_rows<T: Send>(
+    body: &mut [T],
+    rows: usize,
+    row_len: usize,
+    work_size: (usize, usize),
+    work: impl Fn(std::ops::Range<usize>, &mut [T]) + Sync,
+) {
+    let mut nothing = vec![(); rows];
+    split_row_pairs((body, row_len), (&mut nothing, 1), rows, work_size, |rows, chunk, _| {
+        work(rows, chunk)
+    });
+}
+
+/// [`split_rows`] over two buffers of `rows` rows each (`a_len` and
+/// `b_len` values a row), split alike: `work(rows, a_chunk, b_chunk)`.
+pub(crate) fn split_row_pairs<A: Send, B: Send>(
+    (a, a_len): (&mut [A], usize),
+    (b, b_len): (&mut [B], usize),
+    rows: usize,
+    (threads, macs): (usize, usize),
+    work: impl Fn(std::ops::Range<usize>, &mut [A], &mut [B]) + Sync,
+) {
+    let threads = threads.min(macs / MIN_MACS_PER_THREAD).min(cores());
+    let Some(helpers) = (threads > 1).then(|| helpers(threads)).flatten() else {
+        work(0..rows, a, b);
+        return;
+    };
+    let threads = threads.min(helpers.threads());
+    let per_thread = rows.div_ceil(threads);
+    /// A part's rows of both buffers, taken by the thread that computes them.
+    type Part<'a, A, B> = Mutex<Option<(&'a mut [A], &'a mut [B])>>;
+    let chunks: Vec<Part<A, B>> = a
+        .chunks_mut(per_thread * a_len)
+        .zip(b.chunks_mut(per_thread * b_len))
+        .map(|pair| Mutex::new(Some(pair)))
+        .collect();
+    helpers.run(chunks.len(), &|part| {
+        let taken = chunks[part].lock().unwrap_or_else(PoisonError::into_inner).take();
+        let (a_chunk, b_chunk) = taken.expect("each part runs once");
+        let start = part * per_thread;
+        work(start..(start + per_thread).min(rows), a_chunk, b_chunk);
+    });
+}
+
+/// The machine's cores: more threads than that would only make the
+/// spinning helpers take turns with the caller.
+fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The kept threads that help the calling one when work is split
+/// `threads` ways: `threads − 1` of them (fewer if the system refuses some:
+/// see [`Helpers::threads`]), made once per thread count. None if not one
+/// can be started, which is also remembered: the work then stays on one
+/// thread.
+fn helpers(threads: usize) -> Option<&'static Helpers> {
+    static POOLS: Mutex<Vec<(usize, Option<&'static Helpers>)>> = Mutex::new(Vec::new());
+    let mut pools = POOLS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(&(_, pool)) = pools.iter().find(|(n, _)| *n == threads) {
+        return pool;
+    }
+    let pool = Helpers::start(threads - 1).map(|helpers| &*Box::leak(Box::new(helpers)));
+    pools.push((threads, pool));
+    pool
+}
 
 /// How long an idle helper spins before it sleeps: longer than the gaps
 /// between an encode's splits, short against an image's time.

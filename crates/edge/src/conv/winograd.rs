@@ -11,8 +11,10 @@
 //! One row of 2×2 tiles is transformed, multiplied and written back at a
 //! time, so that the transformed values stay in the cache.
 
-use crate::encoder::{split_rows, Activation, Conv};
+use super::Conv;
 use crate::kernel::{self, Epilogue, Tile, TILE_CHANNELS};
+use crate::pool::split_rows;
+use crate::tensor::PaddedHwc;
 
 /// Transform positions: a 4×4 patch.
 const POSITIONS: usize = 16;
@@ -83,7 +85,7 @@ impl Winograd {
     ///
     /// Panics unless the side is even, `input` has a border and the
     /// channels fit.
-    pub fn run(&self, input: &Activation, output: &mut Activation, epilogue: Epilogue, threads: usize) {
+    pub fn run(&self, input: &PaddedHwc, output: &mut PaddedHwc, epilogue: Epilogue, threads: usize) {
         let side = input.side();
         assert!(
             Self::applies_to(side)
@@ -106,7 +108,7 @@ impl Winograd {
     /// Rows of tiles `rows` into `out`, which starts at output row `2 · rows.start`.
     fn tile_rows(
         &self,
-        input: &Activation,
+        input: &PaddedHwc,
         rows: std::ops::Range<usize>,
         out: &mut [f32],
         out_pad: usize,
@@ -130,7 +132,7 @@ impl Winograd {
     #[allow(clippy::too_many_arguments)]
     fn tile_rows_in(
         &self,
-        input: &Activation,
+        input: &PaddedHwc,
         rows: std::ops::Range<usize>,
         out: &mut [f32],
         out_pad: usize,
@@ -402,8 +404,8 @@ mod tests {
         ] {
             let conv = Conv::from_torch(&values(cout * cin * 9, 1), &[cout, cin, 3, 3], &values(cout, 2), 1).unwrap();
             let winograd = Winograd::new(&conv).unwrap();
-            let input = Activation::from_hwc(&values(side * side * cin, 3), side, cin, pad);
-            let before = Activation::from_hwc(&values(side * side * cout, 4), side, cout, 1);
+            let input = PaddedHwc::from_hwc(&values(side * side * cin, 3), side, cin, pad);
+            let before = PaddedHwc::from_hwc(&values(side * side * cout, 4), side, cout, 1);
             for epilogue in Epilogue::ALL {
                 let mut want = before.clone();
                 conv.run(&input, &mut want, epilogue, 1);
