@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The project's test command (README "Test"): formatting, lints, then every
 # test in the workspace, after installing libtorch into the cache if needed
-# (scripts/setup-libtorch.sh), then the edge crate's lints and unit tests
+# (scripts/setup-libtorch.sh), the workspace's never-rules
+# (scripts/check-layout.sh: which crates may reach libtorch or training
+# code), then the edge crate's lints and unit tests
 # for 64-bit ARM under emulation (scripts/test-aarch64.sh). CI runs exactly
 # this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/setup-libtorch.sh
 cargo fmt --all -- --check
+scripts/check-layout.sh
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 scripts/test-aarch64.sh

@@ -12,11 +12,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use frankensplit_bundle::names::BACKBONE;
+use frankensplit_bundle::{MANIFEST, WEIGHTS};
 use safetensors::tensor::TensorView;
 use safetensors::SafeTensors;
 
-/// Weights of the backbone (the teacher) start with this.
-const BACKBONE: &str = "backbone.";
 /// The packed layout's shared teacher file.
 const BACKBONE_FILE: &str = "backbone.safetensors";
 
@@ -74,18 +74,18 @@ pub fn model_path(model: &Path) -> Result<PathBuf> {
         .join("models")
         .join(format!("{:016x}", fnv1a(manifest.as_bytes())))
         .join(name);
-    if dir.join("model.toml").exists() {
+    if dir.join(MANIFEST).exists() {
         return Ok(dir);
     }
     let weights = merge(SHARED_BACKBONE, compressor).with_context(|| format!("built-in model {name}"))?;
     let tmp = dir.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    std::fs::write(tmp.join("weights.safetensors"), weights)?;
-    std::fs::write(tmp.join("model.toml"), manifest)?;
+    std::fs::write(tmp.join(WEIGHTS), weights)?;
+    std::fs::write(tmp.join(MANIFEST), manifest)?;
     if let Err(e) = std::fs::rename(&tmp, &dir) {
         // Another process may have unpacked it first.
         let _ = std::fs::remove_dir_all(&tmp);
-        if !dir.join("model.toml").exists() {
+        if !dir.join(MANIFEST).exists() {
             return Err(e).with_context(|| format!("cannot unpack {name} into {}", dir.display()));
         }
     }
@@ -144,8 +144,7 @@ pub fn pack(bundles: &[(String, PathBuf)], out: &Path, force: bool) -> Result<()
         frankensplit_fsio::Staging::new(out).with_context(|| format!("cannot write beside {}", out.display()))?;
     let mut shared: Option<Vec<u8>> = None;
     for (name, dir) in bundles {
-        let bytes =
-            std::fs::read(dir.join("weights.safetensors")).with_context(|| format!("cannot read {}", dir.display()))?;
+        let bytes = std::fs::read(dir.join(WEIGHTS)).with_context(|| format!("cannot read {}", dir.display()))?;
         let tensors = SafeTensors::deserialize(&bytes)?;
         let (backbone, rest): (Vec<_>, Vec<_>) = tensors
             .tensors()
@@ -172,7 +171,7 @@ pub fn pack(bundles: &[(String, PathBuf)], out: &Path, force: bool) -> Result<()
         let target = staging.path().join(name);
         std::fs::create_dir_all(&target).with_context(|| format!("cannot create {}", target.display()))?;
         std::fs::write(target.join("compressor.safetensors"), &rest)?;
-        std::fs::write(target.join("model.toml"), std::fs::read(dir.join("model.toml"))?)?;
+        std::fs::write(target.join(MANIFEST), std::fs::read(dir.join(MANIFEST))?)?;
     }
     if let Some(backbone) = shared {
         std::fs::write(staging.path().join(BACKBONE_FILE), &backbone)?;

@@ -224,7 +224,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let middle = crate::builtin::model_path(Path::new("demo"))?;
     let run_file = write_run_file(
         &root,
-        &middle.join("weights.safetensors"),
+        &middle.join(frankensplit_bundle::WEIGHTS),
         plan.train_images,
         &root.join("configs/compressor.toml"),
     )?;

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::plot::{self, Chart, Series};
-use crate::units::{format_rate, parse_ms, parse_rate};
+use frankensplit_edge::units::{format_rate, parse_ms, parse_rate};
 
 /// A network link: uplink bandwidth and round-trip time.
 #[derive(Debug, Clone, PartialEq, Serialize)]

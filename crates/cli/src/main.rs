@@ -5,7 +5,6 @@
 mod bench;
 mod bench_edge;
 mod builtin;
-mod client;
 mod demo;
 mod eval;
 mod latency;
@@ -15,7 +14,6 @@ mod plot;
 mod serve;
 mod stats;
 mod train;
-mod units;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -54,7 +52,7 @@ enum Command {
     /// Edge side against a server: encode (or compress the image with
     /// --mode jpeg|png|webp), send, print predictions and a latency breakdown
     /// (edge, network, server); --throttle paces uploads; --repeat/--concurrency for load runs.
-    Client(client::ClientArgs),
+    Client(frankensplit_edge::client::ClientArgs),
     /// End-to-end latency of split inference vs offloading the image, per
     /// network link (BLE, 3G, LTE, 5G, Wi-Fi or --bandwidth/--rtt), from
     /// edge and server times measured here; --plot draws it against bandwidth.
@@ -103,7 +101,10 @@ fn dispatch(command: Command) -> Result<()> {
             frankensplit_edge::run_encode(args)
         }
         Command::Serve(args) => serve::run(args),
-        Command::Client(args) => client::run_client(args),
+        Command::Client(mut args) => {
+            args.model = args.model.as_deref().map(builtin::model_path).transpose()?;
+            frankensplit_edge::client::run_client(args)
+        }
         Command::Latency(args) => latency::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Train(args) => train::run_train(args),

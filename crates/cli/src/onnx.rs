@@ -652,7 +652,7 @@ pub fn decoder_graph(bundle: &Bundle) -> Result<ModelProto> {
     let tokens = b.swin_stage(
         &tokens,
         &format!("{stage}.blocks"),
-        c.block(c.decoder_dim, c.decoder_heads),
+        BlockSpec::for_decoder(c, c.decoder_dim, c.decoder_heads),
         c.decoder_depth,
     )?;
     let grid = b.transpose(&format!("{stage}.detokenize.t"), &tokens, &[0, 2, 1]);
@@ -671,7 +671,7 @@ pub fn decoder_graph(bundle: &Bundle) -> Result<ModelProto> {
     let tokens = b.swin_stage(
         &tokens,
         &format!("{recon}.blocks"),
-        c.block(c.recon_dim, c.recon_heads),
+        BlockSpec::for_decoder(c, c.recon_dim, c.recon_heads),
         c.recon_depth,
     )?;
     let tokens = b.patch_merging(&tokens, &format!("{recon}.sample"), (side, side), c.recon_dim)?;
@@ -697,7 +697,7 @@ pub fn tail_graph(bundle: &Bundle) -> Result<ModelProto> {
     let mut x = input.to_string();
     for i in arch.split_stage..stages {
         let key = format!("backbone.layers.{i}");
-        let spec = backbone.stage_block_spec(i);
+        let spec = BlockSpec::for_stage(backbone, i);
         x = b.swin_stage(&x, &format!("{key}.blocks"), spec, backbone.depths[i] as usize)?;
         if i + 1 < stages {
             x = b.patch_merging(&x, &format!("{key}.downsample"), spec.resolution, spec.dim)?;
@@ -733,11 +733,11 @@ pub fn check_data(bundle: &Bundle, part: Part) -> Result<(Tensor, Tensor)> {
     if part == Part::Encoder {
         return Ok((images, latents));
     }
-    let decoder = bundle.payload_decoder();
+    let decoder = &bundle.payload;
     let mut dequantized = Vec::new();
     for i in 0..CHECK_BATCH {
         let image = Vec::<f32>::try_from(images.get(i).reshape([-1]))?;
-        dequantized.push(decoder.decode(&bundle.compress(&image)?)?);
+        dequantized.push(decoder.decompress(&bundle.compress(&image)?)?);
     }
     let features = bundle.restore_features(&dequantized)?;
     if part == Part::Decoder {

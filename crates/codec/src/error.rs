@@ -53,6 +53,9 @@ pub enum CodecError {
     /// The payload was produced by a different model.
     #[error("payload was produced by model {found}, but this decoder serves model {expected}")]
     FingerprintMismatch { expected: String, found: String },
+    /// The payload's latent shape is not the one the model produces.
+    #[error("payload declares a {declared} latent, this model uses {expected}")]
+    LatentShapeMismatch { declared: String, expected: String },
     /// The container header is cut short or malformed.
     #[error("malformed payload header: {0}")]
     BadHeader(&'static str),

@@ -12,7 +12,8 @@
 //! * the coder knows bytes: [`rans`] is Rans64, and [`coder`] is CompressAI's
 //!   indexed scheme with 4-bit bypass escapes on top of it;
 //! * [`container`] frames one compressed latent with a model fingerprint and
-//!   its shape (see `docs/format.md`).
+//!   its shape (see `docs/format.md`), and [`payload`] is one model's
+//!   payloads both ways: latent → container → latent.
 //!
 //! Every decoding entry point returns `Ok` or a [`CodecError`] for any input
 //! bytes; none panics, loops without bound, or allocates beyond the declared
@@ -26,6 +27,7 @@ pub mod factorized;
 #[doc(hidden)]
 pub mod fuzz_harness;
 pub mod gaussian;
+pub mod payload;
 pub mod rans;
 
 use std::fmt;
@@ -38,6 +40,7 @@ pub use container::{ModelFingerprint, Payload};
 pub use error::{CodecError, Result};
 pub use factorized::{EntropyBottleneck, FactorizedDensity, LikelihoodFormula, ParamTensor};
 pub use gaussian::GaussianConditional;
+pub use payload::PayloadCodec;
 
 /// Shape of one latent, `channels × height × width` (CompressAI's per-image tensor).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -3,10 +3,13 @@
 //! entropy-coded into a payload (docs/format.md). This crate and its binary
 //! `frankensplit-edge` carry no tensor framework (g_a runs on our own
 //! convolution kernels: [`encoder`], [`conv`], [`kernel`]; in 8-bit
-//! integers after calibration: [`int8`]), and no
-//! server, HTTP or training code.
+//! integers after calibration: [`int8`]), and no server or training code.
+//! HTTP comes only with the `client` feature ([`client`]: `frankensplit-edge
+//! send`), which talks to a server in the types of `frankensplit-api`.
 
 pub mod bench;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod conv;
 pub mod encoder;
 pub mod int8;
@@ -14,6 +17,7 @@ pub mod kernel;
 pub mod model;
 mod pool;
 pub mod tensor;
+pub mod units;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

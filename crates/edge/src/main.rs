@@ -1,4 +1,5 @@
-//! `frankensplit-edge`: the device-side program: encode, inspect, bench.
+//! `frankensplit-edge`: the device-side program: encode, calibrate, inspect,
+//! bench, and with the `client` feature send.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +25,11 @@ enum Command {
     Inspect(frankensplit_edge::InspectArgs),
     /// Time the encoder (each step: as written, folded, + Winograd, int8) and the entropy coder on this device.
     Bench(frankensplit_edge::bench::BenchArgs),
+    /// Send images to a `frankensplit serve`: encoded here (split mode) or
+    /// compressed with an image codec (the offloading baseline); prints the
+    /// answers and the latency per request.
+    #[cfg(feature = "client")]
+    Send(frankensplit_edge::client::ClientArgs),
 }
 
 fn main() -> Result<()> {
@@ -32,5 +38,7 @@ fn main() -> Result<()> {
         Command::Calibrate(args) => frankensplit_edge::run_calibrate(args),
         Command::Inspect(args) => frankensplit_edge::run_inspect(args),
         Command::Bench(args) => frankensplit_edge::bench::run_bench(args),
+        #[cfg(feature = "client")]
+        Command::Send(args) => frankensplit_edge::client::run_client(args),
     }
 }

@@ -1,15 +1,14 @@
 //! The device's view of a model bundle: the input pipeline, the encoder g_a
-//! and the entropy coder, read from `model.toml` and `weights.safetensors`
-//! without libtorch (the rest of the bundle, the server's part, is skipped).
+//! and the payload codec, read through `frankensplit-bundle` without
+//! libtorch (the rest of the bundle, the server's part, is skipped).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{bail, Context, Result};
-use frankensplit_codec::{CdfTables, EntropyBottleneck, LatentShape, ModelFingerprint, Payload};
+use frankensplit_bundle::{names, tables, CompressorConfig, VerifiedBundle};
+use frankensplit_codec::{EntropyBottleneck, LatentShape, ModelFingerprint, PayloadCodec};
 use frankensplit_preprocess::Preprocess;
-use safetensors::tensor::{Dtype, TensorView};
-use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
 use crate::encoder::{Encoder, EncoderSpec, Workspace};
@@ -43,23 +42,6 @@ impl Int8Calibration {
     }
 }
 
-/// The bundle layout this crate reads (`frankensplit_models::bundle::BUNDLE_FORMAT`).
-pub const BUNDLE_FORMAT: u32 = 1;
-
-/// The fields of `model.toml` the device needs; the others are ignored.
-#[derive(Deserialize)]
-struct ManifestView {
-    format: u32,
-    fingerprint: String,
-    architecture: ArchitectureView,
-    preprocess: Preprocess,
-}
-
-#[derive(Deserialize)]
-struct ArchitectureView {
-    compressor: EncoderSpec,
-}
-
 /// A bundle's device side.
 #[derive(Debug)]
 pub struct EdgeModel {
@@ -75,7 +57,7 @@ pub struct EdgeModel {
     pub threads: usize,
     /// g_a's shape, from the manifest.
     pub spec: EncoderSpec,
-    coder: EntropyBottleneck,
+    payload: PayloadCodec,
     /// g_a's buffers, reused by every image.
     workspace: Mutex<Workspace>,
     /// g_a in int8 with its buffers, when chosen ([`EdgeModel::use_int8`]).
@@ -86,52 +68,23 @@ impl EdgeModel {
     /// Reads a bundle directory, checking the weights against the manifest's
     /// fingerprint and the encoder's shapes against the architecture.
     pub fn open(dir: &Path) -> Result<Self> {
-        let manifest_path = dir.join("model.toml");
-        let text = std::fs::read_to_string(&manifest_path)
-            .with_context(|| format!("{} is not a model bundle", dir.display()))?;
-        let manifest: ManifestView =
-            toml::from_str(&text).with_context(|| format!("invalid {}", manifest_path.display()))?;
-        if manifest.format != BUNDLE_FORMAT {
-            bail!(
-                "bundle format {} is not supported (this build reads {BUNDLE_FORMAT})",
-                manifest.format
-            );
-        }
-        let weights_path = dir.join("weights.safetensors");
-        let bytes = std::fs::read(&weights_path).with_context(|| format!("cannot read {}", weights_path.display()))?;
-        let fingerprint = ModelFingerprint::of_parts([bytes.as_slice()]);
-        if fingerprint.to_string() != manifest.fingerprint {
-            bail!(
-                "{} does not match its manifest (fingerprint {fingerprint}, manifest says {}): the bundle was modified or damaged",
-                weights_path.display(),
-                manifest.fingerprint
-            );
-        }
-        let tensors =
-            SafeTensors::deserialize(&bytes).with_context(|| format!("{} is corrupt", weights_path.display()))?;
-        let arch = &manifest.architecture.compressor;
-        let mut encoder = Encoder::from_torch(arch, |name| floats(&tensors, &format!("compressor.g_a.{name}")))?;
-        encoder.prepare(arch.input_size);
-        let (quantiles, quantile_shape) = floats(&tensors, "compressor.entropy_bottleneck.quantiles")?;
-        if quantile_shape != [arch.latent_channels, 1, 3] {
-            bail!("entropy bottleneck quantiles have shape {quantile_shape:?}");
-        }
-        let medians: Vec<f32> = quantiles.chunks_exact(3).map(|q| q[1]).collect();
-        let (cdf, cdf_shape) = ints(&tensors, "entropy_tables.quantized_cdf")?;
-        let (lengths, _) = ints(&tensors, "entropy_tables.cdf_length")?;
-        let (offsets, _) = ints(&tensors, "entropy_tables.offset")?;
-        let width = cdf_shape.last().copied().unwrap_or(0);
-        let tables = CdfTables::from_compressai(&cdf, width, &lengths, &offsets)?;
-        let coder = EntropyBottleneck::from_tables(tables, medians)?;
-        let workspace = Mutex::new(encoder.workspace(arch.input_size));
+        let verified = VerifiedBundle::open(dir)?;
+        let payload = verified.payload_codec()?;
+        let tensors = verified.tensors()?;
+        let spec = encoder_spec(&verified.manifest.architecture.compressor);
+        let mut encoder = Encoder::from_torch(&spec, |name| {
+            Ok(tables::floats(&tensors, &format!("{}{name}", names::ENCODER))?)
+        })?;
+        encoder.prepare(spec.input_size);
+        let workspace = Mutex::new(encoder.workspace(spec.input_size));
         Ok(Self {
             dir: dir.to_path_buf(),
-            fingerprint,
-            preprocess: manifest.preprocess,
+            fingerprint: verified.fingerprint,
+            preprocess: verified.manifest.preprocess.clone(),
             encoder,
             threads: 1,
-            spec: arch.clone(),
-            coder,
+            spec,
+            payload,
             workspace,
             int8: None,
         })
@@ -169,13 +122,17 @@ impl EdgeModel {
 
     /// Shape of one image's latent.
     pub fn latent_shape(&self) -> LatentShape {
-        let side = (self.spec.input_size / 8) as u32;
-        LatentShape::new(self.spec.latent_channels as u32, side, side)
+        self.payload.shape
     }
 
     /// The entropy coder (tables and per-channel medians).
     pub fn coder(&self) -> &EntropyBottleneck {
-        &self.coder
+        self.payload.coder()
+    }
+
+    /// The model's payloads both ways.
+    pub fn payload_codec(&self) -> &PayloadCodec {
+        &self.payload
     }
 
     /// Side of the (square) input the encoder takes.
@@ -199,48 +156,17 @@ impl EdgeModel {
     /// Image (preprocessed) → payload: g_a, rounding against the medians,
     /// rANS, and the container with this model's fingerprint.
     pub fn compress(&self, image_chw: &[f32]) -> Result<Vec<u8>> {
-        let latent = self.encode_latent(image_chw)?;
-        let shape = self.latent_shape();
-        let string = self.coder.compress(&latent, shape)?;
-        Ok(Payload {
-            fingerprint: self.fingerprint,
-            shape,
-            string: &string,
-        }
-        .to_bytes())
+        Ok(self.payload.compress(&self.encode_latent(image_chw)?)?)
     }
 }
 
-fn view<'a>(tensors: &'a SafeTensors<'a>, name: &str, dtype: Dtype) -> Result<TensorView<'a>> {
-    let view = tensors
-        .tensor(name)
-        .with_context(|| format!("the bundle lacks {name}"))?;
-    if view.dtype() != dtype {
-        bail!("{name} is {:?}, expected {dtype:?}", view.dtype());
+/// g_a's shape from the bundle's compressor configuration (validated by
+/// the bundle crate: positive and bounded).
+fn encoder_spec(config: &CompressorConfig) -> EncoderSpec {
+    EncoderSpec {
+        input_size: config.input_size as usize,
+        encoder_hidden: config.encoder_hidden.map(|h| h as usize),
+        latent_channels: config.latent_channels as usize,
+        act_after_conv1: config.act_after_conv1,
     }
-    Ok(view)
-}
-
-/// A 4-byte little-endian tensor's values and shape.
-fn read<T>(
-    tensors: &SafeTensors<'_>,
-    name: &str,
-    dtype: Dtype,
-    from_bytes: fn([u8; 4]) -> T,
-) -> Result<(Vec<T>, Vec<usize>)> {
-    let view = view(tensors, name, dtype)?;
-    let values = view
-        .data()
-        .chunks_exact(4)
-        .map(|b| from_bytes([b[0], b[1], b[2], b[3]]))
-        .collect();
-    Ok((values, view.shape().to_vec()))
-}
-
-fn floats(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-    read(tensors, name, Dtype::F32, f32::from_le_bytes)
-}
-
-fn ints(tensors: &SafeTensors<'_>, name: &str) -> Result<(Vec<i32>, Vec<usize>)> {
-    read(tensors, name, Dtype::I32, i32::from_le_bytes)
 }

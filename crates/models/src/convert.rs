@@ -15,8 +15,8 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::bundle::{write_bundle, Architecture, BundleContents, TableSource};
+use crate::compressor::Compressor;
 use crate::error::{Error, Result};
-use crate::frankensplit::Compressor;
 use crate::swin::SwinTransformer;
 use crate::weights::{is_derived_buffer, load_into, select};
 

@@ -11,6 +11,9 @@ pub enum Error {
     /// An error from the entropy codec.
     #[error(transparent)]
     Codec(#[from] frankensplit_codec::CodecError),
+    /// A bundle that cannot be read or written.
+    #[error(transparent)]
+    Bundle(#[from] frankensplit_bundle::Error),
     /// Weights do not fit the model.
     #[error("weights do not fit the model:\n{0}")]
     WeightMismatch(String),

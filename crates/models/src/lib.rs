@@ -1,7 +1,7 @@
 //! FrankenSplit's networks on libtorch (through `tch`), with the reference's
 //! module and parameter names so PyTorch checkpoints load as they are:
 //!
-//! * [`frankensplit`]: the compressor (edge encoder `g_a`, entropy
+//! * [`compressor`]: the compressor (edge encoder `g_a`, entropy
 //!   bottleneck, Conv-Swin decoder `g_s` with its `SwinReconLayer`);
 //! * [`swin`]: Swin / Swin-S3 backbones with per-stage windows, buildable for
 //!   a range of stages so the head and tail of a split run separately;
@@ -9,21 +9,24 @@
 //!   module, whose parameters the codec crate turns into coding tables;
 //! * [`layers`]: the residual block and token helpers they share;
 //! * [`weights`]: checkpoint key mapping (CompressAI and timm namings);
-//! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out.
+//! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out
+//!   (the bundle's contract itself, manifest and configs, is
+//!   `frankensplit-bundle`'s; its types are re-exported here).
 //!
 //! The edge path does not need this crate: the codec crate codes latents on
 //! its own.
 
 pub mod bundle;
+pub mod compressor;
 pub mod convert;
 pub mod entropy_bottleneck;
 pub mod error;
-pub mod frankensplit;
 pub mod layers;
 pub mod swin;
 pub mod weights;
 
-pub use bundle::{Architecture, Bundle, Manifest, PayloadDecoder};
+pub use bundle::{Architecture, Bundle, Manifest};
+pub use compressor::{Compressor, CompressorConfig};
 pub use error::{Error, Result};
-pub use frankensplit::{Compressor, CompressorConfig};
+pub use frankensplit_codec::PayloadCodec;
 pub use swin::{SwinConfig, SwinTransformer};

@@ -11,147 +11,13 @@
 
 use std::ops::Range;
 
-use serde::{Deserialize, Serialize};
+pub use frankensplit_bundle::SwinConfig;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
+use frankensplit_bundle::CompressorConfig;
+
 use crate::layers::{drop_path, drop_path_rates};
-
-/// Architecture of a Swin Transformer, named after timm's presets.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SwinConfig {
-    /// Input side in pixels (square).
-    pub img_size: i64,
-    /// Patch side of the stem.
-    pub patch_size: i64,
-    /// Input channels.
-    pub in_chans: i64,
-    /// Classes of the head.
-    pub num_classes: i64,
-    /// Width of the first stage; doubles per stage.
-    pub embed_dim: i64,
-    /// Blocks per stage.
-    pub depths: Vec<i64>,
-    /// Attention heads per stage.
-    pub num_heads: Vec<i64>,
-    /// Attention window per stage (Swin-S3 varies it).
-    pub window_sizes: Vec<i64>,
-    /// MLP expansion.
-    pub mlp_ratio: f64,
-    /// Whether `qkv` has a bias.
-    pub qkv_bias: bool,
-    /// Stochastic depth at the last block, growing linearly from 0.
-    pub drop_path_rate: f64,
-}
-
-impl SwinConfig {
-    fn swin(embed_dim: i64, depths: [i64; 4], num_heads: [i64; 4], window_sizes: [i64; 4]) -> Self {
-        Self {
-            img_size: 224,
-            patch_size: 4,
-            in_chans: 3,
-            num_classes: 1000,
-            embed_dim,
-            depths: depths.to_vec(),
-            num_heads: num_heads.to_vec(),
-            window_sizes: window_sizes.to_vec(),
-            mlp_ratio: 4.0,
-            qkv_bias: true,
-            drop_path_rate: 0.1,
-        }
-    }
-
-    /// timm `swin_s3_tiny_224`.
-    pub fn swin_s3_tiny_224() -> Self {
-        Self::swin(96, [2, 2, 6, 2], [3, 6, 12, 24], [7, 7, 14, 7])
-    }
-
-    /// timm `swin_s3_small_224`.
-    pub fn swin_s3_small_224() -> Self {
-        Self::swin(96, [2, 2, 18, 2], [3, 6, 12, 24], [14, 14, 14, 7])
-    }
-
-    /// timm `swin_s3_base_224`, FrankenSplit's backbone.
-    pub fn swin_s3_base_224() -> Self {
-        Self::swin(96, [2, 2, 30, 2], [3, 6, 12, 24], [7, 7, 14, 7])
-    }
-
-    /// timm `swin_tiny_patch4_window7_224`.
-    pub fn swin_tiny_patch4_window7_224() -> Self {
-        Self::swin(96, [2, 2, 6, 2], [3, 6, 12, 24], [7; 4])
-    }
-
-    /// timm `swin_small_patch4_window7_224`.
-    pub fn swin_small_patch4_window7_224() -> Self {
-        Self::swin(96, [2, 2, 18, 2], [3, 6, 12, 24], [7; 4])
-    }
-
-    /// timm `swin_base_patch4_window7_224`.
-    pub fn swin_base_patch4_window7_224() -> Self {
-        Self::swin(128, [2, 2, 18, 2], [4, 8, 16, 32], [7; 4])
-    }
-
-    /// The preset called `name` (timm's model name).
-    pub fn preset(name: &str) -> Option<Self> {
-        Some(match name {
-            "swin_s3_tiny_224" => Self::swin_s3_tiny_224(),
-            "swin_s3_small_224" => Self::swin_s3_small_224(),
-            "swin_s3_base_224" => Self::swin_s3_base_224(),
-            "swin_tiny_patch4_window7_224" => Self::swin_tiny_patch4_window7_224(),
-            "swin_small_patch4_window7_224" => Self::swin_small_patch4_window7_224(),
-            "swin_base_patch4_window7_224" => Self::swin_base_patch4_window7_224(),
-            _ => return None,
-        })
-    }
-
-    /// Names accepted by [`SwinConfig::preset`].
-    pub const PRESETS: [&'static str; 6] = [
-        "swin_s3_tiny_224",
-        "swin_s3_small_224",
-        "swin_s3_base_224",
-        "swin_tiny_patch4_window7_224",
-        "swin_small_patch4_window7_224",
-        "swin_base_patch4_window7_224",
-    ];
-
-    /// Number of stages.
-    pub fn num_stages(&self) -> usize {
-        self.depths.len()
-    }
-
-    /// Width of stage `i`.
-    pub fn stage_dim(&self, i: usize) -> i64 {
-        self.embed_dim << i
-    }
-
-    /// Grid side at the input of stage `i`.
-    pub fn stage_resolution(&self, i: usize) -> i64 {
-        (self.img_size / self.patch_size) >> i
-    }
-
-    /// How the blocks of stage `i` are laid out (shift and drop-path per
-    /// block come from [`BlockSpec::in_stage`]).
-    pub fn stage_block_spec(&self, i: usize) -> BlockSpec {
-        let side = self.stage_resolution(i);
-        BlockSpec {
-            dim: self.stage_dim(i),
-            resolution: (side, side),
-            num_heads: self.num_heads[i],
-            window: self.window_sizes[i],
-            shift: 0,
-            mlp_ratio: self.mlp_ratio,
-            qkv_bias: self.qkv_bias,
-            drop_path: 0.0,
-        }
-    }
-
-    /// Shape `(tokens, channels)` of what stage `i` receives: the output of
-    /// timm 0.8's `layers[i - 1]` (FrankenSplit's injection point for `i = 2`).
-    pub fn stage_input_shape(&self, i: usize) -> (i64, i64) {
-        let side = self.stage_resolution(i);
-        (side * side, self.stage_dim(i))
-    }
-}
 
 /// Index of each pair of tokens in a `window × window` window into the
 /// `(2w-1)²` relative-position bias table.
@@ -317,6 +183,38 @@ pub struct BlockSpec {
 }
 
 impl BlockSpec {
+    /// How the blocks of stage `i` of `config` are laid out (shift and
+    /// drop-path per block come from [`BlockSpec::in_stage`]).
+    pub fn for_stage(config: &SwinConfig, i: usize) -> Self {
+        let side = config.stage_resolution(i);
+        Self {
+            dim: config.stage_dim(i),
+            resolution: (side, side),
+            num_heads: config.num_heads[i],
+            window: config.window_sizes[i],
+            shift: 0,
+            mlp_ratio: config.mlp_ratio,
+            qkv_bias: config.qkv_bias,
+            drop_path: 0.0,
+        }
+    }
+
+    /// How the compressor's decoder lays out its Swin blocks of width `dim`
+    /// (the grid is the latent's).
+    pub fn for_decoder(config: &CompressorConfig, dim: i64, num_heads: i64) -> Self {
+        let side = config.latent_size();
+        Self {
+            dim,
+            resolution: (side, side),
+            num_heads,
+            window: config.window,
+            shift: 0,
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            drop_path: 0.0,
+        }
+    }
+
     /// Block `i` of a stage laid out as `self`: odd blocks shift by half a
     /// window; `drop_paths` holds the stage's rates (missing ones are 0).
     pub fn in_stage(self, i: usize, drop_paths: &[f64]) -> Self {
@@ -535,7 +433,7 @@ impl SwinTransformer {
                 let side = config.stage_resolution(i);
                 let dim = config.stage_dim(i);
                 let first = config.depths[..i].iter().sum::<i64>() as usize;
-                let spec = config.stage_block_spec(i);
+                let spec = BlockSpec::for_stage(config, i);
                 let depth = config.depths[i] as usize;
                 SwinStage {
                     blocks: SwinBlock::stage(&(&lp / "blocks"), spec, depth, &rates[first..first + depth]),

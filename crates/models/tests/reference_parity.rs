@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use frankensplit_models::compressor::{Compressor, CompressorConfig, SwinReconLayer};
 use frankensplit_models::convert::{convert, ConvertOptions};
-use frankensplit_models::frankensplit::{Compressor, CompressorConfig, SwinReconLayer};
 use frankensplit_models::layers::{Activation, ResidualBlockWithStride};
 use frankensplit_models::swin::{BlockSpec, SwinBlock, SwinConfig, SwinTransformer};
 use frankensplit_models::weights::{load_into, select, SwinLayout};

@@ -76,7 +76,7 @@ pub(crate) async fn require_token(State(tokens): State<Tokens>, request: Request
         _ => (
             StatusCode::UNAUTHORIZED,
             [(header::WWW_AUTHENTICATE, "Bearer")],
-            axum::Json(crate::ErrorBody {
+            axum::Json(frankensplit_api::ErrorBody {
                 error: "missing or wrong bearer token (Authorization: Bearer <token>)".into(),
             }),
         )

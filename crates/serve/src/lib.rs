@@ -18,7 +18,6 @@
 mod access;
 mod admission;
 mod metrics;
-mod openapi;
 mod worker;
 
 use std::net::SocketAddr;
@@ -33,15 +32,17 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use frankensplit_codec::CodecError;
-use frankensplit_models::{Bundle, PayloadDecoder};
+use frankensplit_api::{ClassifyResponse, ErrorBody, FramedResponse, ImageOptions, Timings};
+use frankensplit_codec::{CodecError, PayloadCodec};
+use frankensplit_models::Bundle;
 use frankensplit_preprocess::{Preprocess, RgbImage};
-use serde::{Deserialize, Serialize};
 
 pub use access::{tls_config, Tokens};
 use admission::{Admission, Refusal, Ticket};
 pub use metrics::Metrics;
-use worker::{Input, Job, Prediction};
+use worker::{Input, Job};
+
+pub use frankensplit_api::FRAMED_PAYLOADS;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -77,7 +78,7 @@ impl Default for ServeConfig {
         Self {
             max_batch: 8,
             batch_wait: Duration::from_millis(5),
-            queue_capacity: 2 * MAX_FRAMES,
+            queue_capacity: 2 * frankensplit_api::MAX_FRAMES,
             max_inflight_bytes: 1 << 30,
             max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(10),
@@ -91,7 +92,7 @@ impl Default for ServeConfig {
 
 #[derive(Clone)]
 struct AppState {
-    decoder: Arc<PayloadDecoder>,
+    decoder: Arc<PayloadCodec>,
     /// Unbounded: admission bounds what can be in it.
     queue: Sender<Job>,
     admission: Arc<Admission>,
@@ -119,7 +120,7 @@ pub async fn start(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<RunningServer> {
     let metrics = Arc::new(Metrics::new());
-    let decoder = Arc::new(bundle.payload_decoder());
+    let decoder = Arc::new(bundle.payload.clone());
     let model: Arc<str> = bundle.fingerprint.to_string().into();
     let images = bundle
         .backbone_head
@@ -157,16 +158,19 @@ pub async fn start(
 fn router(state: AppState) -> Router {
     let limit = state.config.max_body_bytes;
     let mut protected = Router::new()
-        .route("/v1/classify", post(classify))
-        .route("/v1/classify-image", post(classify_image))
-        .route("/metrics", get(metrics_text));
+        .route(frankensplit_api::CLASSIFY, post(classify))
+        .route(frankensplit_api::CLASSIFY_IMAGE, post(classify_image))
+        .route(frankensplit_api::METRICS, get(metrics_text));
     if let Some(tokens) = state.config.tokens.clone() {
         protected = protected.layer(axum::middleware::from_fn_with_state(tokens, access::require_token));
     }
     Router::new()
         .merge(protected)
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route(frankensplit_api::HEALTH, get(|| async { "ok\n" }))
+        .route(
+            frankensplit_api::OPENAPI,
+            get(|| async { Json(frankensplit_api::openapi::document()) }),
+        )
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }
@@ -191,30 +195,6 @@ pub async fn shutdown_signal() {
         _ = interrupt => {}
         _ = terminate => {}
     }
-}
-
-#[derive(Serialize)]
-struct ClassifyResponse {
-    model: String,
-    /// Bytes of the payload or image this answer is for.
-    input_bytes: usize,
-    top_k: Vec<Prediction>,
-    batch_size: usize,
-    timings_ms: Timings,
-}
-
-#[derive(Serialize)]
-struct Timings {
-    /// Entropy decoding, or image decoding and preprocessing.
-    decode: f64,
-    queue: f64,
-    inference: f64,
-    total: f64,
-}
-
-#[derive(Serialize)]
-pub(crate) struct ErrorBody {
-    pub(crate) error: String,
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -249,12 +229,6 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-/// Content type of a body holding several payloads, each preceded by its
-/// length as a little-endian `u32`.
-pub const FRAMED_PAYLOADS: &str = "application/vnd.frankensplit.payloads";
-/// Most payloads one framed request may carry.
-const MAX_FRAMES: usize = 256;
-
 async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
     let framed = headers
@@ -267,43 +241,11 @@ async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes
     response
 }
 
-/// Splits a framed body into its payloads.
-fn frames(body: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut rest = body;
-    let mut out = Vec::new();
-    while !rest.is_empty() {
-        if out.len() == MAX_FRAMES {
-            return Err(format!("more than {MAX_FRAMES} payloads in one request"));
-        }
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or("framed body ends inside a length prefix")?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if len > tail.len() {
-            return Err(format!(
-                "payload {} declares {len} bytes, {} remain",
-                out.len(),
-                tail.len()
-            ));
-        }
-        out.push(&tail[..len]);
-        rest = &tail[len..];
-    }
-    if out.is_empty() {
-        return Err("framed body holds no payload".into());
-    }
-    Ok(out)
-}
-
 /// Entropy-decodes the body's payloads (each with its size), or the status
 /// and message to answer with.
-fn decode_body(
-    decoder: &PayloadDecoder,
-    body: &[u8],
-    framed: bool,
-) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
+fn decode_body(decoder: &PayloadCodec, body: &[u8], framed: bool) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
     let payloads = if framed {
-        frames(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?
+        frankensplit_api::frames(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?
     } else {
         vec![body]
     };
@@ -316,10 +258,8 @@ fn decode_body(
             } else {
                 String::new()
             };
-            let latent = decoder.decode(payload).map_err(|e| match e {
-                frankensplit_models::Error::Codec(e @ CodecError::FingerprintMismatch { .. }) => {
-                    (StatusCode::CONFLICT, format!("{which}{e}"))
-                }
+            let latent = decoder.decompress(payload).map_err(|e| match e {
+                e @ CodecError::FingerprintMismatch { .. } => (StatusCode::CONFLICT, format!("{which}{e}")),
                 e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
             })?;
             Ok((Input::Latent(latent), payload.len()))
@@ -331,7 +271,7 @@ async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: In
     // Admission before any decoding: the frame count is read from the
     // length prefixes alone, each payload becomes one f32 latent.
     let count = if framed {
-        match frames(&body) {
+        match frankensplit_api::frames(&body) {
             Ok(payloads) => payloads.len(),
             Err(e) => return error(StatusCode::BAD_REQUEST, e),
         }
@@ -358,15 +298,6 @@ async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: In
         Ok(mut results) => Json(results.pop().expect("one payload, one result")).into_response(),
         Err(response) => response,
     }
-}
-
-/// Options of `/v1/classify-image`.
-#[derive(Deserialize)]
-struct ImageOptions {
-    /// The image is already the model's centre crop (e.g. 224×224, as
-    /// `frankensplit client --mode jpeg` sends it): only normalise it.
-    #[serde(default)]
-    cropped: bool,
 }
 
 async fn classify_image(
@@ -501,11 +432,6 @@ async fn infer(
         });
     }
     Ok(results)
-}
-
-#[derive(Serialize)]
-struct FramedResponse {
-    results: Vec<ClassifyResponse>,
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use frankensplit_api::Prediction;
 use frankensplit_models::Bundle;
-use serde::Serialize;
 use tch::Kind;
 use tokio::sync::oneshot;
 
@@ -37,16 +37,6 @@ pub(crate) struct JobResult {
     pub batch_size: usize,
     pub queue_ms: f64,
     pub inference_ms: f64,
-}
-
-/// One class of the answer.
-#[derive(Debug, Serialize)]
-pub(crate) struct Prediction {
-    class: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    label: Option<String>,
-    probability: f64,
-    logit: f32,
 }
 
 impl JobResult {

@@ -28,6 +28,9 @@ pub enum Error {
     /// A model problem (weights, bundles).
     #[error(transparent)]
     Model(#[from] frankensplit_models::Error),
+    /// A bundle or architecture problem.
+    #[error(transparent)]
+    Bundle(#[from] frankensplit_bundle::Error),
     /// A libtorch error.
     #[error(transparent)]
     Torch(#[from] tch::TchError),

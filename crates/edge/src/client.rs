@@ -1,6 +1,9 @@
-//! `client`: the edge side talking to a `frankensplit serve` over HTTP, in
-//! split mode or sending compressed images, with a per-request latency
-//! breakdown, a paced upload (`--throttle`) and a load mode.
+//! The device talking to a `frankensplit serve` over HTTP (feature
+//! `client`; `frankensplit-edge send` and `frankensplit client`): in split
+//! mode it encodes with this crate's encoder and sends payloads, in the
+//! image modes it sends compressed images (the offloading baseline), with a
+//! per-request latency breakdown, a paced upload (`--throttle`) and a load
+//! mode. Requests and answers are the types of `frankensplit-api`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,15 +11,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use frankensplit_api::{ClassifyResponse, ErrorBody};
+use frankensplit_bundle::Manifest;
 use frankensplit_imagecodecs::ImageCodec;
-use frankensplit_models::Manifest;
 use frankensplit_preprocess::{Preprocess, RgbImage};
 use futures_util::StreamExt;
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::units::{format_rate, parse_rate};
-use frankensplit_edge::{encode_image, EdgeModel};
+use crate::{encode_image, EdgeModel};
 
 /// What the client sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -38,8 +41,8 @@ pub struct ClientArgs {
     server: String,
     /// Model bundle the server runs: split mode encodes with its encoder;
     /// image modes take the crop size from it (default 224).
-    #[arg(long, value_parser = crate::builtin::parse_model)]
-    model: Option<PathBuf>,
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Images (JPEG, PNG or WebP).
     #[arg(required = true)]
     images: Vec<PathBuf>,
@@ -119,7 +122,7 @@ struct RequestReport {
     modelled_transfer_ms: Option<f64>,
     server_ms: f64,
     total_ms: f64,
-    top1: Option<i64>,
+    top1: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
 }
@@ -170,7 +173,7 @@ fn prepare(args: &ClientArgs) -> Result<(Vec<Prepared>, String)> {
                 })
             })
             .collect::<Result<_>>()?;
-        return Ok((prepared, format!("{base}/v1/classify")));
+        return Ok((prepared, format!("{base}{}", frankensplit_api::CLASSIFY)));
     }
     if args.original {
         if args.quality.is_some() {
@@ -188,7 +191,7 @@ fn prepare(args: &ClientArgs) -> Result<(Vec<Prepared>, String)> {
                 })
             })
             .collect::<Result<_>>()?;
-        return Ok((prepared, format!("{base}/v1/classify-image")));
+        return Ok((prepared, format!("{base}{}", frankensplit_api::CLASSIFY_IMAGE)));
     }
     let codec = match (args.mode, args.quality) {
         (Mode::Jpeg, q) => format!("jpeg:q={}", q.unwrap_or(75.0)),
@@ -216,9 +219,13 @@ fn prepare(args: &ClientArgs) -> Result<(Vec<Prepared>, String)> {
             })
         })
         .collect::<Result<_>>()?;
-    Ok((prepared, format!("{base}/v1/classify-image?cropped=true")))
+    Ok((
+        prepared,
+        format!("{base}{}?cropped=true", frankensplit_api::CLASSIFY_IMAGE),
+    ))
 }
 
+/// Sends the images as `args` says and prints a report per request and a summary.
 pub fn run_client(args: ClientArgs) -> Result<()> {
     let throttle = args.throttle.as_deref().map(parse_rate).transpose()?;
     // Prepare once per image: the edge work is the same for every repetition.
@@ -332,7 +339,7 @@ struct PacedLink {
 
 /// Median of five `GET /healthz` round trips, in milliseconds.
 async fn round_trip_ms(client: &reqwest::Client, server: &str) -> Result<f64> {
-    let url = format!("{}/healthz", server.trim_end_matches('/'));
+    let url = format!("{}{}", server.trim_end_matches('/'), frankensplit_api::HEALTH);
     let mut times = Vec::new();
     for _ in 0..5 {
         let start = Instant::now();
@@ -392,15 +399,15 @@ async fn send(
         None => reqwest::Body::from(payload.as_ref().clone()),
     };
     let response = client.post(url).body(body).send().await;
-    let (status, body) = match response {
+    let (status, answer) = match response {
         Ok(r) => {
             let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            (status, read_answer(status, r.bytes().await.map_err(|e| e.to_string())))
         }
-        Err(e) => (0, serde_json::json!({ "error": e.to_string() })),
+        Err(e) => (0, Err(e.to_string())),
     };
     let round_trip = started.elapsed().as_secs_f64() * 1e3;
-    let server_ms = body["timings_ms"]["total"].as_f64().unwrap_or(0.0);
+    let server_ms = answer.as_ref().map_or(0.0, |a| a.timings_ms.total);
     RequestReport {
         image,
         status,
@@ -410,14 +417,42 @@ async fn send(
         modelled_transfer_ms: link.map(|l| l.rtt_ms + len as f64 * 8.0 / l.bits_per_s * 1e3),
         server_ms,
         total_ms: edge_ms + round_trip,
-        top1: body["top_k"][0]["class"].as_i64(),
-        error: body["error"].as_str().map(str::to_string),
+        top1: answer.as_ref().ok().and_then(|a| a.top_k.first()).map(|p| p.class),
+        error: answer.err(),
+    }
+}
+
+/// The server's answer, or what went wrong: the server's error message, or
+/// why its body could not be read.
+fn read_answer(status: u16, body: Result<impl AsRef<[u8]>, String>) -> Result<ClassifyResponse, String> {
+    let body = body.map_err(|e| format!("cannot read the answer: {e}"))?;
+    let body = body.as_ref();
+    if status == 200 {
+        serde_json::from_slice::<ClassifyResponse>(body).map_err(|e| format!("unexpected answer from the server: {e}"))
+    } else {
+        Err(serde_json::from_slice::<ErrorBody>(body)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| format!("HTTP {status}: {}", String::from_utf8_lossy(body))))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn answers_are_read_as_the_contract_types() {
+        let ok = br#"{"model":"00c0ffee","input_bytes":120,"top_k":[{"class":7,"probability":0.9,"logit":3.5}],"batch_size":1,"timings_ms":{"decode":0.1,"queue":0.2,"inference":1.0,"total":1.5}}"#;
+        let answer = read_answer(200, Ok(ok)).unwrap();
+        assert_eq!(answer.top_k[0].class, 7);
+        assert_eq!(answer.timings_ms.total, 1.5);
+        let refused = read_answer(409, Ok(br#"{"error":"payload was produced by model 1"}"#)).unwrap_err();
+        assert_eq!(refused, "payload was produced by model 1");
+        assert!(read_answer(502, Ok(b"<html>bad gateway</html>"))
+            .unwrap_err()
+            .contains("HTTP 502"));
+        assert!(read_answer(200, Ok(b"{}")).unwrap_err().contains("unexpected answer"));
+    }
 
     #[test]
     fn pacing_releases_the_last_byte_at_the_link_rate() {

@@ -4,88 +4,14 @@
 //! backbone's 14×14×384 tokens). Module names follow the reference state dict
 //! under `compression_module.`.
 
-use serde::{Deserialize, Serialize};
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
 use crate::entropy_bottleneck::EntropyBottleneck;
 use crate::layers::{detokenize, drop_path_rates, tokenize, Activation, ResidualBlockWithStride};
+pub use frankensplit_bundle::CompressorConfig;
+
 use crate::swin::{BlockSpec, PatchMerging, SwinBlock};
-
-/// Architecture of the compressor; the default is the reference's
-/// (`QuantizableSimpleAnalysisNetwork2` + `SynthesisNetworkSwinTransform` +
-/// `SwinReconLayer` for a 224×224 input).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CompressorConfig {
-    /// Input side in pixels (square).
-    pub input_size: i64,
-    /// Encoder widths: `3 → hidden[0] → hidden[1] → latent`.
-    pub encoder_hidden: [i64; 2],
-    /// Latent channels (48).
-    pub latent_channels: i64,
-    /// Activation between each residual block's convolutions (the release has none).
-    pub act_after_conv1: bool,
-    /// Width of the decoder's Swin stage (96).
-    pub decoder_dim: i64,
-    /// Heads of the decoder's Swin stage (3).
-    pub decoder_heads: i64,
-    /// Blocks of the decoder's Swin stage (2).
-    pub decoder_depth: usize,
-    /// Stochastic depth of the decoder stage's last block (0.05).
-    pub decoder_drop_path: f64,
-    /// Width the reconstruction layer works at (192).
-    pub recon_dim: i64,
-    /// Heads of the reconstruction layer (4).
-    pub recon_heads: i64,
-    /// Blocks of the reconstruction layer (2).
-    pub recon_depth: usize,
-    /// Output token width: the backbone's width at the injection point (384).
-    pub target_dim: i64,
-    /// Attention window in the decoder (7).
-    pub window: i64,
-}
-
-impl Default for CompressorConfig {
-    fn default() -> Self {
-        Self {
-            input_size: 224,
-            encoder_hidden: [48, 64],
-            latent_channels: 48,
-            act_after_conv1: false,
-            decoder_dim: 96,
-            decoder_heads: 3,
-            decoder_depth: 2,
-            decoder_drop_path: 0.05,
-            recon_dim: 192,
-            recon_heads: 4,
-            recon_depth: 2,
-            target_dim: 384,
-            window: 7,
-        }
-    }
-}
-
-impl CompressorConfig {
-    /// Side of the latent grid (input / 8).
-    pub fn latent_size(&self) -> i64 {
-        self.input_size / 8
-    }
-
-    /// How the decoder's Swin blocks of width `dim` are laid out (the grid is the latent's).
-    pub fn block(&self, dim: i64, num_heads: i64) -> BlockSpec {
-        let side = self.latent_size();
-        BlockSpec {
-            dim,
-            resolution: (side, side),
-            num_heads,
-            window: self.window,
-            shift: 0,
-            mlp_ratio: 4.0,
-            qkv_bias: true,
-            drop_path: 0.0,
-        }
-    }
-}
 
 /// The edge encoder `g_a`: three stride-2 residual blocks with ReLU.
 #[derive(Debug)]
@@ -129,7 +55,7 @@ impl SwinReconLayer {
     /// Registers `blocks.{i}`, `sample` and `norm` under `p`.
     pub fn new(p: &nn::Path, config: &CompressorConfig) -> Self {
         let side = config.latent_size();
-        let spec = config.block(config.recon_dim, config.recon_heads);
+        let spec = BlockSpec::for_decoder(config, config.recon_dim, config.recon_heads);
         Self {
             blocks: SwinBlock::stage(&(p / "blocks"), spec, config.recon_depth, &[]),
             sample: PatchMerging::new(&(p / "sample"), (side, side), config.recon_dim, config.target_dim),
@@ -178,7 +104,7 @@ impl Decoder {
             deconv_embed: rb(p / "deconv_embed" / 0, config.latent_channels, config.decoder_dim),
             blocks: SwinBlock::stage(
                 &(&stage / "blocks"),
-                config.block(config.decoder_dim, config.decoder_heads),
+                BlockSpec::for_decoder(config, config.decoder_dim, config.decoder_heads),
                 depth,
                 &rates,
             ),

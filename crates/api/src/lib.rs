@@ -1,0 +1,194 @@
+//! The HTTP contract between FrankenSplit devices and servers, stated once:
+//! the routes, how several payloads share one request body, the answer and
+//! error types, and the OpenAPI description ([`openapi::document`]),
+//! whose schemas are generated from those types. The server serialises
+//! these types and the client deserialises them; neither indexes JSON by
+//! hand. No HTTP library here: both sides bring their own.
+
+pub mod openapi;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Classify one payload, or several framed ([`FRAMED_PAYLOADS`]).
+pub const CLASSIFY: &str = "/v1/classify";
+/// Classify a whole image with the whole backbone (the offloading baseline).
+pub const CLASSIFY_IMAGE: &str = "/v1/classify-image";
+/// Liveness.
+pub const HEALTH: &str = "/healthz";
+/// Prometheus metrics.
+pub const METRICS: &str = "/metrics";
+/// The OpenAPI description.
+pub const OPENAPI: &str = "/openapi.json";
+
+/// Content type of one payload (the container of `docs/format.md`).
+pub const PAYLOAD: &str = "application/octet-stream";
+/// Content type of a body holding several payloads, each preceded by its
+/// length as a little-endian `u32`.
+pub const FRAMED_PAYLOADS: &str = "application/vnd.frankensplit.payloads";
+/// Most payloads one framed request may carry.
+pub const MAX_FRAMES: usize = 256;
+
+/// One class of an answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Prediction {
+    /// Class index.
+    pub class: usize,
+    /// Class name, when the bundle has labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// Softmax probability.
+    pub probability: f64,
+    /// The logit.
+    pub logit: f32,
+}
+
+/// Where the server's time went, in milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Timings {
+    /// Entropy decoding, or image decoding and preprocessing.
+    pub decode: f64,
+    /// Waiting for the inference thread.
+    pub queue: f64,
+    /// The decoder and the backbone tail (or the whole backbone), per batch.
+    pub inference: f64,
+    /// From the request's arrival to the answer.
+    pub total: f64,
+}
+
+/// The answer for one payload or image.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClassifyResponse {
+    /// Fingerprint of the model that answered.
+    pub model: String,
+    /// Bytes of the payload or image this answer is for.
+    pub input_bytes: usize,
+    /// The most probable classes, most probable first.
+    pub top_k: Vec<Prediction>,
+    /// Inputs in the inference batch this one ran in.
+    pub batch_size: usize,
+    /// Server-side timings.
+    pub timings_ms: Timings,
+}
+
+/// The answer to a framed request: one answer per payload, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct FramedResponse {
+    /// The answers.
+    pub results: Vec<ClassifyResponse>,
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorBody {
+    /// What went wrong and what to fix.
+    pub error: String,
+}
+
+/// Query options of [`CLASSIFY_IMAGE`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ImageOptions {
+    /// The image is already the model's centre crop (e.g. 224×224): only
+    /// normalise it. Otherwise it is resized and centre-cropped as the
+    /// bundle's preprocessing says.
+    #[serde(default)]
+    pub cropped: bool,
+}
+
+/// Frames payloads into one [`FRAMED_PAYLOADS`] body. Fails beyond
+/// [`MAX_FRAMES`] payloads or for a payload over `u32::MAX` bytes.
+pub fn frame<P: AsRef<[u8]>>(payloads: &[P]) -> Result<Vec<u8>, String> {
+    if payloads.is_empty() || payloads.len() > MAX_FRAMES {
+        return Err(format!(
+            "a framed request carries 1 to {MAX_FRAMES} payloads, not {}",
+            payloads.len()
+        ));
+    }
+    let mut body = Vec::with_capacity(payloads.iter().map(|p| 4 + p.as_ref().len()).sum());
+    for (i, payload) in payloads.iter().enumerate() {
+        let payload = payload.as_ref();
+        let len = u32::try_from(payload.len()).map_err(|_| format!("payload {i} is larger than 4 GiB"))?;
+        body.extend_from_slice(&len.to_le_bytes());
+        body.extend_from_slice(payload);
+    }
+    Ok(body)
+}
+
+/// Splits a [`FRAMED_PAYLOADS`] body into its payloads (views into `body`).
+pub fn frames(body: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut rest = body;
+    let mut out = Vec::new();
+    while !rest.is_empty() {
+        if out.len() == MAX_FRAMES {
+            return Err(format!("more than {MAX_FRAMES} payloads in one request"));
+        }
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or("framed body ends inside a length prefix")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > tail.len() {
+            return Err(format!(
+                "payload {} declares {len} bytes, {} remain",
+                out.len(),
+                tail.len()
+            ));
+        }
+        out.push(&tail[..len]);
+        rest = &tail[len..];
+    }
+    if out.is_empty() {
+        return Err("framed body holds no payload".into());
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn framed_payloads_come_back_in_order() {
+        let payloads: [&[u8]; 3] = [b"first", b"", b"the third one"];
+        let body = frame(&payloads).unwrap();
+        assert_eq!(body.len(), 12 + 5 + 13);
+        assert_eq!(&body[..4], &5u32.to_le_bytes());
+        assert_eq!(frames(&body).unwrap(), payloads.to_vec());
+    }
+
+    #[test]
+    fn malformed_framing_is_refused_with_a_reason() {
+        assert!(frames(b"").unwrap_err().contains("no payload"));
+        assert!(frames(&[1, 0]).unwrap_err().contains("length prefix"));
+        assert!(frames(&[9, 0, 0, 0, 1])
+            .unwrap_err()
+            .contains("declares 9 bytes, 1 remain"));
+        let too_many = vec![0u8; 4 * (MAX_FRAMES + 1)];
+        assert!(frames(&too_many).unwrap_err().contains("more than 256"));
+        assert!(frame::<&[u8]>(&[]).is_err());
+        assert!(frame(&vec![b"x"; MAX_FRAMES + 1]).is_err());
+    }
+
+    #[test]
+    fn an_answer_reads_back_as_the_server_wrote_it() {
+        let answer = ClassifyResponse {
+            model: "0a1b2c3d".into(),
+            input_bytes: 310,
+            top_k: vec![Prediction {
+                class: 3,
+                label: None,
+                probability: 0.75,
+                logit: 2.5,
+            }],
+            batch_size: 4,
+            timings_ms: Timings {
+                decode: 0.5,
+                queue: 1.0,
+                inference: 3.0,
+                total: 4.75,
+            },
+        };
+        let text = serde_json::to_string(&answer).unwrap();
+        assert!(!text.contains("label"), "absent labels are left out: {text}");
+        assert_eq!(serde_json::from_str::<ClassifyResponse>(&text).unwrap(), answer);
+    }
+}

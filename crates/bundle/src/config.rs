@@ -1,0 +1,412 @@
+//! The architecture a bundle declares, as plain serde types the networks are
+//! built from (candle's `Config` discipline): the compressor, the Swin
+//! backbone with timm's presets as one table, and where the two meet. Both
+//! the libtorch networks (`frankensplit-models`) and the device's encoder
+//! (`frankensplit-edge`) read these; neither keeps a copy.
+
+use frankensplit_codec::LatentShape;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The networks of a split model and where they meet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Architecture {
+    /// The compressor (edge encoder, entropy bottleneck, decoder).
+    pub compressor: CompressorConfig,
+    /// The backbone whose tail classifies the restored features.
+    pub backbone: SwinConfig,
+    /// First backbone stage run on the server (timm 0.8's `split_idx`): the
+    /// decoder restores the output of `layers[split_stage - 1]`.
+    pub split_stage: usize,
+}
+
+impl Default for Architecture {
+    /// The reference's main configuration: the full-size compressor in front
+    /// of `swin_s3_base_224`, injected after `layers.1`.
+    fn default() -> Self {
+        Self {
+            compressor: CompressorConfig::default(),
+            backbone: SwinConfig::swin_s3_base_224(),
+            split_stage: 2,
+        }
+    }
+}
+
+impl Architecture {
+    /// Reads an architecture file (`[compressor]`, `[backbone]`, `split_stage`) and validates it.
+    pub fn from_toml(text: &str) -> Result<Self> {
+        let arch: Self = toml::from_str(text).map_err(|e| Error::Invalid(format!("invalid architecture: {e}")))?;
+        arch.validate()?;
+        Ok(arch)
+    }
+
+    /// Checks that the decoder's output fits the backbone at the split point,
+    /// and that every size is one the networks can be built with.
+    pub fn validate(&self) -> Result<()> {
+        self.compressor.validate()?;
+        self.backbone.validate()?;
+        let stages = self.backbone.num_stages();
+        if self.split_stage == 0 || self.split_stage >= stages {
+            return Err(Error::Invalid(format!(
+                "split_stage {} must lie in 1..{stages}",
+                self.split_stage
+            )));
+        }
+        let (tokens, dim) = self.backbone.stage_input_shape(self.split_stage);
+        let side = self.compressor.latent_size() / 2;
+        if self.compressor.target_dim != dim || side * side != tokens {
+            return Err(Error::Invalid(format!(
+                "the decoder produces {}×{} tokens of width {}, but backbone stage {} expects {tokens} tokens of width {dim}",
+                side, side, self.compressor.target_dim, self.split_stage
+            )));
+        }
+        if self.compressor.input_size != self.backbone.img_size {
+            return Err(Error::Invalid(format!(
+                "compressor input {} differs from backbone input {}",
+                self.compressor.input_size, self.backbone.img_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// Shape of the latent for one image.
+    pub fn latent_shape(&self) -> LatentShape {
+        self.compressor.latent_shape()
+    }
+}
+
+/// Architecture of the compressor; the default is the reference's
+/// (`QuantizableSimpleAnalysisNetwork2` + `SynthesisNetworkSwinTransform` +
+/// `SwinReconLayer` for a 224×224 input).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompressorConfig {
+    /// Input side in pixels (square).
+    pub input_size: i64,
+    /// Encoder widths: `3 → hidden[0] → hidden[1] → latent`.
+    pub encoder_hidden: [i64; 2],
+    /// Latent channels (48).
+    pub latent_channels: i64,
+    /// Activation between each residual block's convolutions (the release has none).
+    pub act_after_conv1: bool,
+    /// Width of the decoder's Swin stage (96).
+    pub decoder_dim: i64,
+    /// Heads of the decoder's Swin stage (3).
+    pub decoder_heads: i64,
+    /// Blocks of the decoder's Swin stage (2).
+    pub decoder_depth: usize,
+    /// Stochastic depth of the decoder stage's last block (0.05).
+    pub decoder_drop_path: f64,
+    /// Width the reconstruction layer works at (192).
+    pub recon_dim: i64,
+    /// Heads of the reconstruction layer (4).
+    pub recon_heads: i64,
+    /// Blocks of the reconstruction layer (2).
+    pub recon_depth: usize,
+    /// Output token width: the backbone's width at the injection point (384).
+    pub target_dim: i64,
+    /// Attention window in the decoder (7).
+    pub window: i64,
+}
+
+impl Default for CompressorConfig {
+    fn default() -> Self {
+        Self {
+            input_size: 224,
+            encoder_hidden: [48, 64],
+            latent_channels: 48,
+            act_after_conv1: false,
+            decoder_dim: 96,
+            decoder_heads: 3,
+            decoder_depth: 2,
+            decoder_drop_path: 0.05,
+            recon_dim: 192,
+            recon_heads: 4,
+            recon_depth: 2,
+            target_dim: 384,
+            window: 7,
+        }
+    }
+}
+
+/// Widths and sides above this are refused: no real model comes near, and
+/// products of them stay far from overflowing.
+const MAX_SIZE: i64 = 1 << 16;
+
+fn check_size(what: &str, value: i64) -> Result<()> {
+    if (1..=MAX_SIZE).contains(&value) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "{what} is {value}; it must lie in 1..={MAX_SIZE}"
+        )))
+    }
+}
+
+impl CompressorConfig {
+    /// Side of the latent grid (input / 8).
+    pub fn latent_size(&self) -> i64 {
+        self.input_size / 8
+    }
+
+    /// Shape of one image's latent.
+    pub fn latent_shape(&self) -> LatentShape {
+        let side = self.latent_size() as u32;
+        LatentShape::new(self.latent_channels as u32, side, side)
+    }
+
+    /// Checks that every width and side is positive and bounded, and that
+    /// the input is a multiple of g_a's stride (8).
+    pub fn validate(&self) -> Result<()> {
+        check_size("compressor.input_size", self.input_size)?;
+        if self.input_size % 8 != 0 {
+            return Err(Error::Invalid(format!(
+                "compressor.input_size {} is not a multiple of 8 (g_a's stride)",
+                self.input_size
+            )));
+        }
+        for (what, value) in [
+            ("compressor.encoder_hidden[0]", self.encoder_hidden[0]),
+            ("compressor.encoder_hidden[1]", self.encoder_hidden[1]),
+            ("compressor.latent_channels", self.latent_channels),
+            ("compressor.decoder_dim", self.decoder_dim),
+            ("compressor.decoder_heads", self.decoder_heads),
+            ("compressor.recon_dim", self.recon_dim),
+            ("compressor.recon_heads", self.recon_heads),
+            ("compressor.target_dim", self.target_dim),
+            ("compressor.window", self.window),
+        ] {
+            check_size(what, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Architecture of a Swin Transformer, named after timm's presets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwinConfig {
+    /// Input side in pixels (square).
+    pub img_size: i64,
+    /// Patch side of the stem.
+    pub patch_size: i64,
+    /// Input channels.
+    pub in_chans: i64,
+    /// Classes of the head.
+    pub num_classes: i64,
+    /// Width of the first stage; doubles per stage.
+    pub embed_dim: i64,
+    /// Blocks per stage.
+    pub depths: Vec<i64>,
+    /// Attention heads per stage.
+    pub num_heads: Vec<i64>,
+    /// Attention window per stage (Swin-S3 varies it).
+    pub window_sizes: Vec<i64>,
+    /// MLP expansion.
+    pub mlp_ratio: f64,
+    /// Whether `qkv` has a bias.
+    pub qkv_bias: bool,
+    /// Stochastic depth at the last block, growing linearly from 0.
+    pub drop_path_rate: f64,
+}
+
+/// One of timm's 224-pixel, 1000-class Swin presets.
+struct SwinPreset {
+    name: &'static str,
+    embed_dim: i64,
+    depths: [i64; 4],
+    num_heads: [i64; 4],
+    window_sizes: [i64; 4],
+}
+
+/// timm's Swin-S3 (AutoFormerV2) and Swin v1 presets, by timm's names.
+const SWIN_PRESETS: [SwinPreset; 6] = [
+    SwinPreset {
+        name: "swin_s3_tiny_224",
+        embed_dim: 96,
+        depths: [2, 2, 6, 2],
+        num_heads: [3, 6, 12, 24],
+        window_sizes: [7, 7, 14, 7],
+    },
+    SwinPreset {
+        name: "swin_s3_small_224",
+        embed_dim: 96,
+        depths: [2, 2, 18, 2],
+        num_heads: [3, 6, 12, 24],
+        window_sizes: [14, 14, 14, 7],
+    },
+    SwinPreset {
+        name: "swin_s3_base_224",
+        embed_dim: 96,
+        depths: [2, 2, 30, 2],
+        num_heads: [3, 6, 12, 24],
+        window_sizes: [7, 7, 14, 7],
+    },
+    SwinPreset {
+        name: "swin_tiny_patch4_window7_224",
+        embed_dim: 96,
+        depths: [2, 2, 6, 2],
+        num_heads: [3, 6, 12, 24],
+        window_sizes: [7; 4],
+    },
+    SwinPreset {
+        name: "swin_small_patch4_window7_224",
+        embed_dim: 96,
+        depths: [2, 2, 18, 2],
+        num_heads: [3, 6, 12, 24],
+        window_sizes: [7; 4],
+    },
+    SwinPreset {
+        name: "swin_base_patch4_window7_224",
+        embed_dim: 128,
+        depths: [2, 2, 18, 2],
+        num_heads: [4, 8, 16, 32],
+        window_sizes: [7; 4],
+    },
+];
+
+const fn preset_names<const N: usize>(table: &[SwinPreset; N]) -> [&'static str; N] {
+    let mut names = [""; N];
+    let mut i = 0;
+    while i < N {
+        names[i] = table[i].name;
+        i += 1;
+    }
+    names
+}
+
+impl SwinConfig {
+    /// Names accepted by [`SwinConfig::preset`].
+    pub const PRESETS: [&'static str; SWIN_PRESETS.len()] = preset_names(&SWIN_PRESETS);
+
+    /// The preset called `name` (timm's model name).
+    pub fn preset(name: &str) -> Option<Self> {
+        let preset = SWIN_PRESETS.iter().find(|p| p.name == name)?;
+        Some(Self {
+            img_size: 224,
+            patch_size: 4,
+            in_chans: 3,
+            num_classes: 1000,
+            embed_dim: preset.embed_dim,
+            depths: preset.depths.to_vec(),
+            num_heads: preset.num_heads.to_vec(),
+            window_sizes: preset.window_sizes.to_vec(),
+            mlp_ratio: 4.0,
+            qkv_bias: true,
+            drop_path_rate: 0.1,
+        })
+    }
+
+    /// timm `swin_s3_base_224`, FrankenSplit's backbone.
+    pub fn swin_s3_base_224() -> Self {
+        Self::preset("swin_s3_base_224").expect("a preset of the table")
+    }
+
+    /// Number of stages.
+    pub fn num_stages(&self) -> usize {
+        self.depths.len()
+    }
+
+    /// Width of stage `i`.
+    pub fn stage_dim(&self, i: usize) -> i64 {
+        self.embed_dim << i
+    }
+
+    /// Grid side at the input of stage `i`.
+    pub fn stage_resolution(&self, i: usize) -> i64 {
+        (self.img_size / self.patch_size) >> i
+    }
+
+    /// Shape `(tokens, channels)` of what stage `i` receives: the output of
+    /// timm 0.8's `layers[i - 1]` (FrankenSplit's injection point for `i = 2`).
+    pub fn stage_input_shape(&self, i: usize) -> (i64, i64) {
+        let side = self.stage_resolution(i);
+        (side * side, self.stage_dim(i))
+    }
+
+    /// Checks that the per-stage lists agree and every size is positive and bounded.
+    pub fn validate(&self) -> Result<()> {
+        let stages = self.depths.len();
+        if stages == 0 || stages > 8 || self.num_heads.len() != stages || self.window_sizes.len() != stages {
+            return Err(Error::Invalid(format!(
+                "backbone has {stages} depths, {} head counts and {} window sizes: give 1 to 8 stages, one of each per stage",
+                self.num_heads.len(),
+                self.window_sizes.len()
+            )));
+        }
+        for (what, value) in [
+            ("backbone.img_size", self.img_size),
+            ("backbone.patch_size", self.patch_size),
+            ("backbone.in_chans", self.in_chans),
+            ("backbone.num_classes", self.num_classes),
+            ("backbone.embed_dim", self.embed_dim),
+        ] {
+            check_size(what, value)?;
+        }
+        for i in 0..stages {
+            check_size("backbone.depths[i]", self.depths[i])?;
+            check_size("backbone.num_heads[i]", self.num_heads[i])?;
+            check_size("backbone.window_sizes[i]", self.window_sizes[i])?;
+        }
+        if self.embed_dim.checked_shl(stages as u32).is_none_or(|w| w > MAX_SIZE) {
+            return Err(Error::Invalid(format!(
+                "backbone.embed_dim {} doubled over {stages} stages exceeds {MAX_SIZE}",
+                self.embed_dim
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_name_builds_its_preset() {
+        for name in SwinConfig::PRESETS {
+            let config = SwinConfig::preset(name).unwrap();
+            config.validate().unwrap();
+        }
+        assert!(SwinConfig::preset("swin_huge").is_none());
+    }
+
+    #[test]
+    fn the_default_architecture_is_the_papers() {
+        let arch = Architecture::default();
+        arch.validate().unwrap();
+        assert_eq!(arch.latent_shape(), LatentShape::new(48, 28, 28));
+        assert_eq!(arch.backbone.stage_input_shape(2), (196, 384));
+    }
+
+    #[test]
+    fn a_decoder_that_does_not_fit_the_split_point_is_refused() {
+        let mut arch = Architecture::default();
+        arch.compressor.target_dim = 192;
+        assert!(arch
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("expects 196 tokens of width 384"));
+        let arch = Architecture {
+            split_stage: 4,
+            ..Architecture::default()
+        };
+        assert!(arch.validate().is_err());
+    }
+
+    #[test]
+    fn sizes_no_network_can_have_are_refused() {
+        let mut arch = Architecture::default();
+        arch.compressor.latent_channels = 0;
+        assert!(arch.validate().unwrap_err().to_string().contains("latent_channels"));
+        let mut arch = Architecture::default();
+        arch.compressor.input_size = 230;
+        assert!(arch.validate().unwrap_err().to_string().contains("multiple of 8"));
+        let mut arch = Architecture::default();
+        arch.backbone.window_sizes.pop();
+        assert!(arch.validate().is_err());
+        let mut arch = Architecture::default();
+        arch.backbone.embed_dim = i64::MAX;
+        assert!(arch.validate().is_err());
+    }
+}
