@@ -4,43 +4,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use frankensplit_bundle::{names, tables, CompressorConfig, VerifiedBundle};
 use frankensplit_codec::{EntropyBottleneck, LatentShape, ModelFingerprint, PayloadCodec};
-use frankensplit_preprocess::Preprocess;
-use serde::{Deserialize, Serialize};
+use frankensplit_preprocess::{Preprocess, RgbImage};
 
+use crate::calibration::Int8Calibration;
 use crate::encoder::{Encoder, EncoderSpec, Workspace};
-use crate::int8::{BlockRanges, QuantizedEncoder, QuantizedWorkspace};
-
-/// Where `frankensplit-edge calibrate` writes a bundle's int8 calibration by default.
-pub const CALIBRATION_FILE: &str = "int8-calibration.json";
-
-/// The ranges the int8 encoder quantizes with, observed on a few images;
-/// tied to one model's weights by their fingerprint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Int8Calibration {
-    /// The weights it was made for.
-    pub fingerprint: String,
-    /// Images it saw.
-    pub images: usize,
-    /// Per block of g_a.
-    pub blocks: Vec<BlockRanges>,
-}
-
-impl Int8Calibration {
-    /// Reads a calibration file.
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not an int8 calibration", path.display()))
-    }
-
-    /// Writes it as JSON (through a temporary file).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        crate::write_atomically(path, serde_json::to_string_pretty(self)?.as_bytes())
-    }
-}
+use crate::int8::{QuantizedEncoder, QuantizedWorkspace};
 
 /// A bundle's device side.
 #[derive(Debug)]
@@ -158,6 +131,21 @@ impl EdgeModel {
     pub fn compress(&self, image_chw: &[f32]) -> Result<Vec<u8>> {
         Ok(self.payload.compress(&self.encode_latent(image_chw)?)?)
     }
+}
+
+/// Preprocesses and encodes one image: the payload and the edge compute time.
+pub fn encode_image(model: &EdgeModel, path: &Path) -> Result<(Vec<u8>, f64)> {
+    let image = RgbImage::open(path)?;
+    let start = Instant::now();
+    let input = model.preprocess.apply(&image)?;
+    let payload = model.compress(&input)?;
+    Ok((payload, start.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Bits per pixel of the model's input crop for a payload of `bytes`.
+pub fn bpp(model: &EdgeModel, bytes: usize) -> f64 {
+    let crop = f64::from(model.preprocess.crop);
+    bytes as f64 * 8.0 / (crop * crop)
 }
 
 /// g_a's shape from the bundle's compressor configuration (validated by
