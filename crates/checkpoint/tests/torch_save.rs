@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use frankensplit_checkpoint::{Checkpoint, DType, Error, Value};
 
 fn fixture_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/reference_checkpoint.pt")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/reference_checkpoint.pt")
 }
 
 fn f32s(bytes: &[u8]) -> Vec<f32> {

@@ -317,7 +317,7 @@ fn conversion_errors_name_what_to_fix() {
             .unwrap()
     };
     // A checkpoint of another architecture (the small fixture config) is refused with the mismatching keys.
-    let small = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/reference_checkpoint.pt");
+    let small = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/reference_checkpoint.pt");
     let out = convert(&small);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -340,7 +340,7 @@ fn conversion_errors_name_what_to_fix() {
 /// that carries the backbone tail itself.
 #[test]
 fn backbone_from_separate_timm_weights() {
-    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures");
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
     let arch = models.join("small_arch.toml");
     let work = temp_dir("backbone");
     let full = work.join("full");

@@ -26,8 +26,8 @@ fn run(args: &[&str]) -> String {
 
 #[test]
 fn encode_serve_and_client_agree_with_local_classification() {
-    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures");
-    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../preprocess/tests/fixtures");
+    let models = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
+    let images = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/images");
     let work = std::env::temp_dir().join(format!("frankensplit-serve-client-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     let bundle = work.join("bundle");

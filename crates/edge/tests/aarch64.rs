@@ -48,7 +48,7 @@ fn arm_payloads_are_the_x86_bytes() {
     random_bundle(&model, &reference_encoder_architecture(), 31);
     let images: Vec<_> = ["gradient_300x250.png", "noise_97x131.png"]
         .iter()
-        .map(|name| fixtures().join("preprocess/tests/fixtures").join(name))
+        .map(|name| fixtures().join("images").join(name))
         .collect();
     // One calibration for both: the int8 ranges are the model's, not the machine's.
     run(&x86, &["calibrate"], &model, &images);

@@ -26,7 +26,7 @@ fn calibrate_then_encode_in_int8() {
     random_bundle(&other, &arch, 12);
     let images: Vec<_> = ["gradient_300x250.png", "noise_97x131.png", "grey_180x90.png"]
         .iter()
-        .map(|name| fixtures().join("preprocess/tests/fixtures").join(name))
+        .map(|name| fixtures().join("images").join(name))
         .collect();
     let edge = |args: &[&str], dir: &std::path::Path| {
         Command::new(env!("CARGO_BIN_EXE_frankensplit-edge"))

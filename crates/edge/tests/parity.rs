@@ -15,7 +15,7 @@ use frankensplit_preprocess::RgbImage;
 use tch::Device;
 
 fn inputs(bundle: &Bundle) -> Vec<Vec<f32>> {
-    let images = fixtures().join("preprocess/tests/fixtures");
+    let images = fixtures().join("images");
     ["gradient_300x250.png", "noise_97x131.png", "grey_180x90.png"]
         .iter()
         .map(|name| {

@@ -30,7 +30,7 @@ fn send_classifies_through_a_server_as_the_libtorch_model_does() {
     random_bundle(&dir, &small_architecture(), 11);
     let images: Vec<_> = ["gradient_300x250.png", "noise_97x131.png", "grey_180x90.png"]
         .iter()
-        .map(|name| fixtures().join("preprocess/tests/fixtures").join(name))
+        .map(|name| fixtures().join("images").join(name))
         .collect();
 
     // What the libtorch model answers for each image's payload.

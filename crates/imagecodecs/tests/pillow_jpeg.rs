@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 #[test]
 fn baseline_jpegs_are_byte_identical_to_pillows() {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../preprocess/tests/fixtures");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/images");
     let fixture: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("jpeg.json")).unwrap()).unwrap();
     let mut compared = 0;
     for case in fixture["cases"].as_array().unwrap() {

@@ -16,7 +16,18 @@ use frankensplit_models::{Architecture, Bundle};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
+/// The workspace's fixtures/models, which other crates' tests read too.
+fn shared_fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models")
+}
+
 fn fixture(name: &str) -> BTreeMap<String, Tensor> {
+    let path = shared_fixtures().join(format!("{name}.safetensors"));
+    Tensor::read_safetensors(&path).unwrap().into_iter().collect()
+}
+
+/// A fixture only this crate reads (tests/fixtures).
+fn own_fixture(name: &str) -> BTreeMap<String, Tensor> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures")
         .join(format!("{name}.safetensors"));
@@ -69,7 +80,7 @@ fn small_swin() -> SwinConfig {
 
 #[test]
 fn residual_blocks_match_the_reference() {
-    let f = fixture("residual_block");
+    let f = own_fixture("residual_block");
     for (name, (i, o, stride, act, act1)) in [
         ("down_relu", (5, 7, 2, Activation::Relu, false)),
         ("same_leaky", (6, 6, 1, Activation::LeakyRelu, false)),
@@ -87,7 +98,7 @@ fn residual_blocks_match_the_reference() {
 #[test]
 fn the_missing_activation_after_conv1_matters() {
     // Loading the quirk-free weights into a block with the activation gives a different output.
-    let f = fixture("residual_block");
+    let f = own_fixture("residual_block");
     let mut vs = nn::VarStore::new(Device::Cpu);
     let block = ResidualBlockWithStride::new(&vs.root(), 5, 7, 2, Activation::Relu, true);
     load_into(&mut vs, weights(&f, "down_relu.weights.")).unwrap();
@@ -98,7 +109,7 @@ fn the_missing_activation_after_conv1_matters() {
 
 #[test]
 fn swin_blocks_match_timm_with_and_without_shift() {
-    let f = fixture("swin_block");
+    let f = own_fixture("swin_block");
     for shift in [0, 1] {
         let spec = BlockSpec {
             dim: 16,
@@ -284,7 +295,7 @@ fn bundles_with_the_backbone_head_classify_images_like_timm() {
     let timm: Vec<(String, Tensor)> = weights(&f, "weights.").into_iter().collect();
     let timm_file = dir.join("timm.safetensors");
     Tensor::write_safetensors(&timm, &timm_file).unwrap();
-    let fixtures = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let fixtures = shared_fixtures();
     let arch = Architecture::from_toml(&std::fs::read_to_string(fixtures.join("small_arch.toml")).unwrap()).unwrap();
     let options = ConvertOptions {
         checkpoint: fixtures.join("reference_checkpoint.pt"),

@@ -16,7 +16,7 @@ use serde_json::Value;
 use tch::{Device, Kind};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models")
 }
 
 /// Converts the small reference checkpoint into a bundle in a fresh

@@ -20,7 +20,7 @@ fn read(path: PathBuf) -> BTreeMap<String, Tensor> {
 }
 
 fn models_fixture(name: &str) -> BTreeMap<String, Tensor> {
-    read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../models/tests/fixtures/{name}.safetensors")))
+    read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../fixtures/models/{name}.safetensors")))
 }
 
 fn train_fixture(name: &str) -> BTreeMap<String, Tensor> {
@@ -54,7 +54,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/small_arch.toml"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/small_arch.toml"),
     )
     .unwrap();
     let mut arch = Architecture::from_toml(&text).unwrap();

@@ -14,7 +14,7 @@ use tch::{Device, Tensor};
 
 /// The small fixture architecture's [compressor] and [backbone] tables, renamed into a run file's.
 fn fixture_arch() -> String {
-    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/small_arch.toml"))
+    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/small_arch.toml"))
         .unwrap()
         .replace("split_stage = 2\n", "")
         .replace("[backbone]", "[teacher.backbone]")

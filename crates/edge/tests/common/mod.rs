@@ -9,16 +9,15 @@ use frankensplit_models::{Architecture, Compressor, SwinTransformer};
 use tch::nn::VarStore;
 use tch::Device;
 
-/// The workspace's crates directory, where the fixtures live.
+/// The workspace's fixtures, shared by several crates' tests.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
 }
 
 /// The small test architecture: 3 → 8 → 12 → 6 at 64², no activation
 /// between a residual block's convolutions.
 pub fn small_architecture() -> Architecture {
-    Architecture::from_toml(&std::fs::read_to_string(fixtures().join("models/tests/fixtures/small_arch.toml")).unwrap())
-        .unwrap()
+    Architecture::from_toml(&std::fs::read_to_string(fixtures().join("models/small_arch.toml")).unwrap()).unwrap()
 }
 
 /// The reference's encoder (3 → 48 → 64 → 48, 224² input) in front of the
