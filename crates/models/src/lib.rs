@@ -11,7 +11,9 @@
 //! * [`weights`]: checkpoint key mapping (CompressAI and timm namings);
 //! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out
 //!   (the bundle's contract itself, manifest and configs, is
-//!   `frankensplit-bundle`'s; its types are re-exported here).
+//!   `frankensplit-bundle`'s; its types are re-exported here);
+//! * [`onnx`]: a bundle's encoder, decoder and backbone tail as ONNX graphs
+//!   for other runtimes.
 //!
 //! The edge path does not need this crate: the codec crate codes latents on
 //! its own.
@@ -22,6 +24,7 @@ pub mod convert;
 pub mod entropy_bottleneck;
 pub mod error;
 pub mod layers;
+pub mod onnx;
 pub mod swin;
 pub mod weights;
 

@@ -1,4 +1,5 @@
-//! `train` and `synth-data`: training runs and the built-in synthetic dataset.
+//! `train`, `saliency` and `synth-data`: training runs, the saliency maps
+//! stage 2 trains with, and the built-in synthetic dataset.
 
 use std::path::PathBuf;
 

@@ -1,104 +1,25 @@
-//! `frankensplit export-onnx`: a bundle's parts as ONNX graphs (opset 17,
-//! ONNX IR 8), so that other runtimes can run the sender and receiver sides;
-//! the entropy coder stays in Rust (its strings are CompressAI's, see
-//! docs/format.md). The three parts chain: `image → encoder → latent`,
-//! `latent → decoder → features`, `features → tail → logits`.
-//!
-//! - encoder: g_a's Conv/Relu/Add graph;
-//! - decoder: g_s on the dequantised latent ŷ, up to the restored backbone
-//!   tokens `(batch, tokens, width)`, the layout the tch model hands to the tail;
-//! - tail: the backbone's stages after the split point, its norm, the token
-//!   mean and the head.
-//!
-//! The bundle's weights are initializers under their bundle names, with the
-//! bytes as stored (linear weights keep PyTorch's `(out, in)` and go through
-//! a Transpose that runtimes fold). What the tch model derives at load time
-//! is computed here once and stored as constants: each attention's relative
-//! position bias gathered into `[heads, N, N]`, each shifted-window mask.
-//! Swin's window partition and reverse are Reshape/Transpose, the cyclic
-//! shift is Slice + Concat, GELU is the exact erf form, patch merging is
-//! strided Slice + Concat. The batch dimension is symbolic (`batch`) in every
-//! part: all reshapes keep it as `-1` or `0`.
-//!
-//! `--check-data FILE` also writes the tch model's own input and output for
-//! the part (a seeded batch of two), which `tools/onnx/check_parts.py` runs
-//! through ONNX Runtime.
-
-pub mod proto;
+//! The graph builder behind [`super`]'s exports: ONNX nodes in topological
+//! order, the bundle's weights as initializers under their bundle names,
+//! the constants derived from them (relative position biases, shifted-window
+//! masks), and the networks' building blocks as ONNX operators: the residual
+//! block, LayerNorm, exact GELU, Swin's window attention, block, stage and
+//! patch merging. It re-describes `layers.rs` and `swin.rs` op by op, so it
+//! changes with them.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
-use frankensplit_models::layers::Activation;
-use frankensplit_models::swin::{relative_position_index, shifted_window_mask, BlockSpec};
-use frankensplit_models::Bundle;
-use prost::Message;
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use tch::nn::Module;
-use tch::{Device, Kind, Tensor};
 
-use proto::*;
-
-/// Which side of the split to export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Part {
-    /// The device's encoder g_a: image `(batch, 3, S, S)` → latent `(batch, C, S/8, S/8)`.
-    Encoder,
-    /// The server's decoder g_s: dequantised latent → restored features `(batch, tokens, width)`.
-    Decoder,
-    /// The backbone after the split: restored features → logits `(batch, classes)`.
-    Tail,
-}
-
-impl Part {
-    /// Names of the graph's input and output; consecutive parts share them.
-    fn io(self) -> (&'static str, &'static str) {
-        match self {
-            Part::Encoder => ("image", "latent"),
-            Part::Decoder => ("latent", "features"),
-            Part::Tail => ("features", "logits"),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Part::Encoder => "encoder",
-            Part::Decoder => "decoder",
-            Part::Tail => "tail",
-        }
-    }
-}
-
-#[derive(Args)]
-pub struct ExportArgs {
-    /// Model bundle directory.
-    #[arg(long, value_parser = crate::builtin::parse_model)]
-    model: PathBuf,
-    /// Which part: encoder (device), decoder (server, latent → features) or
-    /// tail (server, features → logits).
-    #[arg(long, value_enum)]
-    part: Part,
-    /// Output file (.onnx).
-    #[arg(short, long)]
-    output: PathBuf,
-    /// Also write a safetensors file with a seeded random input of the part
-    /// (batch 2) and the tch model's output for it, named after the graph's
-    /// input and output; tools/onnx/check_parts.py compares ONNX Runtime with it.
-    #[arg(long)]
-    check_data: Option<PathBuf>,
-}
-
-/// Batch of the check data: two samples, so that a graph that mixes samples
-/// up in its reshapes cannot pass.
-const CHECK_BATCH: i64 = 2;
+use super::proto::*;
+use crate::layers::Activation;
+use crate::swin::{relative_position_index, shifted_window_mask, BlockSpec};
 
 /// LayerNorm's epsilon everywhere in these models (PyTorch's default).
 const LAYER_NORM_EPS: f32 = 1e-5;
 
-fn ints(name: &str, values: &[i64]) -> AttributeProto {
+pub(super) fn ints(name: &str, values: &[i64]) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         ints: values.to_vec(),
@@ -107,7 +28,7 @@ fn ints(name: &str, values: &[i64]) -> AttributeProto {
     }
 }
 
-fn int(name: &str, value: i64) -> AttributeProto {
+pub(super) fn int(name: &str, value: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         i: Some(value),
@@ -137,28 +58,28 @@ fn value_info(name: &str, dims: &[Dimension]) -> ValueInfoProto {
     }
 }
 
-fn fixed(n: i64) -> Dimension {
+pub(super) fn fixed(n: i64) -> Dimension {
     Dimension {
         dim_value: Some(n),
         dim_param: None,
     }
 }
 
-fn batch() -> Dimension {
+pub(super) fn batch() -> Dimension {
     Dimension {
         dim_value: None,
         dim_param: Some("batch".into()),
     }
 }
 
-fn f32_bytes(values: &[f32]) -> Vec<u8> {
+pub(super) fn f32_bytes(values: &[f32]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
 
 /// One graph under construction: nodes in topological order (each node's
 /// output is named after the node), the bundle's weights added as
 /// initializers on first use, and small constants shared by value.
-struct GraphBuilder<'a> {
+pub(super) struct GraphBuilder<'a> {
     graph: GraphProto,
     weights: &'a SafeTensors<'a>,
     names: HashSet<String>,
@@ -167,7 +88,7 @@ struct GraphBuilder<'a> {
 }
 
 impl<'a> GraphBuilder<'a> {
-    fn new(name: &str, weights: &'a SafeTensors<'a>) -> Self {
+    pub(super) fn new(name: &str, weights: &'a SafeTensors<'a>) -> Self {
         Self {
             graph: GraphProto {
                 name: name.into(),
@@ -180,7 +101,7 @@ impl<'a> GraphBuilder<'a> {
         }
     }
 
-    fn claim(&mut self, name: &str) {
+    pub(super) fn claim(&mut self, name: &str) {
         assert!(self.names.insert(name.to_string()), "two values named {name}");
     }
 
@@ -264,7 +185,7 @@ impl<'a> GraphBuilder<'a> {
         name
     }
 
-    fn node(&mut self, name: &str, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
+    pub(super) fn node(&mut self, name: &str, op: &str, inputs: &[&str], attribute: Vec<AttributeProto>) -> String {
         self.claim(name);
         self.graph.node.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -283,12 +204,12 @@ impl<'a> GraphBuilder<'a> {
         node.output = vec![name.into()];
     }
 
-    fn reshape(&mut self, name: &str, x: &str, shape: &[i64]) -> String {
+    pub(super) fn reshape(&mut self, name: &str, x: &str, shape: &[i64]) -> String {
         let shape = self.int64s(shape, false);
         self.node(name, "Reshape", &[x, &shape], Vec::new())
     }
 
-    fn transpose(&mut self, name: &str, x: &str, perm: &[i64]) -> String {
+    pub(super) fn transpose(&mut self, name: &str, x: &str, perm: &[i64]) -> String {
         self.node(name, "Transpose", &[x], vec![ints("perm", perm)])
     }
 
@@ -334,7 +255,7 @@ impl<'a> GraphBuilder<'a> {
     }
 
     /// FrankenSplit's `ResidualBlockWithStride` (layers.rs): `act(conv2(act1(conv1(x)))) + skip(x)`.
-    fn residual_block(
+    pub(super) fn residual_block(
         &mut self,
         x: &str,
         key: &str,
@@ -358,7 +279,7 @@ impl<'a> GraphBuilder<'a> {
     }
 
     /// `x · Wᵀ (+ b)` with the bundle's `{key}.weight` `(out, in)`.
-    fn linear(&mut self, x: &str, key: &str, bias: bool) -> Result<String> {
+    pub(super) fn linear(&mut self, x: &str, key: &str, bias: bool) -> Result<String> {
         let weight = self.weight(&format!("{key}.weight"))?;
         let transposed = self.transpose(&format!("{key}.weight_t"), &weight, &[1, 0]);
         let y = self.node(&format!("{key}.matmul"), "MatMul", &[x, &transposed], Vec::new());
@@ -369,7 +290,7 @@ impl<'a> GraphBuilder<'a> {
         Ok(self.node(key, "Add", &[&y, &b], Vec::new()))
     }
 
-    fn layer_norm(&mut self, x: &str, key: &str) -> Result<String> {
+    pub(super) fn layer_norm(&mut self, x: &str, key: &str) -> Result<String> {
         let weight = self.weight(&format!("{key}.weight"))?;
         let bias = self.weight(&format!("{key}.bias"))?;
         Ok(self.node(
@@ -393,7 +314,7 @@ impl<'a> GraphBuilder<'a> {
     }
 
     /// `(B, C, H, W)` → `(B, H·W, C)`.
-    fn tokenize(&mut self, key: &str, x: &str, channels: i64) -> String {
+    pub(super) fn tokenize(&mut self, key: &str, x: &str, channels: i64) -> String {
         let flat = self.reshape(&format!("{key}.flatten"), x, &[0, channels, -1]);
         self.transpose(key, &flat, &[0, 2, 1])
     }
@@ -542,7 +463,7 @@ impl<'a> GraphBuilder<'a> {
     }
 
     /// `depth` blocks of a stage laid out as `spec` (shifts alternate).
-    fn swin_stage(&mut self, x: &str, key: &str, spec: BlockSpec, depth: usize) -> Result<String> {
+    pub(super) fn swin_stage(&mut self, x: &str, key: &str, spec: BlockSpec, depth: usize) -> Result<String> {
         let mut x = x.to_string();
         for i in 0..depth {
             x = self.swin_block(&x, &format!("{key}.{i}"), spec.in_stage(i, &[]))?;
@@ -552,7 +473,7 @@ impl<'a> GraphBuilder<'a> {
 
     /// Patch merging (swin.rs's `PatchMerging`) on tokens `(B, H·W, C)`:
     /// the 2×2 neighbours (0,0), (1,0), (0,1), (1,1) concatenated, then norm and reduction.
-    fn patch_merging(&mut self, x: &str, key: &str, (h, w): (i64, i64), c: i64) -> Result<String> {
+    pub(super) fn patch_merging(&mut self, x: &str, key: &str, (h, w): (i64, i64), c: i64) -> Result<String> {
         let grid = self.reshape(&format!("{key}.grid"), x, &[-1, h, w, c]);
         let mut picks = Vec::new();
         for (dy, dx) in [(0, 0), (1, 0), (0, 1), (1, 1)] {
@@ -573,7 +494,7 @@ impl<'a> GraphBuilder<'a> {
     }
 
     /// The finished model: `input` and `output` declared with their shapes.
-    fn finish(mut self, input: (&str, Vec<Dimension>), output: (&str, Vec<Dimension>)) -> ModelProto {
+    pub(super) fn finish(mut self, input: (&str, Vec<Dimension>), output: (&str, Vec<Dimension>)) -> ModelProto {
         self.rename_last(output.0);
         self.graph.input.push(value_info(input.0, &input.1));
         self.graph.output.push(value_info(output.0, &output.1));
@@ -590,229 +511,10 @@ impl<'a> GraphBuilder<'a> {
     }
 }
 
-/// g_a of the bundle in `dir` as an ONNX model.
-pub fn encoder_graph(dir: &Path) -> Result<ModelProto> {
-    // Opening checks the fingerprint and every shape of g_a.
-    let arch = frankensplit_edge::EdgeModel::open(dir)
-        .with_context(|| format!("cannot load model {}", dir.display()))?
-        .spec;
-    let bytes = std::fs::read(dir.join("weights.safetensors"))?;
-    let tensors = SafeTensors::deserialize(&bytes)?;
-    let (input, output) = Part::Encoder.io();
-    let mut b = GraphBuilder::new("frankensplit_encoder", &tensors);
-    b.claim(input);
-    let mut x = input.to_string();
-    for block in ["rb1", "rb2", "rb3"] {
-        x = b.residual_block(
-            &x,
-            &format!("compressor.g_a.{block}"),
-            2,
-            Activation::Relu,
-            arch.act_after_conv1,
-            true,
-        )?;
-    }
-    let side = arch.input_size as i64;
-    Ok(b.finish(
-        (input, vec![batch(), fixed(3), fixed(side), fixed(side)]),
-        (
-            output,
-            vec![
-                batch(),
-                fixed(arch.latent_channels as i64),
-                fixed(side / 8),
-                fixed(side / 8),
-            ],
-        ),
-    ))
-}
-
-/// g_s of `bundle` as an ONNX model: the dequantised latent to the restored
-/// features `(batch, tokens, width)`, as `Bundle::restore_features` computes them.
-pub fn decoder_graph(bundle: &Bundle) -> Result<ModelProto> {
-    let bytes = std::fs::read(bundle.dir.join("weights.safetensors"))?;
-    let tensors = SafeTensors::deserialize(&bytes)?;
-    let c = &bundle.manifest.architecture.compressor;
-    let side = c.latent_size();
-    let (input, output) = Part::Decoder.io();
-    let key = "compressor.g_s";
-    let mut b = GraphBuilder::new("frankensplit_decoder", &tensors);
-    b.claim(input);
-    // A residual block has a skip convolution exactly when its shape changes.
-    let embedded = b.residual_block(
-        input,
-        &format!("{key}.deconv_embed.0"),
-        1,
-        Activation::LeakyRelu,
-        c.act_after_conv1,
-        c.latent_channels != c.decoder_dim,
-    )?;
-    let stage = format!("{key}.hybrid_stages.0");
-    let tokens = b.tokenize(&format!("{stage}.tokenize"), &embedded, c.decoder_dim);
-    let tokens = b.swin_stage(
-        &tokens,
-        &format!("{stage}.blocks"),
-        BlockSpec::for_decoder(c, c.decoder_dim, c.decoder_heads),
-        c.decoder_depth,
-    )?;
-    let grid = b.transpose(&format!("{stage}.detokenize.t"), &tokens, &[0, 2, 1]);
-    let grid = b.reshape(&format!("{stage}.detokenize"), &grid, &[0, c.decoder_dim, side, side]);
-    let x = b.node(&format!("{stage}.shortcut"), "Add", &[&grid, &embedded], Vec::new());
-    let x = b.residual_block(
-        &x,
-        &format!("{stage}.conv"),
-        1,
-        Activation::LeakyRelu,
-        c.act_after_conv1,
-        c.decoder_dim != c.recon_dim,
-    )?;
-    let recon = format!("{key}.final_layer");
-    let tokens = b.tokenize(&format!("{recon}.tokenize"), &x, c.recon_dim);
-    let tokens = b.swin_stage(
-        &tokens,
-        &format!("{recon}.blocks"),
-        BlockSpec::for_decoder(c, c.recon_dim, c.recon_heads),
-        c.recon_depth,
-    )?;
-    let tokens = b.patch_merging(&tokens, &format!("{recon}.sample"), (side, side), c.recon_dim)?;
-    b.layer_norm(&tokens, &format!("{recon}.norm"))?;
-    let out_side = side / 2;
-    Ok(b.finish(
-        (input, vec![batch(), fixed(c.latent_channels), fixed(side), fixed(side)]),
-        (output, vec![batch(), fixed(out_side * out_side), fixed(c.target_dim)]),
-    ))
-}
-
-/// The backbone after the split of `bundle` as an ONNX model: restored
-/// features to logits, as `Bundle::classify_features` computes them.
-pub fn tail_graph(bundle: &Bundle) -> Result<ModelProto> {
-    let bytes = std::fs::read(bundle.dir.join("weights.safetensors"))?;
-    let tensors = SafeTensors::deserialize(&bytes)?;
-    let arch = &bundle.manifest.architecture;
-    let backbone = &arch.backbone;
-    let stages = backbone.num_stages();
-    let (input, output) = Part::Tail.io();
-    let mut b = GraphBuilder::new("frankensplit_tail", &tensors);
-    b.claim(input);
-    let mut x = input.to_string();
-    for i in arch.split_stage..stages {
-        let key = format!("backbone.layers.{i}");
-        let spec = BlockSpec::for_stage(backbone, i);
-        x = b.swin_stage(&x, &format!("{key}.blocks"), spec, backbone.depths[i] as usize)?;
-        if i + 1 < stages {
-            x = b.patch_merging(&x, &format!("{key}.downsample"), spec.resolution, spec.dim)?;
-        }
-    }
-    let x = b.layer_norm(&x, "backbone.norm")?;
-    let pooled = b.node(
-        "backbone.pool",
-        "ReduceMean",
-        &[&x],
-        vec![ints("axes", &[1]), int("keepdims", 0)],
-    );
-    b.linear(&pooled, "backbone.head", true)?;
-    let (tokens, width) = backbone.stage_input_shape(arch.split_stage);
-    Ok(b.finish(
-        (input, vec![batch(), fixed(tokens), fixed(width)]),
-        (output, vec![batch(), fixed(backbone.num_classes)]),
-    ))
-}
-
-fn open_bundle(dir: &Path) -> Result<Bundle> {
-    Bundle::open(dir, Device::Cpu).with_context(|| format!("cannot load model {}", dir.display()))
-}
-
-/// The tch model's input and output for `part` on a seeded batch of random
-/// images, through the server's own path: g_a, real entropy coding and
-/// decoding, `restore_features`, `classify_features`.
-pub fn check_data(bundle: &Bundle, part: Part) -> Result<(Tensor, Tensor)> {
-    tch::manual_seed(0);
-    let size = bundle.manifest.architecture.compressor.input_size;
-    let images = Tensor::randn([CHECK_BATCH, 3, size, size], (Kind::Float, Device::Cpu));
-    let latents = tch::no_grad(|| bundle.compressor.g_a.forward(&images));
-    if part == Part::Encoder {
-        return Ok((images, latents));
-    }
-    let decoder = &bundle.payload;
-    let mut dequantized = Vec::new();
-    for i in 0..CHECK_BATCH {
-        let image = Vec::<f32>::try_from(images.get(i).reshape([-1]))?;
-        dequantized.push(decoder.decompress(&bundle.compress(&image)?)?);
-    }
-    let features = bundle.restore_features(&dequantized)?;
-    if part == Part::Decoder {
-        let shape = bundle.latent_shape();
-        let side = i64::from(shape.height);
-        let latent =
-            Tensor::from_slice(&dequantized.concat()).view([CHECK_BATCH, i64::from(shape.channels), side, side]);
-        return Ok((latent, features));
-    }
-    let logits = bundle.classify_features(&features);
-    Ok((features, logits))
-}
-
-/// A safetensors file with `tensors` (float32) and `part`, `input` and
-/// `output` in its metadata.
-fn write_check_data(path: &Path, part: Part, tensors: [(&str, &Tensor); 2]) -> Result<()> {
-    let mut data = Vec::new();
-    for (name, t) in tensors {
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        let values = Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1]))?;
-        data.push((name, shape, f32_bytes(&values)));
-    }
-    let views = data
-        .iter()
-        .map(|(name, shape, bytes)| Ok((*name, TensorView::new(Dtype::F32, shape.clone(), bytes)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let (input, output) = part.io();
-    let metadata = HashMap::from([
-        ("part".to_string(), part.name().to_string()),
-        ("input".to_string(), input.to_string()),
-        ("output".to_string(), output.to_string()),
-    ]);
-    let bytes = safetensors::serialize(views, &Some(metadata))?;
-    frankensplit_edge::write_atomically(path, &bytes)?;
-    Ok(())
-}
-
-pub fn run(args: ExportArgs) -> Result<()> {
-    // Opening checks the fingerprint and that every weight fits the architecture.
-    let bundle = open_bundle(&args.model)?;
-    let model = match args.part {
-        Part::Encoder => encoder_graph(&args.model)?,
-        Part::Decoder => decoder_graph(&bundle)?,
-        Part::Tail => tail_graph(&bundle)?,
-    };
-    let bytes = model.encode_to_vec();
-    frankensplit_edge::write_atomically(&args.output, &bytes)?;
-    let graph = model.graph.as_ref().expect("built with a graph");
-    println!(
-        "wrote {} ({} bytes): {} nodes, {} initializers, opset 17",
-        args.output.display(),
-        bytes.len(),
-        graph.node.len(),
-        graph.initializer.len()
-    );
-    let Some(path) = &args.check_data else {
-        println!("check it with --check-data FILE and tools/onnx/check_parts.py (or tools/onnx/check_encoder.py for the encoder)");
-        return Ok(());
-    };
-    let (input, output) = check_data(&bundle, args.part)?;
-    let (input_name, output_name) = args.part.io();
-    write_check_data(path, args.part, [(input_name, &input), (output_name, &output)])?;
-    println!(
-        "wrote {}: {input_name} {:?} and the tch model's {output_name} {:?}; check with tools/onnx/check_parts.py {} {}",
-        path.display(),
-        input.size(),
-        output.size(),
-        args.output.display(),
-        path.display()
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
+    use prost::Message;
+
     use super::*;
 
     #[test]

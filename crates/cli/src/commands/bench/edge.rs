@@ -18,7 +18,7 @@ use serde::Serialize;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
 
-use crate::bench::time;
+use super::time;
 
 #[derive(Serialize)]
 struct Method {
@@ -138,7 +138,7 @@ fn sgemm_peaks(n: usize) -> (f64, f64) {
     (gflops(libtorch), gflops(ours))
 }
 
-pub fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i32, json: bool) -> Result<()> {
+pub(super) fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, threads: i32, json: bool) -> Result<()> {
     ensure!(iterations > 0, "--iterations must be at least 1");
     ensure!(threads > 0, "--threads must be at least 1");
     tch::set_num_threads(threads);

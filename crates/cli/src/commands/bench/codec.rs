@@ -1,63 +1,14 @@
 //! `frankensplit bench codec`: encode and decode throughput of the entropy
 //! coder on a FrankenSplit-sized latent, in a form a Python script can replay
 //! through CompressAI on the same data (`tools/bench/compressai_codec.py`).
-//! `frankensplit bench edge`: the device's encoder g_a and coding, ours
-//! (libtorch-free) against libtorch's kernels in the same run, as a fraction
-//! of the machine's sgemm peak.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use clap::Subcommand;
 use frankensplit_codec::{DecodeLimits, EntropyBottleneck, LatentShape};
 use serde::Serialize;
 
-#[derive(Subcommand)]
-pub enum Target {
-    /// Entropy coding of a 48×28×28 latent (FrankenSplit at 224×224) with a
-    /// synthetic 48-channel factorized prior: median time to compress
-    /// (quantise + rANS) and decompress (rANS + dequantise), and symbols/s.
-    Codec {
-        /// Timed repetitions of each direction.
-        #[arg(long, default_value_t = 200)]
-        iterations: usize,
-        /// Untimed repetitions before timing.
-        #[arg(long, default_value_t = 20)]
-        warmup: usize,
-        /// Latent shape as C,H,W.
-        #[arg(long, default_value = "48,28,28", value_parser = parse_shape)]
-        shape: LatentShape,
-        /// Write the tables, latent and our string as JSON, for the CompressAI
-        /// comparison script to time CompressAI on the very same case.
-        #[arg(long)]
-        export: Option<PathBuf>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// The edge encoder g_a plus entropy coding at batch 1: ours (no
-    /// libtorch) against libtorch 2.11's eager kernels on the same weights
-    /// and input, and the machine's peak from a large sgemm.
-    Edge {
-        /// Bundle to take g_a and the entropy tables from; default: the
-        /// reference's encoder (3 → 48 → 64 → 48, 224²) with random weights.
-        #[arg(long, value_parser = crate::builtin::parse_model)]
-        model: Option<PathBuf>,
-        /// Timed runs of each method.
-        #[arg(long, default_value_t = 50)]
-        iterations: usize,
-        /// Untimed runs before timing.
-        #[arg(long, default_value_t = 10)]
-        warmup: usize,
-        /// Threads for ours (split over output rows) and libtorch's intra-op threads.
-        #[arg(long, default_value_t = 1)]
-        threads: i32,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
+use super::time;
 
 #[derive(Serialize)]
 struct CodecReport {
@@ -83,7 +34,7 @@ struct ExportedCase<'a> {
     string_hex: String,
 }
 
-fn parse_shape(s: &str) -> Result<LatentShape, String> {
+pub(super) fn parse_shape(s: &str) -> Result<LatentShape, String> {
     let dims: Vec<u32> = s
         .split(',')
         .map(|d| d.trim().parse::<u32>().map_err(|e| format!("bad dimension {d:?}: {e}")))
@@ -94,26 +45,13 @@ fn parse_shape(s: &str) -> Result<LatentShape, String> {
     }
 }
 
-pub fn run(target: Target) -> Result<()> {
-    match target {
-        Target::Codec {
-            iterations,
-            warmup,
-            shape,
-            export,
-            json,
-        } => run_codec(iterations, warmup, shape, export, json),
-        Target::Edge {
-            model,
-            iterations,
-            warmup,
-            threads,
-            json,
-        } => crate::bench_edge::run(model, iterations, warmup, threads, json),
-    }
-}
-
-fn run_codec(iterations: usize, warmup: usize, shape: LatentShape, export: Option<PathBuf>, json: bool) -> Result<()> {
+pub(super) fn run(
+    iterations: usize,
+    warmup: usize,
+    shape: LatentShape,
+    export: Option<PathBuf>,
+    json: bool,
+) -> Result<()> {
     ensure!(iterations > 0, "--iterations must be at least 1");
     let eb = EntropyBottleneck::synthetic(shape.channels as usize);
     let latent = eb.synthetic_latent(shape, 0x5EED);
@@ -180,20 +118,4 @@ fn run_codec(iterations: usize, warmup: usize, shape: LatentShape, export: Optio
         );
     }
     Ok(())
-}
-
-/// Median wall time of `iterations` calls after `warmup` untimed ones.
-pub fn time(warmup: usize, iterations: usize, mut f: impl FnMut()) -> Duration {
-    for _ in 0..warmup {
-        f();
-    }
-    let mut samples: Vec<Duration> = (0..iterations)
-        .map(|_| {
-            let start = Instant::now();
-            f();
-            start.elapsed()
-        })
-        .collect();
-    samples.sort();
-    samples[samples.len() / 2]
 }

@@ -21,7 +21,7 @@ use tch::Device;
 
 /// The recipe of the built-in compressors (`configs/scenes/`): the demo's
 /// one-minute run trains it with fewer images.
-const COMPRESSOR_RUN: &str = include_str!("../../../configs/scenes/compressor-l0.64.toml");
+const COMPRESSOR_RUN: &str = include_str!("../../../../configs/scenes/compressor-l0.64.toml");
 
 /// The seed of the demo's test set: used by no training or tuning run (the
 /// validation set is seed 0, the training streams seeds 1 and 2).
@@ -86,7 +86,7 @@ fn step(args: &[String]) -> Result<()> {
     println!("\n$ frankensplit {}", shell_words(args));
     let cli = crate::Cli::try_parse_from(std::iter::once("frankensplit".to_string()).chain(args.iter().cloned()))
         .map_err(|e| anyhow::anyhow!("internal command line rejected: {e}"))?;
-    crate::dispatch(cli.command)
+    super::dispatch(cli.command)
 }
 
 fn shell_words(args: &[String]) -> String {
