@@ -10,27 +10,13 @@
 //! 224² — the block runs folded.
 
 use anyhow::{bail, Context, Result};
-use serde::Deserialize;
+use frankensplit_bundle::CompressorConfig;
 
 use crate::conv::folded::FoldedPair;
 use crate::conv::winograd::Winograd;
 use crate::conv::Conv;
 use crate::kernel::Epilogue;
 use crate::tensor::PaddedHwc;
-
-/// g_a's shape: the `[compressor]` fields of a bundle's architecture that
-/// the encoder needs (the others are ignored when reading).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct EncoderSpec {
-    /// Input side in pixels (square).
-    pub input_size: usize,
-    /// Widths after the first two blocks.
-    pub encoder_hidden: [usize; 2],
-    /// Latent channels.
-    pub latent_channels: usize,
-    /// ReLU between each block's convolutions (the released reference has none).
-    pub act_after_conv1: bool,
-}
 
 /// FrankenSplit's `ResidualBlockWithStride` with ReLU:
 /// `relu(conv2(act(conv1(x)))) + skip(x)`.
@@ -170,9 +156,14 @@ pub struct Workspace {
 impl Encoder {
     /// Builds g_a from PyTorch's tensors, named as under `g_a.`
     /// (`rb1.conv1.weight`, …): `tensor(name)` gives values and shape, which
-    /// must be those `spec` implies. Not folded; see [`Encoder::fold`].
-    pub fn from_torch(spec: &EncoderSpec, tensor: impl Fn(&str) -> Result<(Vec<f32>, Vec<usize>)>) -> Result<Self> {
-        let widths = [3, spec.encoder_hidden[0], spec.encoder_hidden[1], spec.latent_channels];
+    /// must be those `config` implies (its widths are validated positive
+    /// and bounded by the bundle crate). Not folded; see [`Encoder::fold`].
+    pub fn from_torch(
+        config: &CompressorConfig,
+        tensor: impl Fn(&str) -> Result<(Vec<f32>, Vec<usize>)>,
+    ) -> Result<Self> {
+        let [h1, h2] = config.encoder_hidden.map(|w| w as usize);
+        let widths = [3, h1, h2, config.latent_channels as usize];
         let blocks = (0..3)
             .map(|i| {
                 let conv = |part: &str, stride: usize, kernel: usize, inputs: usize| -> Result<Conv> {
@@ -189,7 +180,7 @@ impl Encoder {
                     conv("conv1", 2, 3, widths[i])?,
                     conv("conv2", 1, 3, widths[i + 1])?,
                     conv("skip", 2, 1, widths[i])?,
-                    spec.act_after_conv1,
+                    config.act_after_conv1,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;

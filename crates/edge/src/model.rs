@@ -12,7 +12,7 @@ use frankensplit_codec::{EntropyBottleneck, LatentShape, ModelFingerprint, Paylo
 use frankensplit_preprocess::{Preprocess, RgbImage};
 
 use crate::calibration::Int8Calibration;
-use crate::encoder::{Encoder, EncoderSpec, Workspace};
+use crate::encoder::{Encoder, Workspace};
 use crate::int8::{QuantizedEncoder, QuantizedWorkspace};
 
 /// A bundle's device side.
@@ -28,8 +28,8 @@ pub struct EdgeModel {
     pub encoder: Encoder,
     /// Threads g_a may use (1 by default).
     pub threads: usize,
-    /// g_a's shape, from the manifest.
-    pub spec: EncoderSpec,
+    /// The compressor's architecture, from the manifest (g_a's shape).
+    pub config: CompressorConfig,
     payload: PayloadCodec,
     /// g_a's buffers, reused by every image.
     workspace: Mutex<Workspace>,
@@ -44,19 +44,20 @@ impl EdgeModel {
         let verified = VerifiedBundle::open(dir)?;
         let payload = verified.payload_codec()?;
         let tensors = verified.tensors()?;
-        let spec = encoder_spec(&verified.manifest.architecture.compressor);
-        let mut encoder = Encoder::from_torch(&spec, |name| {
+        let config = verified.manifest.architecture.compressor.clone();
+        let input_size = config.input_size as usize;
+        let mut encoder = Encoder::from_torch(&config, |name| {
             Ok(tables::floats(&tensors, &format!("{}{name}", names::ENCODER))?)
         })?;
-        encoder.prepare(spec.input_size);
-        let workspace = Mutex::new(encoder.workspace(spec.input_size));
+        encoder.prepare(input_size);
+        let workspace = Mutex::new(encoder.workspace(input_size));
         Ok(Self {
             dir: dir.to_path_buf(),
             fingerprint: verified.fingerprint,
             preprocess: verified.manifest.preprocess.clone(),
             encoder,
             threads: 1,
-            spec,
+            config,
             payload,
             workspace,
             int8: None,
@@ -68,7 +69,7 @@ impl EdgeModel {
         Ok(Int8Calibration {
             fingerprint: self.fingerprint.to_string(),
             images: images.len(),
-            blocks: QuantizedEncoder::calibrate(&self.encoder, images, self.spec.input_size, self.threads)?,
+            blocks: QuantizedEncoder::calibrate(&self.encoder, images, self.input_size(), self.threads)?,
         })
     }
 
@@ -83,7 +84,7 @@ impl EdgeModel {
             );
         }
         let quantized = QuantizedEncoder::new(&self.encoder, &calibration.blocks)?;
-        let workspace = Mutex::new(quantized.workspace(self.spec.input_size));
+        let workspace = Mutex::new(quantized.workspace(self.input_size()));
         self.int8 = Some((quantized, workspace));
         Ok(())
     }
@@ -110,7 +111,7 @@ impl EdgeModel {
 
     /// Side of the (square) input the encoder takes.
     pub fn input_size(&self) -> usize {
-        self.spec.input_size
+        self.config.input_size as usize
     }
 
     /// Runs g_a on one preprocessed `3 × S × S` image: the CHW latent.
@@ -121,7 +122,7 @@ impl EdgeModel {
         }
         let mut workspace = self.workspace.lock().unwrap_or_else(PoisonError::into_inner);
         if !self.encoder.fits(&workspace) {
-            *workspace = self.encoder.workspace(self.spec.input_size);
+            *workspace = self.encoder.workspace(self.input_size());
         }
         Ok(self.encoder.run(&mut workspace, image_chw, self.threads)?.0)
     }
@@ -146,15 +147,4 @@ pub fn encode_image(model: &EdgeModel, path: &Path) -> Result<(Vec<u8>, f64)> {
 pub fn bpp(model: &EdgeModel, bytes: usize) -> f64 {
     let crop = f64::from(model.preprocess.crop);
     bytes as f64 * 8.0 / (crop * crop)
-}
-
-/// g_a's shape from the bundle's compressor configuration (validated by
-/// the bundle crate: positive and bounded).
-fn encoder_spec(config: &CompressorConfig) -> EncoderSpec {
-    EncoderSpec {
-        input_size: config.input_size as usize,
-        encoder_hidden: config.encoder_hidden.map(|h| h as usize),
-        latent_channels: config.latent_channels as usize,
-        act_after_conv1: config.act_after_conv1,
-    }
 }

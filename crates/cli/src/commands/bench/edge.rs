@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use frankensplit_codec::{EntropyBottleneck, LatentShape, LikelihoodFormula};
 use frankensplit_edge::bench::max_abs_difference;
-use frankensplit_edge::encoder::{Encoder, EncoderSpec};
+use frankensplit_edge::encoder::Encoder;
 use frankensplit_edge::int8::QuantizedEncoder;
 use frankensplit_edge::EdgeModel;
 use frankensplit_models::{Bundle, Compressor, CompressorConfig};
@@ -55,7 +55,7 @@ struct Subject {
     ours: Encoder,
     reference: Box<dyn Fn(&Tensor) -> Tensor>,
     coder: EntropyBottleneck,
-    spec: EncoderSpec,
+    config: CompressorConfig,
 }
 
 /// The reference's encoder and entropy bottleneck with weights drawn from seed 0.
@@ -65,13 +65,7 @@ fn random_reference() -> Result<Subject> {
     let vars = VarStore::new(Device::Cpu);
     let compressor = Compressor::new(&vars.root(), &config);
     let variables = vars.variables();
-    let spec = EncoderSpec {
-        input_size: config.input_size as usize,
-        encoder_hidden: config.encoder_hidden.map(|w| w as usize),
-        latent_channels: config.latent_channels as usize,
-        act_after_conv1: config.act_after_conv1,
-    };
-    let ours = Encoder::from_torch(&spec, |name| {
+    let ours = Encoder::from_torch(&config, |name| {
         let tensor = variables
             .get(&format!("g_a.{name}"))
             .with_context(|| format!("g_a.{name} missing"))?;
@@ -84,7 +78,7 @@ fn random_reference() -> Result<Subject> {
         ours,
         reference: Box::new(move |x| compressor.g_a.forward(x)),
         coder,
-        spec,
+        config,
     })
 }
 
@@ -97,7 +91,7 @@ fn from_bundle(dir: &Path) -> Result<Subject> {
         ours: edge.encoder.unfolded(),
         coder: edge.coder().clone(),
         reference: Box::new(move |x| bundle.compressor.g_a.forward(x)),
-        spec: edge.spec.clone(),
+        config: edge.config.clone(),
     })
 }
 
@@ -146,7 +140,7 @@ pub(super) fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, thre
         Some(dir) => from_bundle(dir)?,
         None => random_reference()?,
     };
-    let side = subject.spec.input_size;
+    let side = subject.config.input_size as usize;
     tch::manual_seed(1);
     let image = Tensor::randn([1, 3, side as i64, side as i64], (Kind::Float, Device::Cpu));
     let input: Vec<f32> = Vec::try_from(image.flatten(0, -1))?;
@@ -220,7 +214,7 @@ pub(super) fn run(model: Option<PathBuf>, iterations: usize, warmup: usize, thre
         0.0,
     ));
     let latent = LatentShape::new(
-        subject.spec.latent_channels as u32,
+        subject.config.latent_channels as u32,
         latent_side as u32,
         latent_side as u32,
     );
