@@ -5,8 +5,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use frankensplit_api::Prediction;
 use frankensplit_codec::LikelihoodFormula;
-use frankensplit_edge::{for_each_image, write_atomically};
+use frankensplit_edge::{for_each_image, write_atomically, EdgeModel};
 use frankensplit_models::convert::{convert, ConvertOptions};
 use frankensplit_models::{Architecture, Bundle};
 use frankensplit_preprocess::RgbImage;
@@ -152,15 +153,6 @@ pub struct ClassifyArgs {
 }
 
 #[derive(Serialize)]
-struct Prediction {
-    class: i64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    label: Option<String>,
-    probability: f64,
-    logit: f64,
-}
-
-#[derive(Serialize)]
 struct ClassifyReport {
     image: PathBuf,
     model: String,
@@ -177,13 +169,15 @@ struct ClassifyReport {
 pub fn run_classify(args: ClassifyArgs) -> Result<()> {
     let bundle = Bundle::open(&args.model, Device::Cpu)
         .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    // The device's encoder, on the kernels devices run, not libtorch's g_a.
+    let edge = EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
     let pipeline = bundle.manifest.preprocess.clone();
     for_each_image(&args.images, |path| {
         let report = (|| -> Result<ClassifyReport> {
             let image = RgbImage::open(path)?;
             let input = pipeline.apply(&image)?;
             let start = Instant::now();
-            let payload = bundle.compress(&input)?;
+            let payload = edge.compress(&input)?;
             let encode_ms = start.elapsed().as_secs_f64() * 1e3;
             if let Some(dir) = &args.save_payloads {
                 let stem = path
@@ -201,12 +195,12 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
             let (values, indices) = probabilities.topk(k, 0, true, true);
             let top_k = (0..k)
                 .map(|i| {
-                    let class = indices.int64_value(&[i]);
+                    let class = indices.int64_value(&[i]) as usize;
                     Prediction {
                         class,
-                        label: bundle.manifest.labels.get(class as usize).cloned(),
+                        label: bundle.manifest.labels.get(class).cloned(),
                         probability: values.double_value(&[i]),
-                        logit: logits.double_value(&[class]),
+                        logit: logits.double_value(&[class as i64]) as f32,
                     }
                 })
                 .collect();

@@ -29,8 +29,9 @@ pub enum Command {
     Demo(demo::DemoArgs),
     /// Build a model bundle from a reference (PyTorch) checkpoint.
     Convert(bundle::ConvertArgs),
-    /// Classify images through the whole split pipeline (encode, entropy-code,
-    /// decode, backbone tail) and print the top classes.
+    /// Classify images through the whole split pipeline (encode on the
+    /// device's kernels, entropy-code, decode, backbone tail) and print the
+    /// top classes.
     Classify(bundle::ClassifyArgs),
     /// Describe a model bundle: fingerprint, latent, parameter counts.
     Info(bundle::InfoArgs),
