@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use frankensplit_bundle::names::{BACKBONE, COMPRESSOR};
 use frankensplit_codec::LikelihoodFormula;
 use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
 use frankensplit_models::weights::{load_into, select};
@@ -97,8 +98,11 @@ impl Models {
     /// bundle's weights file (`backbone.` prefix); what the backbone lacks is ignored.
     pub(crate) fn load_teacher(&mut self, weights: &Path) -> Result<()> {
         let tensors = frankensplit_models::convert::read_state_dict(weights, Default::default())?;
-        let prefix = if tensors.keys().any(|k| k.starts_with("backbone.patch_embed.")) {
-            "backbone."
+        let prefix = if tensors
+            .keys()
+            .any(|k| k.starts_with(&format!("{BACKBONE}patch_embed.")))
+        {
+            BACKBONE
         } else {
             ""
         };
@@ -118,10 +122,7 @@ pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// that a kill at any moment leaves the previous checkpoint or the new one.
 pub(crate) fn write_checkpoint(path: &Path, models: &Models, optimizer: &Adam, progress: &Progress) -> Result<()> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    for (prefix, vs) in [
-        ("compressor.", &models.compressor_vars),
-        ("backbone.", &models.backbone_vars),
-    ] {
+    for (prefix, vs) in [(COMPRESSOR, &models.compressor_vars), (BACKBONE, &models.backbone_vars)] {
         for (name, t) in vs.variables() {
             tensors.push((format!("{prefix}{name}"), t.detach().to_device(Device::Cpu)));
         }
@@ -169,8 +170,8 @@ pub(crate) fn load_checkpoint(path: &Path, models: &mut Models) -> Result<(Progr
             .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_string(), t.shallow_clone())))
             .collect()
     };
-    load_into(&mut models.compressor_vars, take("compressor."))?;
-    load_into(&mut models.backbone_vars, take("backbone."))?;
+    load_into(&mut models.compressor_vars, take(COMPRESSOR))?;
+    load_into(&mut models.backbone_vars, take(BACKBONE))?;
     Ok((progress, take("adam.")))
 }
 

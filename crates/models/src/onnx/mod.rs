@@ -32,7 +32,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use frankensplit_bundle::VerifiedBundle;
+use frankensplit_bundle::{names, VerifiedBundle};
 use safetensors::tensor::{Dtype, TensorView};
 use tch::nn::Module;
 use tch::{Device, Kind, Tensor};
@@ -96,7 +96,7 @@ pub fn encoder_graph(dir: &Path) -> Result<ModelProto> {
     for block in ["rb1", "rb2", "rb3"] {
         x = b.residual_block(
             &x,
-            &format!("compressor.g_a.{block}"),
+            &format!("{}{block}", names::ENCODER),
             2,
             Activation::Relu,
             c.act_after_conv1,
@@ -121,7 +121,7 @@ pub fn decoder_graph(bundle: &Bundle) -> Result<ModelProto> {
     let c = &bundle.manifest.architecture.compressor;
     let side = c.latent_size();
     let (input, output) = Part::Decoder.io();
-    let key = "compressor.g_s";
+    let key = format!("{}g_s", names::COMPRESSOR);
     let mut b = GraphBuilder::new("frankensplit_decoder", &tensors);
     b.claim(input);
     // A residual block has a skip convolution exactly when its shape changes.
@@ -182,14 +182,14 @@ pub fn tail_graph(bundle: &Bundle) -> Result<ModelProto> {
     b.claim(input);
     let mut x = input.to_string();
     for i in arch.split_stage..stages {
-        let key = format!("backbone.layers.{i}");
+        let key = format!("{}layers.{i}", names::BACKBONE);
         let spec = BlockSpec::for_stage(backbone, i);
         x = b.swin_stage(&x, &format!("{key}.blocks"), spec, backbone.depths[i] as usize)?;
         if i + 1 < stages {
             x = b.patch_merging(&x, &format!("{key}.downsample"), spec.resolution, spec.dim)?;
         }
     }
-    let x = b.layer_norm(&x, "backbone.norm")?;
+    let x = b.layer_norm(&x, &format!("{}norm", names::BACKBONE))?;
     let pooled = b.node(
         "backbone.pool",
         "ReduceMean",
