@@ -74,6 +74,28 @@ impl Architecture {
     pub fn latent_shape(&self) -> LatentShape {
         self.compressor.latent_shape()
     }
+
+    /// A lower bound on the parameters the networks of this architecture
+    /// hold (weight matrices and kernels only: no biases, norms or tables),
+    /// the backbone's head included when `backbone_head`. A weights file
+    /// smaller than this many `f32` cannot be theirs, which lets a reader
+    /// refuse a hostile manifest before building anything of its size.
+    pub fn min_parameters(&self, backbone_head: bool) -> f64 {
+        let first = if backbone_head { 0 } else { self.split_stage };
+        let backbone: f64 = (first..self.backbone.num_stages())
+            .map(|i| {
+                let dim = self.backbone.stage_dim(i) as f64;
+                self.backbone.depths[i] as f64 * swin_block_weights(dim, self.backbone.mlp_ratio)
+            })
+            .sum();
+        backbone + self.compressor.min_parameters()
+    }
+}
+
+/// Weights of one Swin block of width `dim`: qkv and proj (4·dim²) and the
+/// MLP (2·ratio·dim²).
+fn swin_block_weights(dim: f64, mlp_ratio: f64) -> f64 {
+    (4.0 + 2.0 * mlp_ratio) * dim * dim
 }
 
 /// Architecture of the compressor; the default is the reference's
@@ -133,6 +155,13 @@ impl Default for CompressorConfig {
 /// products of them stay far from overflowing.
 const MAX_SIZE: i64 = 1 << 16;
 
+/// Most blocks a stage may declare (Swin-S3-B's deepest has 30).
+const MAX_DEPTH: usize = 256;
+
+/// Most values one of g_a's tensors may hold for one image (1 GiB of `f32`;
+/// the reference's largest is 112² × 48 ≈ 0.6 M).
+pub const MAX_ACTIVATION_VALUES: u64 = 1 << 28;
+
 fn check_size(what: &str, value: i64) -> Result<()> {
     if (1..=MAX_SIZE).contains(&value) {
         Ok(())
@@ -155,8 +184,23 @@ impl CompressorConfig {
         LatentShape::new(self.latent_channels as u32, side, side)
     }
 
-    /// Checks that every width and side is positive and bounded, and that
-    /// the input is a multiple of g_a's stride (8).
+    /// A lower bound on the compressor's parameters: g_a's kernels and the
+    /// decoder's Swin blocks (see [`Architecture::min_parameters`]).
+    pub fn min_parameters(&self) -> f64 {
+        let [h1, h2] = self.encoder_hidden.map(|w| w as f64);
+        let widths = [3.0, h1, h2, self.latent_channels as f64];
+        let encoder: f64 = widths
+            .windows(2)
+            .map(|w| 9.0 * w[0] * w[1] + 9.0 * w[1] * w[1] + w[0] * w[1])
+            .sum();
+        let decoder = self.decoder_depth as f64 * swin_block_weights(self.decoder_dim as f64, 4.0)
+            + self.recon_depth as f64 * swin_block_weights(self.recon_dim as f64, 4.0);
+        encoder + decoder
+    }
+
+    /// Checks that every width and side is positive and bounded, that the
+    /// input is a multiple of g_a's stride (8), and that g_a's activations
+    /// for one image stay within [`MAX_ACTIVATION_VALUES`] per tensor.
     pub fn validate(&self) -> Result<()> {
         check_size("compressor.input_size", self.input_size)?;
         if self.input_size % 8 != 0 {
@@ -177,6 +221,25 @@ impl CompressorConfig {
             ("compressor.window", self.window),
         ] {
             check_size(what, value)?;
+        }
+        for (what, value) in [
+            ("compressor.decoder_depth", self.decoder_depth),
+            ("compressor.recon_depth", self.recon_depth),
+        ] {
+            if value > MAX_DEPTH {
+                return Err(Error::Invalid(format!("{what} is {value}; at most {MAX_DEPTH}")));
+            }
+        }
+        let side = self.input_size as u64;
+        let [h1, h2] = self.encoder_hidden.map(|w| w as u64);
+        for (stride, channels) in [(1, 3), (2, h1), (4, h2), (8, self.latent_channels as u64)] {
+            let values = (side / stride).pow(2) * channels;
+            if values > MAX_ACTIVATION_VALUES {
+                return Err(Error::Invalid(format!(
+                    "g_a's tensor of {channels} channels at {0}×{0} holds {values} values for one image, more than the {MAX_ACTIVATION_VALUES} allowed",
+                    side / stride
+                )));
+            }
         }
         Ok(())
     }
@@ -342,8 +405,20 @@ impl SwinConfig {
         ] {
             check_size(what, value)?;
         }
+        if !(self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
+            return Err(Error::Invalid(format!(
+                "backbone.mlp_ratio is {}; it must lie in (0, 64]",
+                self.mlp_ratio
+            )));
+        }
         for i in 0..stages {
             check_size("backbone.depths[i]", self.depths[i])?;
+            if self.depths[i] > MAX_DEPTH as i64 {
+                return Err(Error::Invalid(format!(
+                    "backbone.depths[{i}] is {}; at most {MAX_DEPTH}",
+                    self.depths[i]
+                )));
+            }
             check_size("backbone.num_heads[i]", self.num_heads[i])?;
             check_size("backbone.window_sizes[i]", self.window_sizes[i])?;
         }
@@ -408,5 +483,28 @@ mod tests {
         let mut arch = Architecture::default();
         arch.backbone.embed_dim = i64::MAX;
         assert!(arch.validate().is_err());
+        let mut arch = Architecture::default();
+        arch.compressor.input_size = 65_536;
+        assert!(arch
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("values for one image"));
+        let mut arch = Architecture::default();
+        arch.backbone.depths[3] = 100_000;
+        assert!(arch.validate().is_err());
+    }
+
+    #[test]
+    fn the_parameter_bound_stays_below_the_reference_counts() {
+        // The reference compressor holds 2,203,598 parameters (g_a 141,696);
+        // the bound counts kernels and matrices only.
+        let compressor = CompressorConfig::default().min_parameters();
+        assert!(compressor > 1.0e6 && compressor <= 2_203_598.0, "{compressor}");
+        // timm's swin_s3_base_224 holds 71.1 M parameters.
+        let arch = Architecture::default();
+        let whole = arch.min_parameters(true) - compressor;
+        assert!(whole > 60e6 && whole <= 71.1e6, "{whole}");
+        assert!(arch.min_parameters(false) < arch.min_parameters(true));
     }
 }

@@ -151,6 +151,14 @@ impl VerifiedBundle {
     pub fn open(dir: &Path) -> Result<Self> {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(WEIGHTS);
+        let size = std::fs::metadata(&path).map_err(|e| Error::read(&path, e))?.len();
+        let needed = 4.0 * manifest.architecture.min_parameters(manifest.backbone_head);
+        if (size as f64) < needed {
+            return Err(Error::Invalid(format!(
+                "{} has {size} bytes, but the architecture in {MANIFEST} needs at least {needed:.0}: the manifest does not describe these weights",
+                path.display()
+            )));
+        }
         let weights = std::fs::read(&path).map_err(|e| Error::read(&path, e))?;
         let fingerprint = ModelFingerprint::of_parts([weights.as_slice()]);
         if fingerprint.to_string() != manifest.fingerprint {

@@ -11,8 +11,15 @@ use frankensplit_codec::LikelihoodFormula;
 use frankensplit_preprocess::Preprocess;
 use safetensors::tensor::{Dtype, TensorView};
 
+/// The small architecture of the parity fixtures (6 × 8 × 8 latent).
+fn small() -> Architecture {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/small_arch.toml");
+    Architecture::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 /// The weights of a bundle whose entropy model codes each channel's symbols
-/// -1, 0, 1 with the given probabilities, around medians `c / 10`.
+/// -1, 0, 1 with the given probabilities, around medians `c / 10`, padded
+/// to the size the small architecture's networks would take.
 fn weights(channels: usize) -> Vec<u8> {
     let cdf: Vec<u8> = (0..channels)
         .flat_map(|_| [0i32, 10_000, 55_000, 65_000, 65_536])
@@ -24,7 +31,12 @@ fn weights(channels: usize) -> Vec<u8> {
         .flat_map(|c| [-5.0f32, c as f32 / 10.0, 5.0])
         .flat_map(f32::to_le_bytes)
         .collect();
+    let padding = vec![0u8; 4 * small().min_parameters(false) as usize];
     let tensors = [
+        (
+            names::COMPRESSOR,
+            TensorView::new(Dtype::U8, vec![padding.len()], &padding).unwrap(),
+        ),
         (
             names::QUANTIZED_CDF,
             TensorView::new(Dtype::I32, vec![channels, 5], &cdf).unwrap(),
@@ -60,10 +72,8 @@ fn manifest(architecture: Architecture) -> Manifest {
 }
 
 fn write_test_bundle(dir: &Path, force: bool) -> frankensplit_bundle::Result<frankensplit_codec::ModelFingerprint> {
-    let bytes = weights(48);
-    write(dir, manifest(Architecture::default()), force, |path| {
-        std::fs::write(path, &bytes)
-    })
+    let bytes = weights(6);
+    write(dir, manifest(small()), force, |path| std::fs::write(path, &bytes))
 }
 
 #[test]
@@ -76,9 +86,9 @@ fn a_written_bundle_reads_back_verified_and_codes_payloads() {
     assert_eq!(bundle.manifest.fingerprint, fingerprint.to_string());
     assert_eq!(bundle.manifest.labels, ["cat", "dog"]);
     let codec = bundle.payload_codec().unwrap();
-    assert_eq!(codec.shape.to_string(), "48×28×28");
-    let plane = 28 * 28;
-    let latent: Vec<f32> = (0..48 * plane)
+    assert_eq!(codec.shape.to_string(), "6×8×8");
+    let plane = 8 * 8;
+    let latent: Vec<f32> = (0..6 * plane)
         .map(|i| (i / plane) as f32 / 10.0 + [-1.2, 0.1, 0.8][i % 3])
         .collect();
     let decoded = codec.decompress(&codec.compress(&latent).unwrap()).unwrap();
@@ -114,11 +124,20 @@ fn foreign_and_hostile_manifests_are_refused() {
     let err = Manifest::read(&dir).unwrap_err().to_string();
     assert!(err.contains("bundle format 2 is not supported"), "{err}");
 
-    let hostile = text.replace("latent_channels = 48", "latent_channels = 4000000000");
+    let hostile = text.replace("latent_channels = 6", "latent_channels = 4000000000");
     assert_ne!(hostile, text);
     std::fs::write(dir.join(MANIFEST), &hostile).unwrap();
     let err = Manifest::read(&dir).unwrap_err().to_string();
     assert!(err.contains("latent_channels"), "{err}");
+
+    // An architecture far larger than the weights is refused before anything of its size is built.
+    let larger = text
+        .replace("embed_dim = 8", "embed_dim = 512")
+        .replace("target_dim = 32", "target_dim = 2048");
+    assert_ne!(larger, text);
+    std::fs::write(dir.join(MANIFEST), &larger).unwrap();
+    let err = VerifiedBundle::open(&dir).unwrap_err().to_string();
+    assert!(err.contains("does not describe these weights"), "{err}");
 
     std::fs::write(dir.join(MANIFEST), " ".repeat(2 << 20)).unwrap();
     let err = Manifest::read(&dir).unwrap_err().to_string();
@@ -150,7 +169,7 @@ fn a_failed_weights_writer_leaves_the_old_bundle() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
     let before = write_test_bundle(&dir, false).unwrap();
-    let err = write(&dir, manifest(Architecture::default()), false, |_| Err("disk full")).unwrap_err();
+    let err = write(&dir, manifest(small()), false, |_| Err("disk full")).unwrap_err();
     assert!(err.to_string().contains("disk full"), "{err}");
     assert_eq!(VerifiedBundle::open(&dir).unwrap().fingerprint, before);
 }
