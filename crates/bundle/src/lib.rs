@@ -13,6 +13,8 @@
 
 pub mod config;
 mod error;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod tables;
 
 use std::path::{Path, PathBuf};
