@@ -1,10 +1,12 @@
 //! The bundle reader's fuzzing entry point, shared by the `cargo fuzz`
 //! target and the test that replays the committed corpus.
 
-use frankensplit_codec::{ModelFingerprint, PayloadCodec};
+use std::path::Path;
+
+use frankensplit_codec::ModelFingerprint;
 use safetensors::SafeTensors;
 
-use crate::{tables, Manifest};
+use crate::Manifest;
 
 /// Latents up to this many values are coded both ways; larger shapes
 /// (allowed by the bounds) would make each run slow, not reach new code.
@@ -27,20 +29,19 @@ pub fn open_untrusted(data: &[u8]) -> bool {
     let Ok(manifest) = Manifest::parse(&String::from_utf8_lossy(text), "fuzz") else {
         return false;
     };
-    let architecture = &manifest.architecture;
-    if (weights.len() as f64) < 4.0 * architecture.min_parameters(manifest.backbone_head) {
+    if manifest
+        .check_weights_size(weights.len() as u64, Path::new("fuzz"))
+        .is_err()
+    {
         return false;
     }
     let Ok(tensors) = SafeTensors::deserialize(weights) else {
         return false;
     };
-    let shape = architecture.latent_shape();
-    let Ok(coder) = tables::entropy_coder(&tensors, shape.channels as usize) else {
+    let Ok(codec) = manifest.payload_codec(&tensors, ModelFingerprint::of_parts([weights])) else {
         return false;
     };
-    let Ok(codec) = PayloadCodec::new(ModelFingerprint::of_parts([weights]), shape, coder) else {
-        return false;
-    };
+    let shape = codec.shape;
     if shape.len() > MAX_ROUND_TRIP {
         return false;
     }

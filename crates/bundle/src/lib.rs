@@ -128,6 +128,29 @@ impl Manifest {
         Self::parse(&text, &path.display().to_string())
     }
 
+    /// Refuses a weights file of `size` bytes at `path` that is too small to
+    /// hold the networks the architecture declares (see
+    /// [`Architecture::min_parameters`]), before anything of their size is read or built.
+    pub fn check_weights_size(&self, size: u64, path: &Path) -> Result<()> {
+        let needed = 4.0 * self.architecture.min_parameters(self.backbone_head);
+        if (size as f64) < needed {
+            return Err(Error::Invalid(format!(
+                "{} has {size} bytes, but the architecture in {MANIFEST} needs at least {needed:.0}: the manifest does not describe these weights",
+                path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The payload codec of the model whose weights are `tensors` and whose
+    /// identity is `fingerprint`: the latent shape, the entropy tables and
+    /// the medians.
+    pub fn payload_codec(&self, tensors: &SafeTensors<'_>, fingerprint: ModelFingerprint) -> Result<PayloadCodec> {
+        let shape = self.architecture.latent_shape();
+        let coder = tables::entropy_coder(tensors, shape.channels as usize)?;
+        Ok(PayloadCodec::new(fingerprint, shape, coder)?)
+    }
+
     /// The manifest as `model.toml` holds it.
     pub fn to_toml(&self) -> Result<String> {
         toml::to_string_pretty(self).map_err(|e| Error::Invalid(format!("cannot write the manifest: {e}")))
@@ -154,13 +177,7 @@ impl VerifiedBundle {
         let manifest = Manifest::read(dir)?;
         let path = dir.join(WEIGHTS);
         let size = std::fs::metadata(&path).map_err(|e| Error::read(&path, e))?.len();
-        let needed = 4.0 * manifest.architecture.min_parameters(manifest.backbone_head);
-        if (size as f64) < needed {
-            return Err(Error::Invalid(format!(
-                "{} has {size} bytes, but the architecture in {MANIFEST} needs at least {needed:.0}: the manifest does not describe these weights",
-                path.display()
-            )));
-        }
+        manifest.check_weights_size(size, &path)?;
         let weights = std::fs::read(&path).map_err(|e| Error::read(&path, e))?;
         let fingerprint = ModelFingerprint::of_parts([weights.as_slice()]);
         if fingerprint.to_string() != manifest.fingerprint {
@@ -187,9 +204,7 @@ impl VerifiedBundle {
     /// The bundle's payload codec: its fingerprint, its latent shape and its
     /// entropy coder.
     pub fn payload_codec(&self) -> Result<PayloadCodec> {
-        let shape = self.manifest.architecture.latent_shape();
-        let coder = tables::entropy_coder(&self.tensors()?, shape.channels as usize)?;
-        Ok(PayloadCodec::new(self.fingerprint, shape, coder)?)
+        self.manifest.payload_codec(&self.tensors()?, self.fingerprint)
     }
 }
 

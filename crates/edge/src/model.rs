@@ -42,8 +42,8 @@ impl EdgeModel {
     /// fingerprint and the encoder's shapes against the architecture.
     pub fn open(dir: &Path) -> Result<Self> {
         let verified = VerifiedBundle::open(dir)?;
-        let payload = verified.payload_codec()?;
         let tensors = verified.tensors()?;
+        let payload = verified.manifest.payload_codec(&tensors, verified.fingerprint)?;
         let config = verified.manifest.architecture.compressor.clone();
         let input_size = config.input_size as usize;
         let mut encoder = Encoder::from_torch(&config, |name| {

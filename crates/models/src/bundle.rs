@@ -114,9 +114,10 @@ impl Bundle {
     /// that every weight fits the declared architecture.
     pub fn open(dir: &Path, device: Device) -> Result<Self> {
         let verified = VerifiedBundle::open(dir)?;
-        let payload = verified.payload_codec()?;
+        let views = verified.tensors()?;
+        let payload = verified.manifest.payload_codec(&views, verified.fingerprint)?;
         let mut tensors = BTreeMap::new();
-        for (name, view) in verified.tensors()?.tensors() {
+        for (name, view) in views.tensors() {
             tensors.insert(name, Tensor::try_from(view)?);
         }
         let take_prefix = |tensors: &mut BTreeMap<String, Tensor>, prefix: &str| -> BTreeMap<String, Tensor> {
