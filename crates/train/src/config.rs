@@ -126,6 +126,11 @@ pub struct StageConfig {
     /// Label smoothing of a `teacher` stage's cross-entropy.
     #[serde(default)]
     pub label_smoothing: f64,
+    /// A `teacher` stage trains only the tail (stages from `split_stage` on
+    /// and the classifier): the head's features, which compressors learn to
+    /// restore, stay as they were, so compressors distilled from it stay valid.
+    #[serde(default)]
+    pub freeze_head: bool,
 }
 
 /// The learning-rate schedule of a stage.
@@ -266,6 +271,16 @@ impl RunConfig {
             if !(0.0..1.0).contains(&stage.label_smoothing) || !(0.0..1.0).contains(&stage.weight_decay) {
                 return Err(Error::Config(format!(
                     "stage {i}: label_smoothing and weight_decay must lie in [0, 1)"
+                )));
+            }
+            if stage.freeze_head && stage.kind != StageKind::Teacher {
+                return Err(Error::Config(format!(
+                    "stage {i}: freeze_head applies to a `teacher` stage (compressor stages never train the backbone)"
+                )));
+            }
+            if stage.freeze_head && self.teacher.weights.is_none() && i == 0 {
+                return Err(Error::Config(format!(
+                    "stage {i}: freeze_head keeps the head as it is, so the head needs trained weights: set [teacher] weights"
                 )));
             }
         }

@@ -89,9 +89,24 @@ pub fn compressor_loss(
 }
 
 /// A teacher step's loss: the cross-entropy of the whole backbone's logits
-/// (computed under autocast when `amp`, the loss itself in `f32`).
-pub(crate) fn teacher_step(models: &Models, x: &Tensor, labels: &Tensor, label_smoothing: f64, amp: bool) -> Tensor {
-    let logits = autocast(amp, || models.logits(x, true));
+/// (computed under autocast when `amp`, the loss itself in `f32`). A frozen
+/// head runs in evaluation mode and without a graph.
+pub(crate) fn teacher_step(
+    models: &Models,
+    x: &Tensor,
+    labels: &Tensor,
+    label_smoothing: f64,
+    freeze_head: bool,
+    amp: bool,
+) -> Tensor {
+    let logits = autocast(amp, || {
+        let features = if freeze_head {
+            tch::no_grad(|| models.head.forward_t(x, false))
+        } else {
+            models.head.forward_t(x, true)
+        };
+        models.tail.forward_t(&features, true)
+    });
     logits
         .to_kind(Kind::Float)
         .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, label_smoothing)

@@ -319,7 +319,7 @@ impl<'a> Run<'a> {
         let terms = match stage.kind {
             StageKind::Teacher => {
                 let labels = Tensor::from_slice(&batch.labels).to_device(device);
-                let loss = teacher_step(&self.models, &x, &labels, stage.label_smoothing, amp);
+                let loss = teacher_step(&self.models, &x, &labels, stage.label_smoothing, stage.freeze_head, amp);
                 optimizer.zero_grad();
                 loss.backward();
                 StepTerms {
@@ -559,7 +559,15 @@ fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
         StageKind::Teacher => {
             models.set_backbone_trainable(true);
             models.compressor_vars.freeze();
-            Adam::new(Models::named(&models.backbone_vars), stage.lr)
+            let mut trained = Models::named(&models.backbone_vars);
+            if stage.freeze_head {
+                let head = models.head_variables();
+                for (name, tensor) in &head {
+                    trained.remove(name);
+                    let _ = tensor.set_requires_grad(false);
+                }
+            }
+            Adam::new(trained, stage.lr)
         }
         _ => {
             models.set_backbone_trainable(false);

@@ -90,6 +90,16 @@ impl Models {
         }
     }
 
+    /// The backbone's variables that belong to the head: the patch embedding
+    /// and the stages before the split.
+    pub(crate) fn head_variables(&self) -> BTreeMap<String, Tensor> {
+        let stages: Vec<String> = (0..self.arch.split_stage).map(|i| format!("layers.{i}.")).collect();
+        Self::named(&self.backbone_vars)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with("patch_embed.") || stages.iter().any(|s| name.starts_with(s)))
+            .collect()
+    }
+
     pub(crate) fn logits(&self, x: &Tensor, train: bool) -> Tensor {
         self.tail.forward_t(&self.head.forward_t(x, train), train)
     }

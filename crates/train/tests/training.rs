@@ -260,3 +260,77 @@ fn a_streamed_run_with_maps_per_batch_resumes_exactly() {
     check_resume(&whole, &split, 5, &summary.progress);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A teacher stage on the generator's stream, from `weights` when given.
+fn teacher_run_file(dir: &Path, output: &str, weights: Option<&str>, freeze_head: bool) -> PathBuf {
+    let weights = weights.map(|w| format!("weights = \"{w}\"")).unwrap_or_default();
+    let text = format!(
+        r#"
+output = "{output}"
+seed = 3
+workers = 1
+keep = "last"
+
+[data]
+val = "data/val"
+
+[data.generate]
+seed = 4
+size = 72
+per_epoch = 8
+classes = 3
+
+[teacher]
+split_stage = 2
+{weights}
+
+[[stages]]
+kind = "teacher"
+freeze_head = {freeze_head}
+epochs = 1
+batch_size = 4
+lr = 2e-3
+"#
+    );
+    write_run_file(dir, output, &text)
+}
+
+#[test]
+fn a_teacher_stage_with_a_frozen_head_trains_only_the_tail() {
+    let _turn = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("frankensplit-freeze-{}", std::process::id()));
+    small_data(&dir, 0);
+    let first = RunConfig::from_file(&teacher_run_file(&dir, "first", None, false)).unwrap();
+    train(&first, &options(None, false)).unwrap();
+    let before = Tensor::read_safetensors(first.output.join("teacher.safetensors")).unwrap();
+
+    // Without trained weights a frozen head would be a random one.
+    let unweighted = RunConfig::from_file(&teacher_run_file(&dir, "unweighted", None, true));
+    assert!(unweighted.unwrap_err().to_string().contains("freeze_head"));
+
+    let weights = first.output.join("teacher.safetensors");
+    let tail = RunConfig::from_file(&teacher_run_file(&dir, "tail", Some(weights.to_str().unwrap()), true)).unwrap();
+    train(&tail, &options(None, false)).unwrap();
+    let after: BTreeMap<String, Tensor> = Tensor::read_safetensors(tail.output.join("teacher.safetensors"))
+        .unwrap()
+        .into_iter()
+        .collect();
+    let is_head =
+        |name: &str| name.starts_with("patch_embed.") || name.starts_with("layers.0.") || name.starts_with("layers.1.");
+    let (mut head, mut tail_changed) = (0, 0);
+    for (name, was) in &before {
+        let now = &after[name];
+        let same = was.equal(now);
+        if is_head(name) {
+            head += 1;
+            assert!(same, "{name} is in the frozen head but changed");
+        } else if !same {
+            tail_changed += 1;
+        }
+    }
+    assert!(
+        head > 0 && tail_changed > 0,
+        "head tensors {head}, tail tensors changed {tail_changed}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
