@@ -26,6 +26,63 @@ pub const PAYLOAD: &str = "application/octet-stream";
 /// Content type of a body holding several payloads, each preceded by its
 /// length as a little-endian `u32`.
 pub const FRAMED_PAYLOADS: &str = "application/vnd.frankensplit.payloads";
+/// Content type of one raw CompressAI string (the bytes
+/// `EntropyBottleneck.compress` returns, without our container), for
+/// PyTorch edges: the server's bundle implies the latent shape and cannot
+/// check which model made the string.
+pub const RAW_STRING: &str = "application/x-compressai-string";
+/// Content type of a body holding several raw CompressAI strings, framed as
+/// [`FRAMED_PAYLOADS`] are.
+pub const FRAMED_RAW_STRINGS: &str = "application/x-compressai-strings";
+
+/// What a [`CLASSIFY`] body holds, by its content type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifyBody {
+    /// One payload ([`PAYLOAD`], and any type not named below).
+    Payload,
+    /// Framed payloads ([`FRAMED_PAYLOADS`]).
+    FramedPayloads,
+    /// One raw CompressAI string ([`RAW_STRING`]).
+    RawString,
+    /// Framed raw CompressAI strings ([`FRAMED_RAW_STRINGS`]).
+    FramedRawStrings,
+}
+
+impl ClassifyBody {
+    /// The body kind of a `Content-Type` value (its parameters ignored).
+    pub fn from_content_type(value: Option<&[u8]>) -> Self {
+        let essence = value
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        match essence.as_deref() {
+            Some(FRAMED_PAYLOADS) => Self::FramedPayloads,
+            Some(RAW_STRING) => Self::RawString,
+            Some(FRAMED_RAW_STRINGS) => Self::FramedRawStrings,
+            _ => Self::Payload,
+        }
+    }
+
+    /// The body holds length-prefixed frames.
+    pub fn framed(self) -> bool {
+        matches!(self, Self::FramedPayloads | Self::FramedRawStrings)
+    }
+
+    /// The body holds raw CompressAI strings rather than payloads.
+    pub fn raw(self) -> bool {
+        matches!(self, Self::RawString | Self::FramedRawStrings)
+    }
+
+    /// The content type that announces this kind of body.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Self::Payload => PAYLOAD,
+            Self::FramedPayloads => FRAMED_PAYLOADS,
+            Self::RawString => RAW_STRING,
+            Self::FramedRawStrings => FRAMED_RAW_STRINGS,
+        }
+    }
+}
+
 /// Most payloads one framed request may carry.
 pub const MAX_FRAMES: usize = 256;
 
@@ -153,6 +210,37 @@ mod tests {
         assert_eq!(body.len(), 12 + 5 + 13);
         assert_eq!(&body[..4], &5u32.to_le_bytes());
         assert_eq!(frames(&body).unwrap(), payloads.to_vec());
+    }
+
+    #[test]
+    fn a_body_kind_is_read_from_the_content_type_essence() {
+        let kind = |v: &str| ClassifyBody::from_content_type(Some(v.as_bytes()));
+        assert_eq!(kind("application/x-compressai-string"), ClassifyBody::RawString);
+        assert_eq!(
+            kind("Application/X-CompressAI-Strings; charset=binary"),
+            ClassifyBody::FramedRawStrings
+        );
+        assert_eq!(
+            kind("application/vnd.frankensplit.payloads"),
+            ClassifyBody::FramedPayloads
+        );
+        assert_eq!(kind("application/vnd.frankensplit.payloadsX"), ClassifyBody::Payload);
+        assert_eq!(kind("application/octet-stream"), ClassifyBody::Payload);
+        assert_eq!(ClassifyBody::from_content_type(None), ClassifyBody::Payload);
+        assert_eq!(
+            ClassifyBody::from_content_type(Some(&[0xff, 0xfe])),
+            ClassifyBody::Payload
+        );
+        for body in [
+            ClassifyBody::Payload,
+            ClassifyBody::FramedPayloads,
+            ClassifyBody::RawString,
+            ClassifyBody::FramedRawStrings,
+        ] {
+            assert_eq!(kind(body.content_type()), body);
+        }
+        assert!(ClassifyBody::FramedRawStrings.raw() && ClassifyBody::FramedRawStrings.framed());
+        assert!(!ClassifyBody::RawString.framed() && !ClassifyBody::FramedPayloads.raw());
     }
 
     #[test]

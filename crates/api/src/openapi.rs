@@ -8,8 +8,8 @@ use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
 
 use crate::{
-    ClassifyResponse, ErrorBody, FramedResponse, CLASSIFY, CLASSIFY_IMAGE, FRAMED_PAYLOADS, HEALTH, MAX_FRAMES,
-    METRICS, OPENAPI, PAYLOAD,
+    ClassifyResponse, ErrorBody, FramedResponse, CLASSIFY, CLASSIFY_IMAGE, FRAMED_PAYLOADS, FRAMED_RAW_STRINGS, HEALTH,
+    MAX_FRAMES, METRICS, OPENAPI, PAYLOAD, RAW_STRING,
 };
 
 /// Schemas of the contract's types, keyed by name, with references between
@@ -59,14 +59,18 @@ pub fn document() -> Value {
     let mut paths = Map::new();
     paths.insert(CLASSIFY.into(), json!({
         "post": {
-            "summary": "Classify one payload, or several framed in one body",
+            "summary": "Classify one payload or raw CompressAI string, or several framed in one body",
             "requestBody": {
                 "required": true,
                 "content": {
                     PAYLOAD: {"schema": {"type": "string", "format": "binary"},
                         "description": "A FrankenSplit payload: 1 byte magic/version, 4-byte model fingerprint, LEB128 latent shape, CompressAI rANS string."},
                     FRAMED_PAYLOADS: {"schema": {"type": "string", "format": "binary"},
-                        "description": format!("Up to {MAX_FRAMES} payloads, each preceded by its length as a little-endian u32; the answer is a FramedResponse, in the same order.")}
+                        "description": format!("Up to {MAX_FRAMES} payloads, each preceded by its length as a little-endian u32; the answer is a FramedResponse, in the same order.")},
+                    RAW_STRING: {"schema": {"type": "string", "format": "binary"},
+                        "description": "One raw CompressAI string, the bytes EntropyBottleneck.compress returns for one image (a PyTorch edge's), without our container: the served bundle's latent shape is implied, and since a raw string names no model, a string of another model is not refused with 409 but decodes to other features or fails with 400."},
+                    FRAMED_RAW_STRINGS: {"schema": {"type": "string", "format": "binary"},
+                        "description": format!("Up to {MAX_FRAMES} raw CompressAI strings, framed as payloads are; the answer is a FramedResponse, in the same order.")}
                 }
             },
             "responses": {

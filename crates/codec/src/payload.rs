@@ -64,6 +64,14 @@ impl PayloadCodec {
         self.coder.decompress(parsed.string, self.shape, self.limits)
     }
 
+    /// A raw CompressAI string (what `EntropyBottleneck.compress` returns,
+    /// without our container) → the dequantised latent, at this model's
+    /// latent shape. Nothing in a raw string says which model made it: a
+    /// string of another model decodes to nonsense or fails as malformed.
+    pub fn decompress_raw(&self, string: &[u8]) -> Result<Vec<f32>> {
+        self.coder.decompress(string, self.shape, self.limits)
+    }
+
     /// Payload → the latent's integer symbols (CHW, before the medians are
     /// added back), as CompressAI's `quantize(..., "symbols")` gives them.
     pub fn decompress_symbols(&self, payload: &[u8]) -> Result<Vec<i32>> {
@@ -96,6 +104,19 @@ mod tests {
         let tables = CdfTables::from_compressai(&cdf, row.len(), &[5, 5], &[-2, -2]).unwrap();
         let coder = EntropyBottleneck::from_tables(tables, vec![0.25, -0.5]).unwrap();
         PayloadCodec::new(ModelFingerprint(fingerprint), LatentShape::new(2, 2, 3), coder).unwrap()
+    }
+
+    #[test]
+    fn a_raw_string_decompresses_as_the_payload_that_frames_it() {
+        let codec = codec(7);
+        let latent = [0.3, 1.2, -0.9, 0.25, 5.0, -1.6, -0.5, 0.6, -2.4, 1.4, -0.4, 9.0];
+        let payload = codec.compress(&latent).unwrap();
+        let string = codec.parse(&payload).unwrap().string.to_vec();
+        assert_eq!(
+            codec.decompress_raw(&string).unwrap(),
+            codec.decompress(&payload).unwrap()
+        );
+        assert!(codec.decompress_raw(&string[..string.len() / 2]).is_err());
     }
 
     #[test]

@@ -32,7 +32,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use frankensplit_api::{ClassifyResponse, ErrorBody, FramedResponse, ImageOptions, Timings};
+use frankensplit_api::{ClassifyBody, ClassifyResponse, ErrorBody, FramedResponse, ImageOptions, Timings};
 use frankensplit_codec::{CodecError, PayloadCodec};
 use frankensplit_models::Bundle;
 use frankensplit_preprocess::{Preprocess, RgbImage};
@@ -42,7 +42,7 @@ use admission::{Admission, Refusal, Ticket};
 pub use metrics::Metrics;
 use worker::{Input, Job};
 
-pub use frankensplit_api::FRAMED_PAYLOADS;
+pub use frankensplit_api::{FRAMED_PAYLOADS, FRAMED_RAW_STRINGS, RAW_STRING};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -231,10 +231,8 @@ async fn blocking<T: Send + 'static>(
 
 async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let framed = headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(FRAMED_PAYLOADS.as_bytes()));
-    let response = classify_inner(&state, body, framed, started).await;
+    let kind = ClassifyBody::from_content_type(headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()));
+    let response = classify_inner(&state, body, kind, started).await;
     state
         .metrics
         .observe_request("classify", response.status().as_u16(), started.elapsed());
@@ -243,7 +241,12 @@ async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes
 
 /// Entropy-decodes the body's payloads (each with its size), or the status
 /// and message to answer with.
-fn decode_body(decoder: &PayloadCodec, body: &[u8], framed: bool) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
+fn decode_body(
+    decoder: &PayloadCodec,
+    body: &[u8],
+    kind: ClassifyBody,
+) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
+    let framed = kind.framed();
     let payloads = if framed {
         frankensplit_api::frames(body).map_err(|e| (StatusCode::BAD_REQUEST, e))?
     } else {
@@ -258,16 +261,27 @@ fn decode_body(decoder: &PayloadCodec, body: &[u8], framed: bool) -> Result<Vec<
             } else {
                 String::new()
             };
-            let latent = decoder.decompress(payload).map_err(|e| match e {
-                e @ CodecError::FingerprintMismatch { .. } => (StatusCode::CONFLICT, format!("{which}{e}")),
-                e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
-            })?;
+            let latent = if kind.raw() {
+                decoder.decompress_raw(payload).map_err(|e| {
+                    let expected = decoder.shape;
+                    (
+                        StatusCode::BAD_REQUEST,
+                        format!("{which}malformed CompressAI string for a {expected} latent: {e}"),
+                    )
+                })?
+            } else {
+                decoder.decompress(payload).map_err(|e| match e {
+                    e @ CodecError::FingerprintMismatch { .. } => (StatusCode::CONFLICT, format!("{which}{e}")),
+                    e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
+                })?
+            };
             Ok((Input::Latent(latent), payload.len()))
         })
         .collect()
 }
 
-async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: Instant) -> Response {
+async fn classify_inner(state: &AppState, body: Bytes, kind: ClassifyBody, started: Instant) -> Response {
+    let framed = kind.framed();
     // Admission before any decoding: the frame count is read from the
     // length prefixes alone, each payload becomes one f32 latent.
     let count = if framed {
@@ -288,7 +302,7 @@ async fn classify_inner(state: &AppState, body: Bytes, framed: bool, started: In
         Err(refusal) => return refused(refusal),
     };
     let decoder = state.decoder.clone();
-    let inputs = match blocking(state, started, move || decode_body(&decoder, &body, framed)).await {
+    let inputs = match blocking(state, started, move || decode_body(&decoder, &body, kind)).await {
         Ok(Ok(inputs)) => inputs,
         Ok(Err((status, message))) => return error(status, message),
         Err(response) => return response,

@@ -191,6 +191,82 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
     finish(server, &dir).await;
 }
 
+/// The same classes in the same order, with logits equal up to libtorch's
+/// run-to-run rounding.
+fn assert_same_top_k(a: &Value, b: &Value) {
+    let (a, b) = (a["top_k"].as_array().unwrap(), b["top_k"].as_array().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x["class"], y["class"], "{a:?} vs {b:?}");
+        let (lx, ly) = (x["logit"].as_f64().unwrap(), y["logit"].as_f64().unwrap());
+        assert!((lx - ly).abs() < 1e-4, "{a:?} vs {b:?}");
+    }
+}
+
+/// Posts `body` to /v1/classify with `content_type`.
+async fn post_as(client: &reqwest::Client, addr: SocketAddr, content_type: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = client
+        .post(format!("http://{addr}/v1/classify"))
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_compressai_string_answers_as_its_payload_does() {
+    let dir = small_bundle("raw", false);
+    let local = Bundle::open(&dir, Device::Cpu).unwrap();
+    let payloads: Vec<Vec<u8>> = (0..3).map(|s| local.compress(&input(20 + s, 64)).unwrap()).collect();
+    // What a PyTorch edge sends: the CompressAI string alone, no container.
+    let strings: Vec<Vec<u8>> = payloads
+        .iter()
+        .map(|p| frankensplit_codec::Payload::parse(p).unwrap().string.to_vec())
+        .collect();
+    let (server, stop) = launch(Bundle::open(&dir, Device::Cpu).unwrap(), ServeConfig::default()).await;
+    let addr = server.addr;
+    let client = reqwest::Client::new();
+
+    for (payload, string) in payloads.iter().zip(&strings) {
+        let (status, _, container) = post(&client, addr, payload.clone()).await;
+        assert_eq!(status, 200, "{container}");
+        let (status, raw) = post_as(&client, addr, frankensplit_serve::RAW_STRING, string.clone()).await;
+        assert_eq!(status, 200, "{raw}");
+        assert_same_top_k(&raw, &container);
+        assert_eq!(raw["model"], container["model"]);
+        assert_eq!(raw["input_bytes"].as_u64().unwrap() as usize, string.len());
+    }
+
+    let framed = frankensplit_api::frame(&strings).unwrap();
+    let (status, json) = post_as(&client, addr, frankensplit_serve::FRAMED_RAW_STRINGS, framed).await;
+    assert_eq!(status, 200, "{json}");
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), strings.len());
+    for (result, payload) in results.iter().zip(&payloads) {
+        let (_, _, container) = post(&client, addr, payload.clone()).await;
+        assert_same_top_k(result, &container);
+    }
+
+    // A truncated string, or a whole container sent as a raw string, is malformed for this shape.
+    let truncated = strings[0][..strings[0].len() / 2].to_vec();
+    let (status, json) = post_as(&client, addr, frankensplit_serve::RAW_STRING, truncated).await;
+    assert_eq!(status, 400, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("CompressAI string"), "{json}");
+    let mut bad_frame = frankensplit_api::frame(&strings[..2]).unwrap();
+    bad_frame.truncate(bad_frame.len() - 1);
+    assert_eq!(
+        post_as(&client, addr, frankensplit_serve::FRAMED_RAW_STRINGS, bad_frame)
+            .await
+            .0,
+        400
+    );
+
+    stop.send(()).unwrap();
+    finish(server, &dir).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_queue_gets_503_and_the_server_recovers() {
     let dir = small_bundle("flood", false);
