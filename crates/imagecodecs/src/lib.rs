@@ -3,8 +3,10 @@
 //! defaults, driven as Pillow's `save(…, "JPEG", quality=q)` drives it
 //! (baseline, Huffman tables from the standard, 4:2:0 chroma; the bytes
 //! equal Pillow's, `tests/pillow_jpeg.rs`),
-//! WebP is libwebp's lossy encoder with its default configuration at the
-//! given quality (method 4, as Pillow's default), PNG is lossless.
+//! WebP is libwebp 1.6's lossy encoder driven as Pillow's
+//! `save(…, "WEBP", quality=q)` drives it (default configuration, method 4,
+//! the pixels imported as ARGB; the bytes equal Pillow 12's,
+//! `tests/pillow_webp.rs`), PNG is lossless.
 //!
 //! Decoding goes through [`RgbImage::decode`], as the server does.
 
@@ -246,11 +248,95 @@ fn encode_webp(image: &RgbImage, quality: f32) -> Result<Vec<u8>> {
     if image.width > 16_383 || image.height > 16_383 {
         return Err(fail("WebP images are at most 16,383 pixels on a side".into()));
     }
-    let encoder = webp::Encoder::from_rgb(&image.pixels, image.width, image.height);
-    encoder
-        .encode_simple(false, quality)
-        .map(|memory| memory.to_vec())
-        .map_err(|e| fail(format!("{e:?}")))
+    libwebp::encode(image, quality).map_err(fail)
+}
+
+/// libwebp's lossy encoder driven as Pillow 12's `WebPEncode` drives it for
+/// `save(format="WEBP", quality=q)`: `WebPConfigInit` (the default preset),
+/// then quality `q`, alpha quality 100, method 4, not exact; the pixels
+/// imported as opaque ARGB (`use_argb`), which libwebp converts to YUV 4:2:0
+/// inside `WebPEncode`. Pillow then passes the bitstream through WebPMux,
+/// which for an opaque image without metadata writes the same RIFF file
+/// back, so that step is left out (`tests/pillow_webp.rs` holds the bytes
+/// equal).
+mod libwebp {
+    use std::os::raw::c_int;
+
+    use frankensplit_preprocess::RgbImage;
+    use libwebp_sys as ffi;
+
+    /// Frees the picture and the output buffer however encoding ends.
+    struct Session {
+        picture: ffi::WebPPicture,
+        writer: ffi::WebPMemoryWriter,
+    }
+
+    impl Drop for Session {
+        fn drop(&mut self) {
+            // SAFETY: both were initialised by libwebp (WebPPictureInit,
+            // WebPMemoryWriterInit) and free only what libwebp allocated.
+            unsafe {
+                ffi::WebPPictureFree(&mut self.picture);
+                ffi::WebPMemoryWriterClear(&mut self.writer);
+            }
+        }
+    }
+
+    pub fn encode(image: &RgbImage, quality: f32) -> Result<Vec<u8>, String> {
+        // SAFETY: the config and picture are initialised by libwebp before
+        // use; the ARGB buffer libwebp allocates holds `argb_stride × height`
+        // words, of which each row's first `width` are written; the writer's
+        // pointer stays valid because the session is boxed and outlives
+        // WebPEncode.
+        unsafe {
+            let mut config: ffi::WebPConfig = std::mem::zeroed();
+            if ffi::WebPConfigInitInternal(
+                &mut config,
+                ffi::WebPPreset::WEBP_PRESET_DEFAULT,
+                75.0,
+                ffi::WEBP_ENCODER_ABI_VERSION as c_int,
+            ) == 0
+            {
+                return Err("libwebp's version does not match its headers".into());
+            }
+            config.lossless = 0;
+            config.quality = quality;
+            config.alpha_quality = 100;
+            config.method = 4;
+            config.exact = 0;
+            if ffi::WebPValidateConfig(&config) == 0 {
+                return Err(format!("invalid configuration (quality {quality})"));
+            }
+            let mut session = Box::new(Session {
+                picture: std::mem::zeroed(),
+                writer: std::mem::zeroed(),
+            });
+            if ffi::WebPPictureInitInternal(&mut session.picture, ffi::WEBP_ENCODER_ABI_VERSION as c_int) == 0 {
+                return Err("libwebp's version does not match its headers".into());
+            }
+            ffi::WebPMemoryWriterInit(&mut session.writer);
+            let picture = &mut session.picture;
+            picture.width = image.width as c_int;
+            picture.height = image.height as c_int;
+            picture.use_argb = 1;
+            if ffi::WebPPictureAlloc(picture) == 0 {
+                return Err("could not allocate the picture".into());
+            }
+            let (width, stride) = (image.width as usize, picture.argb_stride as usize);
+            for (y, row) in image.pixels.chunks_exact(width * 3).enumerate() {
+                let out = std::slice::from_raw_parts_mut(picture.argb.add(y * stride), width);
+                for (dst, rgb) in out.iter_mut().zip(row.chunks_exact(3)) {
+                    *dst = 0xff00_0000 | u32::from(rgb[0]) << 16 | u32::from(rgb[1]) << 8 | u32::from(rgb[2]);
+                }
+            }
+            picture.writer = Some(ffi::WebPMemoryWrite);
+            picture.custom_ptr = std::ptr::addr_of_mut!(session.writer).cast();
+            if ffi::WebPEncode(&config, &mut session.picture) == 0 {
+                return Err(format!("libwebp error {:?}", session.picture.error_code));
+            }
+            Ok(std::slice::from_raw_parts(session.writer.mem, session.writer.size).to_vec())
+        }
+    }
 }
 
 fn encode_png(image: &RgbImage) -> Result<Vec<u8>> {
