@@ -21,28 +21,77 @@ const MAX_BYPASS: u32 = (1 << BYPASS_BITS) - 1;
 /// Chunks needed for the largest `raw` an `i32` symbol can produce (< 2^34).
 const MAX_BYPASS_CHUNKS: u32 = 9;
 
+/// What coding one symbol with a row costs: the frequency (out of 2^16) of
+/// the CDF entry it is coded as (the escape's, for a value outside the
+/// row), and the bypass bits that follow an escape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SymbolCost {
+    /// Width of the coded entry's interval in the 16-bit CDF.
+    pub frequency: u32,
+    /// Whether the symbol lies outside the row and is sent as the escape.
+    pub escaped: bool,
+    /// Bits of the escape's 4-bit bypass chunks (the chunk count and the
+    /// value's chunks); 0 without an escape.
+    pub bypass_bits: u32,
+}
+
+impl SymbolCost {
+    /// The symbol's ideal code length: `-log2(frequency / 2^16)` plus the bypass bits.
+    pub fn bits(&self) -> f64 {
+        f64::from(crate::rans::PRECISION) - f64::from(self.frequency).log2() + f64::from(self.bypass_bits)
+    }
+}
+
+/// What `symbol` costs when coded with `row` (see [`SymbolCost`]): the
+/// quantities the coder writes, without coding anything.
+pub fn symbol_cost(row: CdfRow<'_>, symbol: i32) -> SymbolCost {
+    let (coded, raw) = coded_entry(row, symbol);
+    SymbolCost {
+        frequency: row.cdf[coded + 1] - row.cdf[coded],
+        escaped: raw.is_some(),
+        bypass_bits: raw.map_or(0, |raw| {
+            let chunks = bypass_chunks(raw);
+            BYPASS_BITS * (chunks + 1 + chunks / MAX_BYPASS)
+        }),
+    }
+}
+
+/// The CDF entry `symbol` is coded as, and for a value outside the row the
+/// `raw` value its escape carries.
+#[inline]
+fn coded_entry(row: CdfRow<'_>, symbol: i32) -> (usize, Option<u64>) {
+    let max_value = row.escape_symbol() as i64;
+    let value = i64::from(symbol) - i64::from(row.offset);
+    if value < 0 {
+        (max_value as usize, Some((-2 * value - 1) as u64))
+    } else if value >= max_value {
+        (max_value as usize, Some((2 * (value - max_value)) as u64))
+    } else {
+        (value as usize, None)
+    }
+}
+
+/// Number of 4-bit chunks an escape's `raw` value takes.
+#[inline]
+fn bypass_chunks(raw: u64) -> u32 {
+    (64 - raw.leading_zeros()).div_ceil(BYPASS_BITS)
+}
+
 /// Pushes `symbol`, coded with `row`, onto `enc`. Callers visit symbols in
 /// reverse decoding order; the escape chunks are pushed in reverse here.
 #[inline]
 pub(crate) fn encode_symbol(enc: &mut RansEncoder, row: CdfRow<'_>, symbol: i32) {
-    let max_value = row.escape_symbol() as i64;
-    let value = i64::from(symbol) - i64::from(row.offset);
-    let coded = if value < 0 {
-        push_escape(enc, (-2 * value - 1) as u64);
-        max_value
-    } else if value >= max_value {
-        push_escape(enc, (2 * (value - max_value)) as u64);
-        max_value
-    } else {
-        value
-    } as usize;
+    let (coded, raw) = coded_entry(row, symbol);
+    if let Some(raw) = raw {
+        push_escape(enc, raw);
+    }
     let start = row.cdf[coded];
     enc.put(start, row.cdf[coded + 1] - start);
 }
 
 #[inline(never)]
 fn push_escape(enc: &mut RansEncoder, raw: u64) {
-    let chunks = (64 - raw.leading_zeros()).div_ceil(BYPASS_BITS);
+    let chunks = bypass_chunks(raw);
     for j in (0..chunks).rev() {
         enc.put_bits(((raw >> (j * BYPASS_BITS)) & u64::from(MAX_BYPASS)) as u32, BYPASS_BITS);
     }
@@ -199,6 +248,47 @@ mod tests {
         let indexes = vec![0; symbols.len()];
         let bytes = encode_with_indexes(&symbols, &indexes, &tables).unwrap();
         assert_eq!(decode_with_indexes(&bytes, &indexes, &tables).unwrap(), symbols);
+    }
+
+    #[test]
+    fn symbol_costs_count_the_coded_entry_and_the_bypass_chunks() {
+        let tables = tables();
+        let narrow = tables.row(0); // offset -1, values -1..=1, escape entry 3
+        let cdf = narrow.cdf;
+        let inside = symbol_cost(narrow, 0);
+        assert_eq!(
+            (inside.frequency, inside.escaped, inside.bypass_bits),
+            (cdf[2] - cdf[1], false, 0)
+        );
+        assert!((inside.bits() - (16.0 - f64::from(cdf[2] - cdf[1]).log2())).abs() < 1e-12);
+        let escape = cdf[4] - cdf[3];
+        // -2 is one below the row: raw 1, one chunk, plus the count chunk.
+        assert_eq!(
+            symbol_cost(narrow, -2),
+            SymbolCost {
+                frequency: escape,
+                escaped: true,
+                bypass_bits: 8
+            }
+        );
+        // 2 is the first value above: raw 0, no chunk, only the count.
+        assert_eq!(symbol_cost(narrow, 2).bypass_bits, 4);
+        // 2 + 8 = 10: raw 16, two chunks.
+        assert_eq!(symbol_cost(narrow, 10).bypass_bits, 12);
+        // i32::MIN: raw 2^32 - 3, eight chunks.
+        assert_eq!(symbol_cost(narrow, i32::MIN).bypass_bits, 36);
+        // The costs are what the encoder writes: 100 copies of a symbol make
+        // the string longer than 100 copies of another by 100 times the
+        // difference of their costs, within the coder's flush.
+        let string_bits = |symbol: i32| {
+            let symbols = vec![symbol; 100];
+            8.0 * encode_with_indexes(&symbols, &vec![0; 100], &tables).unwrap().len() as f64
+        };
+        for symbol in [-2, 1, 2, 10, 1 << 20, -(1 << 27), i32::MAX] {
+            let extra = string_bits(symbol) - string_bits(-1);
+            let expected = 100.0 * (symbol_cost(narrow, symbol).bits() - symbol_cost(narrow, -1).bits());
+            assert!((extra - expected).abs() <= 64.0, "{symbol}: {extra} vs {expected}");
+        }
     }
 
     #[test]

@@ -35,7 +35,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 pub use cdf::{pmf_to_quantized_cdf, CdfTables};
-pub use coder::{decode_with_indexes, encode_with_indexes};
+pub use coder::{decode_with_indexes, encode_with_indexes, symbol_cost, SymbolCost};
 pub use container::{ModelFingerprint, Payload};
 pub use error::{CodecError, Result};
 pub use factorized::{EntropyBottleneck, FactorizedDensity, LikelihoodFormula, ParamTensor};

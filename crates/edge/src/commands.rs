@@ -1,12 +1,11 @@
 //! The `frankensplit-edge` subcommands' arguments and runs: `encode`
-//! (payload files), `calibrate` (int8 ranges) and `inspect` (payload
-//! headers). `frankensplit` reuses them for its `encode` and `inspect`.
+//! (payload files) and `calibrate` (int8 ranges); `inspect` lives in
+//! [`crate::inspect`]. `frankensplit` reuses them for its `encode` and `inspect`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use frankensplit_codec::Payload;
 use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
 
@@ -133,52 +132,6 @@ pub fn run_calibrate(args: CalibrateArgs) -> Result<()> {
                 block.input.max,
                 block.middle.min,
                 block.middle.max
-            );
-        }
-    }
-    Ok(())
-}
-
-#[derive(Args)]
-pub struct InspectArgs {
-    /// Payload files written by the edge encoder.
-    #[arg(required = true)]
-    payloads: Vec<PathBuf>,
-    /// Print one JSON object per payload instead of text.
-    #[arg(long)]
-    json: bool,
-}
-
-/// `inspect`: payload headers.
-pub fn run_inspect(args: InspectArgs) -> Result<()> {
-    for path in args.payloads {
-        let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let payload = Payload::parse(&bytes).with_context(|| format!("{} is not a valid payload", path.display()))?;
-        let header = bytes.len() - payload.string.len();
-        // g_a downsamples by 8: the input the latent came from.
-        let (input_height, input_width) = (8 * u64::from(payload.shape.height), 8 * u64::from(payload.shape.width));
-        let bpp = bytes.len() as f64 * 8.0 / (input_height * input_width).max(1) as f64;
-        if args.json {
-            let line = serde_json::json!({
-                "path": path,
-                "fingerprint": payload.fingerprint.to_string(),
-                "shape": payload.shape,
-                "string_bytes": payload.string.len(),
-                "header_bytes": header,
-                "total_bytes": bytes.len(),
-                "input": [input_height, input_width],
-                "bpp": bpp,
-            });
-            println!("{line}");
-        } else {
-            println!(
-                "{}: model {} latent {} string {} B + header {} B = {} B ({bpp:.4} bpp at {input_height}×{input_width})",
-                path.display(),
-                payload.fingerprint,
-                payload.shape,
-                payload.string.len(),
-                header,
-                bytes.len()
             );
         }
     }

@@ -14,6 +14,7 @@ pub mod client;
 pub mod commands;
 pub mod conv;
 pub mod encoder;
+pub mod inspect;
 pub mod int8;
 pub mod io;
 pub mod kernel;
@@ -23,7 +24,8 @@ pub mod tensor;
 pub mod units;
 
 pub use calibration::{load_calibration, Int8Calibration, CALIBRATION_FILE};
-pub use commands::{run_calibrate, run_encode, run_inspect, CalibrateArgs, EncodeArgs, InspectArgs};
+pub use commands::{run_calibrate, run_encode, CalibrateArgs, EncodeArgs};
+pub use inspect::{run_inspect, InspectArgs};
 pub use io::{for_each_image, payload_targets, write_atomically};
 pub use model::{bpp, encode_image, EdgeModel};
 

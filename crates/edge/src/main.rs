@@ -21,7 +21,7 @@ enum Command {
     Encode(frankensplit_edge::EncodeArgs),
     /// Measure g_a's value ranges on a few images, for `encode --int8`.
     Calibrate(frankensplit_edge::CalibrateArgs),
-    /// Print the header of payload files.
+    /// Print the header of payload files; with --model, decode them: symbols (.npy), per-channel stats, the raw CompressAI string.
     Inspect(frankensplit_edge::InspectArgs),
     /// Time the encoder (each step: as written, folded, + Winograd, int8) and the entropy coder on this device.
     Bench(frankensplit_edge::bench::BenchArgs),

@@ -10,6 +10,10 @@
 //! * and nothing is replaced that the command did not write: a directory
 //!   holding anything but the files a command writes is refused unless the
 //!   caller says `force` ([`check_replaceable`]).
+//!
+//! [`npy`] writes NumPy arrays that way, for commands whose output scripts read.
+
+pub mod npy;
 
 use std::fs::File;
 use std::io::{self, Write};

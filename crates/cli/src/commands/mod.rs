@@ -73,7 +73,10 @@ pub enum Command {
         target: bench::Target,
     },
     /// Print the header of a FrankenSplit payload file (model fingerprint,
-    /// latent shape, string size and bits per pixel of the 8×-larger input).
+    /// latent shape, string size and bits per pixel of the 8×-larger input);
+    /// with --model, decode it: its symbols as .npy (--symbols), per-channel
+    /// bits, entropy and escapes (--stats), the raw CompressAI string
+    /// (--raw); raw CompressAI strings are read with --shape.
     Inspect(frankensplit_edge::InspectArgs),
 }
 
@@ -101,6 +104,9 @@ pub fn dispatch(command: Command) -> Result<()> {
         Command::Saliency(args) => train::run_saliency(args),
         Command::ExportOnnx(args) => export_onnx::run(args),
         Command::Bench { target } => bench::run(target),
-        Command::Inspect(args) => frankensplit_edge::run_inspect(args),
+        Command::Inspect(mut args) => {
+            args.model = args.model.as_deref().map(builtin::model_path).transpose()?;
+            frankensplit_edge::run_inspect(args)
+        }
     }
 }
