@@ -3,7 +3,8 @@
 # test in the workspace, after installing libtorch into the cache if needed
 # (scripts/setup-libtorch.sh), the workspace's never-rules
 # (scripts/check-layout.sh: which crates may reach libtorch or training
-# code), then the edge crate's lints and unit tests
+# code), the Python package's wheel and pytest suite
+# (scripts/test-python.sh), then the edge crate's lints and unit tests
 # for 64-bit ARM under emulation (scripts/test-aarch64.sh). CI runs exactly
 # this (.ci/run).
 set -euo pipefail
@@ -13,4 +14,5 @@ cargo fmt --all -- --check
 scripts/check-layout.sh
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+scripts/test-python.sh
 scripts/test-aarch64.sh

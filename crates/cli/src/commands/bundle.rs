@@ -246,6 +246,8 @@ pub struct InfoArgs {
 
 #[derive(Serialize)]
 struct Info {
+    /// The bundle directory (a built-in model's unpacked copy).
+    path: PathBuf,
     fingerprint: String,
     latent_shape: String,
     backbone_split_stage: usize,
@@ -286,6 +288,7 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
         parameters.push(("backbone head (image offloading)".to_string(), head));
     }
     let info = Info {
+        path: std::path::absolute(&args.model).unwrap_or_else(|_| args.model.clone()),
         fingerprint: bundle.fingerprint.to_string(),
         latent_shape: bundle.latent_shape().to_string(),
         backbone_split_stage: bundle.manifest.architecture.split_stage,
