@@ -19,6 +19,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
 use crate::compressor::Compressor;
+use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::swin::SwinTransformer;
 use crate::weights::load_into;
@@ -44,6 +45,9 @@ pub struct Bundle {
     pub backbone_head: Option<SwinTransformer>,
     /// The bundle's payloads both ways (fingerprint, latent shape, entropy coder).
     pub payload: PayloadCodec,
+    /// The number format of the server-side networks (decoder and backbone);
+    /// f32 unless [`Bundle::set_precision`] changed it.
+    pub precision: Precision,
 }
 
 /// Everything [`write_bundle`] stores.
@@ -161,7 +165,38 @@ impl Bundle {
             backbone,
             backbone_head,
             payload,
+            precision: Precision::F32,
         })
+    }
+
+    /// The device the networks are on.
+    pub fn device(&self) -> Device {
+        self.compressor_vars.device()
+    }
+
+    /// Casts the server-side networks, the decoder `g_s` and the backbone
+    /// (tail and head), to `precision`'s number format, weights and
+    /// activations (as `module.to(dtype)` in PyTorch); their inputs are cast
+    /// on the way in and the logits come out in that format. The edge
+    /// encoder `g_a` stays in f32. A bundle in reduced precision cannot go
+    /// back (the bits are gone): reopen it instead. f16 needs CUDA.
+    pub fn set_precision(&mut self, precision: Precision) -> Result<()> {
+        if precision == self.precision {
+            return Ok(());
+        }
+        if self.precision != Precision::F32 {
+            return Err(Error::Invalid(format!(
+                "bundle {} is already in {}; reopen it for {precision}",
+                self.dir.display(),
+                self.precision
+            )));
+        }
+        precision.check(self.device()).map_err(Error::Invalid)?;
+        let kind = precision.kind();
+        self.compressor_vars.root().sub("g_s").set_kind(kind);
+        self.backbone_vars.set_kind(kind);
+        self.precision = precision;
+        Ok(())
     }
 
     /// The latent shape of one image.
@@ -210,11 +245,13 @@ impl Bundle {
         let flat: Vec<f32> = latents.concat();
         let y_hat = Tensor::from_slice(&flat)
             .view([latents.len() as i64, i64::from(shape.channels), side, side])
-            .to_device(self.compressor_vars.device());
+            .to_device(self.device())
+            .to_kind(self.precision.kind());
         Ok(tch::no_grad(|| self.compressor.g_s.forward_t(&y_hat, false)))
     }
 
-    /// Server side: restored features → logits `(B, classes)`.
+    /// Server side: restored features → logits `(B, classes)`, on the
+    /// bundle's device in its precision.
     pub fn classify_features(&self, features: &Tensor) -> Tensor {
         tch::no_grad(|| self.backbone.forward_t(features, false))
     }
@@ -238,7 +275,8 @@ impl Bundle {
         }
         let x = Tensor::from_slice(&images_chw.concat())
             .view([images_chw.len() as i64, 3, size, size])
-            .to_device(self.backbone_vars.device());
+            .to_device(self.backbone_vars.device())
+            .to_kind(self.precision.kind());
         Ok(tch::no_grad(|| {
             self.backbone.forward_t(&head.forward_t(&x, false), false)
         }))

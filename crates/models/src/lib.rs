@@ -7,6 +7,8 @@
 //!   a range of stages so the head and tail of a split run separately;
 //! * [`entropy_bottleneck`]: CompressAI's factorized prior as a trainable
 //!   module, whose parameters the codec crate turns into coding tables;
+//! * [`device`]: the device names every command accepts (`cpu`, `cuda`,
+//!   `cuda:N`) and the server-side [`Precision`] (f32, bf16, f16);
 //! * [`layers`]: the residual block and token helpers they share;
 //! * [`weights`]: checkpoint key mapping (CompressAI and timm namings);
 //! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out
@@ -21,6 +23,7 @@
 pub mod bundle;
 pub mod compressor;
 pub mod convert;
+pub mod device;
 pub mod entropy_bottleneck;
 pub mod error;
 pub mod layers;
@@ -30,6 +33,7 @@ pub mod weights;
 
 pub use bundle::{Architecture, Bundle, Manifest};
 pub use compressor::{Compressor, CompressorConfig};
+pub use device::{parse_device, Precision};
 pub use error::{Error, Result};
 pub use frankensplit_codec::PayloadCodec;
 pub use swin::{SwinConfig, SwinTransformer};

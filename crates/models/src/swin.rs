@@ -135,8 +135,9 @@ impl WindowAttention {
         let mut attn = q.matmul(&k.transpose(-2, -1)) + bias;
         if let Some(mask) = mask {
             let windows = mask.size()[0];
-            attn = (attn.view([b / windows, windows, heads, n, n]) + mask.unsqueeze(1).unsqueeze(0))
-                .view([-1, heads, n, n]);
+            attn = (attn.view([b / windows, windows, heads, n, n])
+                + mask.to_kind(attn.kind()).unsqueeze(1).unsqueeze(0))
+            .view([-1, heads, n, n]);
         }
         attn.softmax(-1, attn.kind())
             .matmul(&v)
@@ -499,7 +500,7 @@ impl SwinTransformer {
     /// (the instance must hold the last stage); otherwise the features.
     pub fn classify_features(&self, features: &Tensor) -> Tensor {
         match &self.head {
-            Some((_, head)) => features.mean_dim(1, false, Kind::Float).apply(head),
+            Some((_, head)) => features.mean_dim(1, false, features.kind()).apply(head),
             None => features.shallow_clone(),
         }
     }

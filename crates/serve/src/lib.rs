@@ -1,7 +1,8 @@
 //! The FrankenSplit inference server. Edge devices POST payloads (the
 //! container of `docs/format.md`); the server entropy-decodes them on the
 //! blocking pool, a single inference thread runs the decoder and the backbone
-//! tail on dynamically formed batches, and the answer is the top classes with
+//! tail on dynamically formed batches (on the bundle's device, CPU or GPU, in
+//! its precision: see `Bundle::set_precision`), and the answer is the top classes with
 //! server-side timings. Bundles that hold the whole backbone also classify
 //! whole images (`/v1/classify-image`), the offloading baseline.
 //!

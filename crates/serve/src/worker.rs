@@ -1,7 +1,10 @@
 //! The inference thread: it owns the networks (libtorch state stays on one
 //! thread), forms batches of up to `max_batch` requests arriving within
 //! `batch_wait` of the first, runs latents and whole images of a batch as
-//! one forward pass each, and answers each request's channel.
+//! one forward pass each, and answers each request's channel. The bundle
+//! may be on a GPU and in reduced precision: a batch's latents (entropy-decoded
+//! on the blocking pool's CPU threads, in parallel with this thread) go to the
+//! device as one tensor, and the logits come back to the CPU as f32.
 
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
@@ -10,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use frankensplit_api::Prediction;
 use frankensplit_models::Bundle;
-use tch::Kind;
+use tch::{Device, Kind, Tensor};
 use tokio::sync::oneshot;
 
 use crate::{Metrics, ServeConfig};
@@ -135,17 +138,24 @@ fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<
     if !latents.is_empty() {
         let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = latents.into_iter().unzip();
         let features = bundle.restore_features(&inputs)?;
-        let logits = Vec::<Vec<f32>>::try_from(bundle.classify_features(&features).to_kind(Kind::Float))?;
+        let logits = host_rows(&bundle.classify_features(&features))?;
         for (i, row) in index.into_iter().zip(logits) {
             rows[i] = row;
         }
     }
     if !images.is_empty() {
         let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = images.into_iter().unzip();
-        let logits = Vec::<Vec<f32>>::try_from(bundle.classify_images(&inputs)?.to_kind(Kind::Float))?;
+        let logits = host_rows(&bundle.classify_images(&inputs)?)?;
         for (i, row) in index.into_iter().zip(logits) {
             rows[i] = row;
         }
     }
     Ok(rows)
+}
+
+/// Logits `(B, classes)` from the bundle's device and precision as f32 rows on the CPU.
+fn host_rows(logits: &Tensor) -> frankensplit_models::Result<Vec<Vec<f32>>> {
+    Ok(Vec::<Vec<f32>>::try_from(
+        logits.to_kind(Kind::Float).to_device(Device::Cpu),
+    )?)
 }

@@ -422,6 +422,107 @@ async fn classifies_whole_images_when_the_bundle_has_the_whole_backbone() {
     finish(server, &tail).await;
 }
 
+/// The decoder and backbone in bf16 on the CPU (`serve --precision bf16`):
+/// the answers' top-1 is f32's and their logits stay within bf16's rounding
+/// of f32's, for payloads alone and framed (one batch), and for whole images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bf16_on_the_cpu_answers_as_f32() {
+    use frankensplit_models::Precision;
+
+    let whole = small_bundle("bf16", true);
+    let local = Bundle::open(&whole, Device::Cpu).unwrap();
+    let images: Vec<Vec<f32>> = (0..8).map(|s| input(100 + s, 64)).collect();
+    let payloads: Vec<Vec<u8>> = images.iter().map(|x| local.compress(x).unwrap()).collect();
+    let f32_logits: Vec<Vec<f32>> = payloads
+        .iter()
+        .map(|p| {
+            let logits = local.classify_features(&local.decompress(p).unwrap());
+            assert_eq!(logits.kind(), Kind::Float);
+            Vec::<f32>::try_from(logits.view([-1])).unwrap()
+        })
+        .collect();
+    let argmax = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as i64;
+
+    let mut bf16 = Bundle::open(&whole, Device::Cpu).unwrap();
+    bf16.set_precision(Precision::Bf16).unwrap();
+    assert_eq!(bf16.precision, Precision::Bf16);
+    // The networks really are in bf16 (the edge encoder stays f32).
+    let logits = bf16.classify_features(&bf16.decompress(&payloads[0]).unwrap());
+    assert_eq!(logits.kind(), Kind::BFloat16);
+    assert_eq!(bf16.compress(&images[0]).unwrap(), payloads[0]);
+    // Back to f32 is refused, not faked.
+    assert!(bf16.set_precision(Precision::F32).is_err());
+
+    let config = ServeConfig {
+        top_k: 10,
+        ..ServeConfig::default()
+    };
+    let (server, stop) = launch(bf16, config).await;
+    let addr = server.addr;
+    let client = reqwest::Client::new();
+    // Checks one answer against f32: same top-1 and every logit within
+    // 2^-5 of the logits' scale (their largest magnitude). bf16 keeps 8
+    // significant bits, 2^-8 relative per rounding; through the small
+    // model's layers the logits moved at most 0.014 of the scale here, and
+    // f32's top-1 leads by at least 0.043 of it on these inputs, three
+    // times that change: the top-1 must not flip.
+    let check = |json: &Value, expected: &[f32]| {
+        let scale = expected.iter().fold(0f32, |m, l| m.max(l.abs())).max(1.0);
+        let top = json["top_k"].as_array().unwrap();
+        assert_eq!(top.len(), expected.len());
+        assert_eq!(top[0]["class"].as_i64().unwrap(), argmax(expected), "{json}");
+        for p in top {
+            let class = p["class"].as_u64().unwrap() as usize;
+            let logit = p["logit"].as_f64().unwrap() as f32;
+            assert!(
+                (logit - expected[class]).abs() <= scale / 32.0,
+                "class {class}: bf16 {logit}, f32 {}",
+                expected[class]
+            );
+        }
+    };
+    for (payload, expected) in payloads.iter().zip(&f32_logits) {
+        let (status, _, json) = post(&client, addr, payload.clone()).await;
+        assert_eq!(status, 200, "{json}");
+        check(&json, expected);
+    }
+    let mut framed = Vec::new();
+    for p in &payloads {
+        framed.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        framed.extend_from_slice(p);
+    }
+    let response = client
+        .post(format!("http://{addr}/v1/classify"))
+        .header("content-type", frankensplit_serve::FRAMED_PAYLOADS)
+        .body(framed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let json = response.json::<Value>().await.unwrap();
+    let results = json["results"].as_array().unwrap();
+    assert_eq!(results.len(), payloads.len());
+    for (r, expected) in results.iter().zip(&f32_logits) {
+        check(r, expected);
+    }
+    assert!(results.iter().any(|r| r["batch_size"].as_u64().unwrap() > 1), "{json}");
+
+    // Whole images through the bf16 backbone.
+    let preprocess = local.manifest.preprocess.clone();
+    for i in 0..3 {
+        let bytes = png(80 + 13 * i, i);
+        let input = preprocess
+            .apply(&frankensplit_preprocess::RgbImage::decode(&bytes).unwrap())
+            .unwrap();
+        let expected = Vec::<f32>::try_from(local.classify_images(&[input]).unwrap().view([-1])).unwrap();
+        let (status, json) = post_image(&client, addr, "", bytes).await;
+        assert_eq!(status, 200, "{json}");
+        check(&json, &expected);
+    }
+    stop.send(()).unwrap();
+    finish(server, &whole).await;
+}
+
 /// Starts `bundle` on a loopback port; the sender stops it.
 async fn launch(
     bundle: Bundle,

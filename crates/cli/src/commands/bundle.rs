@@ -14,6 +14,8 @@ use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
 use tch::{Device, Kind};
 
+use super::placement::Placement;
+
 /// Which CompressAI pmf formula rebuilt tables follow.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Formula {
@@ -141,6 +143,8 @@ pub struct ClassifyArgs {
     /// Images (JPEG, PNG or WebP).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+    #[command(flatten)]
+    placement: Placement,
     /// Classes to report per image.
     #[arg(long, default_value_t = 5)]
     top_k: i64,
@@ -167,8 +171,7 @@ struct ClassifyReport {
 /// Runs the whole split pipeline locally: preprocess, encode, entropy-code
 /// to a payload, decode, restore the features, classify with the backbone tail.
 pub fn run_classify(args: ClassifyArgs) -> Result<()> {
-    let bundle = Bundle::open(&args.model, Device::Cpu)
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let bundle = args.placement.open(&args.model)?;
     // The device's encoder, on the kernels devices run, not libtorch's g_a.
     let edge = EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
     let pipeline = bundle.manifest.preprocess.clone();
@@ -188,7 +191,11 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
             }
             let start = Instant::now();
             let features = bundle.decompress(&payload)?;
-            let logits = bundle.classify_features(&features).to_kind(Kind::Float).view([-1]);
+            let logits = bundle
+                .classify_features(&features)
+                .to_kind(Kind::Float)
+                .to_device(Device::Cpu)
+                .view([-1]);
             let decode_ms = start.elapsed().as_secs_f64() * 1e3;
             let probabilities = logits.softmax(0, Kind::Float);
             let k = args.top_k.clamp(1, logits.size()[0]);

@@ -14,11 +14,12 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use frankensplit_edge::EdgeModel;
 use frankensplit_imagecodecs::ImageCodec;
-use frankensplit_models::Bundle;
+use frankensplit_models::{Bundle, Precision};
 use frankensplit_preprocess::{ImageFolder, RgbImage};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use super::placement::Placement;
 use crate::plot::{self, Chart, Series};
 use crate::stats::{byte_ratio, Bootstrap, Outcomes, Point};
 
@@ -33,6 +34,10 @@ pub struct EvalArgs {
     /// ImageFolder to evaluate on (class folders of JPEG/PNG/WebP images).
     #[arg(long)]
     data: PathBuf,
+    /// The server side's device and number format (--precision bf16 measures
+    /// what reduced precision costs in accuracy; the edge encoder stays f32 on the CPU).
+    #[command(flatten)]
+    placement: Placement,
     /// Image codecs to compare against, sending the centre crop, e.g.
     /// jpeg:q=10,jpeg:q=50,webp:q=50,png; '' for none.
     #[arg(
@@ -248,9 +253,14 @@ fn bundle_name(bundle: &Bundle) -> String {
         },
         None => None,
     };
+    // Reduced precision changes the accuracy, so it is part of the name.
+    let precision = match bundle.precision {
+        Precision::F32 => String::new(),
+        other => format!(", {other}"),
+    };
     match name {
-        Some(name) => format!("frankensplit {name} ({})", bundle.fingerprint),
-        None => format!("frankensplit {}", bundle.fingerprint),
+        Some(name) => format!("frankensplit {name} ({}{precision})", bundle.fingerprint),
+        None => format!("frankensplit {}{precision}", bundle.fingerprint),
     }
 }
 
@@ -437,13 +447,19 @@ pub fn run(args: EvalArgs) -> Result<()> {
     let mut results = Vec::new();
     let mut baseline: Option<Bundle> = None;
     for path in &args.models {
-        let bundle =
-            Bundle::open(path, Device::Cpu).with_context(|| format!("cannot load model {}", path.display()))?;
+        let bundle = args.placement.open(path)?;
+        let edge = args.placement.open_edge(path)?;
         let labels = labels_for(&bundle, &dataset)?;
-        eprintln!("evaluating {} on {} images", path.display(), dataset.len());
+        eprintln!(
+            "evaluating {} on {} images ({})",
+            path.display(),
+            dataset.len(),
+            args.placement.describe()
+        );
         let method = (bundle_name(&bundle), "frankensplit");
+        let encoder = edge.as_ref().unwrap_or(&bundle);
         results.push(evaluate_split(&bundle, &dataset, &labels, method, |input| {
-            Ok(bundle.compress(input)?)
+            Ok(encoder.compress(input)?)
         })?);
         if let Some((dir, folder)) = &calibration {
             let images = calibration_images(folder, &bundle)?;

@@ -20,6 +20,7 @@ use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
 use tch::Device;
 
+use super::placement::Placement;
 use crate::plot::{self, Chart, Series};
 use frankensplit_edge::units::{format_rate, parse_ms, parse_rate};
 
@@ -100,6 +101,10 @@ pub struct LatencyArgs {
     /// Print JSON instead of tables.
     #[arg(long)]
     json: bool,
+    /// The server side's device and number format (the edge encoder is
+    /// timed on this machine's CPU in f32 either way).
+    #[command(flatten)]
+    placement: Placement,
 }
 
 /// What one method costs on this machine.
@@ -125,6 +130,8 @@ struct Row {
 #[derive(Serialize)]
 struct Report {
     methods: Vec<Measured>,
+    /// Where the server side ran: `cpu, f32`, `cuda:0, bf16`, …
+    server: String,
     edge_slowdown: f64,
     links: Vec<Row>,
 }
@@ -170,14 +177,21 @@ fn time_method(
     })
 }
 
-/// Times the split pipeline and each codec's offloading on `images`.
-fn measure(bundle: &Bundle, images: &[RgbImage], codecs: &[ImageCodec], iterations: usize) -> Result<Vec<Measured>> {
+/// Times the split pipeline and each codec's offloading on `images`, the
+/// edge encoder `edge`'s (on the CPU), the server side `bundle`'s.
+fn measure(
+    edge: &Bundle,
+    bundle: &Bundle,
+    images: &[RgbImage],
+    codecs: &[ImageCodec],
+    iterations: usize,
+) -> Result<Vec<Measured>> {
     let preprocess = &bundle.manifest.preprocess;
     let mut out = vec![time_method(
         "split".into(),
         images,
         iterations,
-        |image| Ok(bundle.compress(&preprocess.apply(image)?)?),
+        |image| Ok(edge.compress(&preprocess.apply(image)?)?),
         |payload| {
             let features = bundle.decompress(payload)?;
             let _ = bundle.classify_features(&features).to_device(Device::Cpu);
@@ -240,8 +254,8 @@ pub fn run(args: LatencyArgs) -> Result<()> {
             about: format!("--bandwidth {bandwidth} --rtt {}", args.rtt.as_deref().unwrap_or("0ms")),
         });
     }
-    let bundle = Bundle::open(&args.model, Device::Cpu)
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let bundle = args.placement.open(&args.model)?;
+    let edge = args.placement.open_edge(&args.model)?;
     if bundle.backbone_head.is_none() && !codecs.is_empty() {
         bail!(
             "{} holds only the backbone after the split, so image offloading cannot be timed; convert it with the whole backbone (--backbone-weights), or pass --codec '' for split alone",
@@ -253,7 +267,13 @@ pub fn run(args: LatencyArgs) -> Result<()> {
         .iter()
         .map(|p| RgbImage::open(p).map_err(Into::into))
         .collect::<Result<_>>()?;
-    let methods = measure(&bundle, &images, &codecs, args.iterations.max(1))?;
+    let methods = measure(
+        edge.as_ref().unwrap_or(&bundle),
+        &bundle,
+        &images,
+        &codecs,
+        args.iterations.max(1),
+    )?;
     let rows: Vec<Row> = links
         .iter()
         .map(|link| Row {
@@ -300,6 +320,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
     if args.json {
         let report = Report {
             methods,
+            server: args.placement.describe(),
             edge_slowdown: args.edge_slowdown,
             links: rows,
         };
@@ -307,10 +328,11 @@ pub fn run(args: LatencyArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "measured on this machine ({} images, median of {} passes; edge × {}):",
+        "measured on this machine ({} images, median of {} passes; edge × {}; server on {}):",
         images.len(),
         args.iterations.max(1),
-        args.edge_slowdown
+        args.edge_slowdown,
+        args.placement.describe()
     );
     println!("{:<14} {:>10} {:>11} {:>11}", "method", "edge ms", "bytes", "server ms");
     for m in &methods {

@@ -11,6 +11,7 @@ mod eval;
 mod export_onnx;
 mod latency;
 mod pack_models;
+mod placement;
 mod serve;
 mod train;
 

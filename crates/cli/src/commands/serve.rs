@@ -6,15 +6,17 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use frankensplit_models::Bundle;
 use frankensplit_serve::{shutdown_signal, start, tls_config, ServeConfig, Tokens};
-use tch::Device;
+
+use super::placement::Placement;
 
 #[derive(Args)]
 pub struct ServeArgs {
     /// Model bundle directory.
     #[arg(long, value_parser = crate::builtin::parse_model)]
     model: PathBuf,
+    #[command(flatten)]
+    placement: Placement,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -60,8 +62,8 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
-    let bundle = Bundle::open(&args.model, Device::Cpu)
-        .with_context(|| format!("cannot load model {}", args.model.display()))?;
+    let bundle = args.placement.open(&args.model)?;
+    let placement = args.placement.describe();
     let model = bundle.fingerprint;
     let endpoints = if bundle.backbone_head.is_some() {
         "POST payloads to /v1/classify, images to /v1/classify-image"
@@ -102,7 +104,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         eprintln!(
-            "serving model {model} on {scheme}://{} ({endpoints}{access}; Ctrl-C stops after the requests in flight)",
+            "serving model {model} ({placement}) on {scheme}://{} ({endpoints}{access}; Ctrl-C stops after the requests in flight)",
             server.addr
         );
         server.done.await.context("server task failed")??;

@@ -3,8 +3,9 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
+use frankensplit_models::parse_device;
 use frankensplit_train::run::{train, Keep, RunConfig, TrainOptions};
 use frankensplit_train::synthetic::{generate, SyntheticConfig, CLASSES};
 use tch::Device;
@@ -17,35 +18,12 @@ pub struct TrainArgs {
     /// Continue the run from its last checkpoint (same learning rate, data order and noise).
     #[arg(long)]
     resume: bool,
-    /// cpu, cuda or cuda:N (CUDA needs a build with --features cuda).
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda (= cuda:0) or cuda:N (CUDA needs a build with --features cuda and a GPU).
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N`, checking that CUDA is there.
-pub fn parse_device(text: &str) -> Result<Device> {
-    let device = match text {
-        "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
-        other => match other.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => Device::Cuda(n),
-            None => bail!("unknown device {text:?}: cpu, cuda or cuda:N"),
-        },
-    };
-    if let Device::Cuda(n) = device {
-        if !tch::Cuda::is_available() {
-            bail!(
-                "CUDA is not available to this build: build with `--features cuda` and run where libtorch_cuda and a GPU are present"
-            );
-        }
-        if n >= tch::Cuda::device_count() as usize {
-            bail!("cuda:{n} does not exist ({} CUDA devices)", tch::Cuda::device_count());
-        }
-    }
-    Ok(device)
 }
 
 pub fn run_train(args: TrainArgs) -> Result<()> {
@@ -53,7 +31,7 @@ pub fn run_train(args: TrainArgs) -> Result<()> {
         RunConfig::from_file(&args.config).with_context(|| format!("invalid run file {}", args.config.display()))?;
     let options = TrainOptions {
         resume: args.resume,
-        device: parse_device(&args.device)?,
+        device: args.device,
         progress: !args.quiet,
         stop_after_steps: None,
     };
@@ -170,9 +148,9 @@ pub struct SaliencyArgs {
     /// Data-loading threads.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    device: String,
+    /// cpu, cuda (= cuda:0) or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: Device,
 }
 
 pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
@@ -180,7 +158,7 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
     use frankensplit_models::{Bundle, SwinConfig, SwinTransformer};
     use frankensplit_train::saliency::{generate_maps, Backbone, MapsConfig};
 
-    let device = parse_device(&args.device)?;
+    let device = args.device;
     let dataset = frankensplit_train::data::ImageFolder::open(&args.data)?;
     let maps = |config: &SwinConfig| MapsConfig {
         stages: args.stages.clone(),
