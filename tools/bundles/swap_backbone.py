@@ -67,13 +67,16 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        save_file(checkpoint, str(tmp / "checkpoint.safetensors"))
+        # The manifest's `source` names this file: say what it was made of.
+        name = f"{args.bundle.resolve().parent.name}-{args.bundle.name}+{args.backbone.resolve().parent.name}-{args.backbone.stem}"
+        checkpoint_path = tmp / f"{name}.safetensors"
+        save_file(checkpoint, str(checkpoint_path))
         lines = [f"split_stage = {arch['split_stage']}"]
         for table in ("compressor", "backbone"):
             lines.append(f"[{table}]")
             lines += [f"{k} = {toml_value(v)}" for k, v in arch[table].items()]
         (tmp / "arch.toml").write_text("\n".join(lines) + "\n")
-        command = [args.frankensplit, "convert", "--checkpoint", str(tmp / "checkpoint.safetensors"),
+        command = [args.frankensplit, "convert", "--checkpoint", str(checkpoint_path),
                    "--arch", str(tmp / "arch.toml"), "-o", str(args.out)]
         if manifest.get("labels"):
             (tmp / "labels.txt").write_text("\n".join(manifest["labels"]) + "\n")
