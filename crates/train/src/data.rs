@@ -198,6 +198,38 @@ pub struct LoaderConfig {
     pub prefetch: usize,
     /// Seed of the shuffling and the augmentation.
     pub seed: u64,
+    /// With several processes, `(rank, ranks)`: the batches are the same
+    /// global batches of `batch_size` samples and this process takes
+    /// samples `rank, rank + ranks, …` of each (DistributedSampler's
+    /// strided shard of the epoch's order, batched); an incomplete batch is
+    /// first padded to a multiple of `ranks` from the epoch's start, as
+    /// DistributedSampler pads. `None` (or one rank): whole batches.
+    pub shard: Option<(usize, usize)>,
+}
+
+/// The batches of an epoch's `order`: chunks of `batch_size`, the last one
+/// dropped when incomplete and `drop_last` (unless it is the only one);
+/// with a `shard`, each cut to that rank's samples.
+pub fn epoch_batches(
+    order: &[usize],
+    batch_size: usize,
+    drop_last: bool,
+    shard: Option<(usize, usize)>,
+) -> Vec<Vec<usize>> {
+    let batch_size = batch_size.max(1);
+    let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
+    if drop_last && batches.len() > 1 && batches.last().is_some_and(|b| b.len() < batch_size) {
+        batches.pop();
+    }
+    let Some((rank, ranks)) = shard.filter(|&(_, ranks)| ranks > 1) else {
+        return batches;
+    };
+    for batch in &mut batches {
+        let short = batch.len().next_multiple_of(ranks) - batch.len();
+        batch.extend(order.iter().cycle().take(short));
+        *batch = batch.iter().skip(rank).step_by(ranks).copied().collect();
+    }
+    batches
 }
 
 /// The order of the samples in `epoch`.
@@ -236,11 +268,7 @@ impl Loader {
         first_batch: usize,
     ) -> Self {
         let order = epoch_order(dataset.len(), config.shuffle, config.seed, epoch);
-        let batch_size = config.batch_size.max(1);
-        let mut batches: Vec<Vec<usize>> = order.chunks(batch_size).map(<[usize]>::to_vec).collect();
-        if config.drop_last && batches.len() > 1 && batches.last().is_some_and(|b| b.len() < batch_size) {
-            batches.pop();
-        }
+        let batches = epoch_batches(&order, config.batch_size, config.drop_last, config.shard);
         let end = batches.len();
         let batches = Arc::new(batches);
         let cursor = Arc::new(AtomicUsize::new(first_batch.min(end)));
@@ -342,6 +370,30 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn shards_split_each_global_batch_as_distributed_sampler_does() {
+        let order: Vec<usize> = (0..10).map(|i| 9 - i).collect();
+        let whole = epoch_batches(&order, 4, true, None);
+        assert_eq!(whole, [vec![9, 8, 7, 6], vec![5, 4, 3, 2]]);
+        // Two ranks: rank r takes positions r, r + 2 of every global batch; together the same samples.
+        let (a, b) = (
+            epoch_batches(&order, 4, true, Some((0, 2))),
+            epoch_batches(&order, 4, true, Some((1, 2))),
+        );
+        assert_eq!(a, [vec![9, 7], vec![5, 3]]);
+        assert_eq!(b, [vec![8, 6], vec![4, 2]]);
+        // DistributedSampler's shard of the order (rank r: r, r + W, …) batched per rank is the same thing.
+        let strided: Vec<usize> = order.iter().skip(1).step_by(2).copied().collect();
+        assert_eq!(b.concat(), strided[..4]);
+        // A batch that does not split evenly (the last, kept without drop_last) is padded from the epoch's start to a multiple of the ranks.
+        let kept = epoch_batches(&order, 4, false, Some((2, 3)));
+        assert_eq!(kept, [vec![7, 8], vec![3, 8], vec![9]]);
+        assert_eq!(epoch_batches(&order, 4, false, Some((0, 3)))[2], [1]);
+        assert_eq!(epoch_batches(&order, 4, false, Some((1, 3)))[2], [0]);
+        // One rank is no shard.
+        assert_eq!(epoch_batches(&order, 4, true, Some((0, 1))), whole);
+    }
 
     #[test]
     fn random_crop_flip_takes_a_window_of_the_resized_image_sometimes_mirrored() {

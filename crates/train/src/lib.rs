@@ -7,6 +7,7 @@
 
 mod config;
 pub mod data;
+pub mod distributed;
 mod loss;
 mod metrics;
 pub mod npy;

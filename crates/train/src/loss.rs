@@ -112,15 +112,17 @@ pub(crate) fn teacher_step(
         .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, label_smoothing)
 }
 
-/// A compressor step's loss on the run's models, under autocast when `amp`.
+/// A compressor step's loss on the run's models (the latent noise drawn
+/// when `noise` is `None`), under autocast when `amp`.
 pub(crate) fn compressor_step(
     models: &Models,
     x: &Tensor,
     lmbda: f64,
     saliency: Option<&Tensor>,
+    noise: Option<&Tensor>,
     amp: bool,
 ) -> CompressorLoss {
     autocast(amp, || {
-        compressor_loss(&models.compressor, &models.head, x, lmbda, saliency, None)
+        compressor_loss(&models.compressor, &models.head, x, lmbda, saliency, noise)
     })
 }

@@ -59,6 +59,16 @@ impl Adam {
         }
     }
 
+    /// The optimised variables, in the order of the flat buffers.
+    pub fn params(&self) -> &[Tensor] {
+        &self.params
+    }
+
+    /// The first and second moments, flat (for making every rank's the same).
+    pub fn moments(&self) -> [&Tensor; 2] {
+        [&self.first, &self.second]
+    }
+
     /// Clears the gradients.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {

@@ -34,6 +34,7 @@ use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Augment, Batch, ImageFolder, Loader, LoaderConfig, Source, Transform};
+use crate::distributed::World;
 use crate::loss::{compressor_step, teacher_step};
 use crate::metrics::{progress_bar, truncate_metrics, MetricsLog, Stretch};
 use crate::optim::Adam;
@@ -73,9 +74,32 @@ pub struct RunSummary {
     pub teacher: Option<PathBuf>,
 }
 
-/// Runs (or resumes) a training run.
+/// Runs (or resumes) a training run — as one rank of a multi-process run
+/// when a launcher started several (see [`crate::distributed`]): rank 0
+/// reads and writes the run's files and validates, every rank trains on
+/// its share of each batch. When one rank fails, every rank is stopped.
 pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
-    let mut run = Run::open(config, options)?;
+    let world = World::get()?;
+    let result = train_in(config, options, world);
+    if let Err(e) = &result {
+        if world.size > 1 {
+            eprintln!("rank {} of {}: {e}; stopping every rank", world.rank, world.size);
+            world.abort_others();
+        }
+    }
+    result
+}
+
+fn train_in(config: &RunConfig, options: &TrainOptions, world: &'static World) -> Result<RunSummary> {
+    for (i, stage) in config.stages.iter().enumerate() {
+        if !stage.batch_size.is_multiple_of(world.size) {
+            return Err(Error::Config(format!(
+                "stage {i}: batch_size {} (the global batch) does not split over {} processes",
+                stage.batch_size, world.size
+            )));
+        }
+    }
+    let mut run = Run::open(config, options, world)?;
     while run.progress.stage < config.stages.len() {
         if run.stage()?.is_break() {
             return Ok(run.stopped());
@@ -88,6 +112,10 @@ pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
 struct Run<'a> {
     config: &'a RunConfig,
     options: &'a TrainOptions,
+    /// The processes of the run and this one's rank.
+    world: &'static World,
+    /// Where this process computes.
+    device: Device,
     arch: Architecture,
     train_set: Arc<dyn Source>,
     /// The training folder, when the images come from one (not a generator).
@@ -98,14 +126,17 @@ struct Run<'a> {
     /// The resumed checkpoint's optimiser state, for the stage it was saved in.
     saved_optimizer: Option<BTreeMap<String, Tensor>>,
     preprocess: Preprocess,
-    log: MetricsLog,
+    /// The metrics log (rank 0's alone).
+    log: Option<MetricsLog>,
 }
 
 impl<'a> Run<'a> {
     /// Opens and checks the data, then sets up the models: drawn from the
     /// seed with the teacher's weights loaded, or, when resuming, as the
-    /// checkpoint left them (the log cut back to it).
-    fn open(config: &'a RunConfig, options: &'a TrainOptions) -> Result<Self> {
+    /// checkpoint left them (the log cut back to it). With several
+    /// processes, rank 0 alone reads the files and the others take its
+    /// weights and position.
+    fn open(config: &'a RunConfig, options: &'a TrainOptions, world: &'static World) -> Result<Self> {
         let arch = config.architecture()?;
         let Data {
             train_set,
@@ -121,12 +152,18 @@ impl<'a> Run<'a> {
             }
         }
         let out = &config.output;
-        std::fs::create_dir_all(out).map_err(|e| Error::Data(format!("{}: {e}", out.display())))?;
+        let root = world.is_root();
+        if root {
+            std::fs::create_dir_all(out).map_err(|e| Error::Data(format!("{}: {e}", out.display())))?;
+        }
         // Fresh weights are drawn from the seed (a VarStore initialises on creation).
         tch::manual_seed(config.seed as i64);
-        let mut models = Models::new(&arch, options.device);
+        let device = world.device(options.device);
+        let mut models = Models::new(&arch, device);
         let checkpoint_path = out.join(CHECKPOINT);
-        let (progress, saved_optimizer) = if options.resume {
+        let (progress, saved_optimizer) = if !root {
+            (Progress::default(), None)
+        } else if options.resume {
             let (progress, optimizer) = load_checkpoint(&checkpoint_path, &mut models)?;
             truncate_metrics(&out.join(METRICS), progress.global_step)?;
             (progress, Some(optimizer))
@@ -142,11 +179,21 @@ impl<'a> Run<'a> {
             }
             (Progress::default(), None)
         };
+        let progress = share_progress(world, progress)?;
+        let mut variables = Models::named(&models.compressor_vars).into_values().collect::<Vec<_>>();
+        variables.extend(Models::named(&models.backbone_vars).into_values());
+        world.broadcast_tensors(&variables)?;
         let preprocess = Preprocess::for_input(arch.compressor.input_size as u32);
-        let log = MetricsLog::open(&out.join(METRICS))?;
+        let log = if root {
+            Some(MetricsLog::open(&out.join(METRICS))?)
+        } else {
+            None
+        };
         Ok(Self {
             config,
             options,
+            world,
+            device,
             arch,
             train_set,
             train_folder,
@@ -192,6 +239,12 @@ impl<'a> Run<'a> {
                 .load_state(&saved, self.progress.optimizer_step)
                 .map_err(Error::Config)?;
         }
+        if self.world.size > 1 {
+            // Rank 0's moments (a resumed stage's); every rank then applies the same updates.
+            optimizer.step = self.progress.optimizer_step;
+            let moments = optimizer.moments().map(Tensor::shallow_clone);
+            self.world.broadcast_tensors(&moments)?;
+        }
         while self.progress.epoch < stage.epochs {
             if self.epoch(stage, &mut optimizer)?.is_break() {
                 return Ok(ControlFlow::Break(()));
@@ -202,11 +255,17 @@ impl<'a> Run<'a> {
     }
 
     /// Before a saliency stage, writes the maps missing from the run's map
-    /// directory; they come from the teacher as it now is, existing ones are kept.
+    /// directory; they come from the teacher as it now is, existing ones are
+    /// kept. Rank 0 writes them while the others wait (the directory must
+    /// be one that every rank reads, as the training folder is).
     fn write_saved_maps(&self) -> Result<()> {
         let Some((dir, folder)) = self.saved_maps() else {
             return Ok(());
         };
+        if !self.world.is_root() {
+            self.world.barrier();
+            return Ok(());
+        }
         let maps = MapsConfig {
             batch_size: 16,
             workers: self.config.workers,
@@ -218,10 +277,11 @@ impl<'a> Run<'a> {
             head: &self.models.head,
             tail: &self.models.tail,
         };
-        let written = generate_maps(&backbone, folder, &self.preprocess, dir, &maps, self.options.device)?;
+        let written = generate_maps(&backbone, folder, &self.preprocess, dir, &maps, self.device)?;
         if written > 0 && self.options.progress {
             eprintln!("wrote {written} saliency maps to {}", dir.display());
         }
+        self.world.barrier();
         Ok(())
     }
 
@@ -242,6 +302,7 @@ impl<'a> Run<'a> {
             workers: self.config.workers,
             prefetch: 2 * self.config.workers.max(1),
             seed: self.config.seed ^ ((self.progress.stage as u64) << 48),
+            shard: Some((self.world.rank, self.world.size)),
         };
         Loader::start(
             self.train_set.clone(),
@@ -257,7 +318,7 @@ impl<'a> Run<'a> {
     fn epoch(&mut self, stage: &StageConfig, optimizer: &mut Adam) -> Result<ControlFlow<()>> {
         let loader = self.loader(stage);
         let bar = progress_bar(
-            self.options.progress,
+            self.options.progress && self.world.is_root(),
             loader.num_batches() as u64,
             self.progress.batch as u64,
             stage,
@@ -269,7 +330,7 @@ impl<'a> Run<'a> {
             let batch = batch?;
             optimizer.lr = stage.lr_at(self.progress.epoch, self.progress.batch, batches);
             let (terms, seconds) = self.step(stage, optimizer, &batch)?;
-            stretch.add(&terms, batch.len(), seconds);
+            stretch.add(&terms, batch.len() * self.world.size, seconds);
             bar.set_message(stretch.message(optimizer.lr, self.pixels()));
             bar.inc(1);
             let every = self.config.checkpoint_every as u64;
@@ -291,7 +352,9 @@ impl<'a> Run<'a> {
         if stretch.images > 0 {
             self.log_stretch(&stretch, stage.kind, optimizer.lr)?;
         }
-        self.validate(stage, optimizer.lr)?;
+        if self.world.is_root() {
+            self.validate(stage, optimizer.lr)?;
+        }
         self.progress.epoch += 1;
         self.progress.batch = 0;
         self.checkpoint(optimizer)?;
@@ -301,16 +364,29 @@ impl<'a> Run<'a> {
     /// Logs the means of a stretch of training steps.
     fn log_stretch(&mut self, stretch: &Stretch, kind: StageKind, lr: f64) -> Result<()> {
         let line = stretch.line(self.progress.stage, kind, &self.progress, lr, self.pixels());
-        self.log.write(&line)
+        match &mut self.log {
+            Some(log) => log.write(&line),
+            None => Ok(()),
+        }
     }
 
-    /// One optimiser step on `batch`: its loss terms and the seconds it took.
+    /// One optimiser step on `batch` (this rank's share of the global
+    /// batch): the global batch's loss terms and the seconds it took.
+    ///
+    /// With several ranks the gradients are averaged across them before the
+    /// step. A teacher's loss is a mean over the batch, so the average is
+    /// the global batch's gradient; a compressor's loss is a sum over the
+    /// batch, so each rank scales its own by the number of ranks (the
+    /// auxiliary loss, which does not depend on the batch, is not scaled).
+    /// The latent noise is drawn for the whole global batch and each rank
+    /// takes its samples' rows, as one process would have drawn it.
     fn step(&mut self, stage: &StageConfig, optimizer: &mut Adam, batch: &Batch) -> Result<(StepTerms, f64)> {
         // Torch's generator (the latent noise) follows the step, so a resumed run draws what it would have.
         let seed = (self.config.seed as i64) ^ (self.progress.global_step as i64).wrapping_mul(0x2545_F491);
         tch::manual_seed(seed);
         let size = self.arch.compressor.input_size;
-        let device = self.options.device;
+        let device = self.device;
+        let ranks = self.world.size;
         let x = Tensor::from_slice(&batch.images)
             .view([batch.len() as i64, 3, size, size])
             .to_device(device);
@@ -337,17 +413,56 @@ impl<'a> Run<'a> {
                     _ => None,
                 };
                 optimizer.zero_grad();
-                let terms = compressor_step(&self.models, &x, stage.lmbda, saliency.as_ref(), amp);
-                terms.loss_tensor.backward();
+                let noise = (ranks > 1).then(|| self.global_noise(batch.len(), device));
+                let terms = compressor_step(&self.models, &x, stage.lmbda, saliency.as_ref(), noise.as_ref(), amp);
+                if ranks > 1 {
+                    (&terms.loss_tensor * ranks as f64).backward();
+                } else {
+                    terms.loss_tensor.backward();
+                }
                 self.models.compressor.entropy_bottleneck.aux_loss().backward();
                 terms.values
             }
         };
+        self.world.average_gradients(optimizer.params())?;
         optimizer.step();
+        let terms = self.global_terms(terms, stage.kind);
         self.progress.batch += 1;
         self.progress.global_step += 1;
         self.progress.optimizer_step = optimizer.step;
         Ok((terms, started.elapsed().as_secs_f64()))
+    }
+
+    /// The latent noise of this rank's `local` samples: drawn for the global
+    /// batch (from torch's generator, as the compressor draws it), rows
+    /// `rank, rank + ranks, …` — the rows of this rank's samples.
+    fn global_noise(&self, local: usize, device: Device) -> Tensor {
+        let (rank, ranks) = (self.world.rank as i64, self.world.size as i64);
+        let c = &self.arch.compressor;
+        let side = c.latent_size();
+        let all = Tensor::rand(
+            [local as i64 * ranks, c.latent_channels, side, side],
+            (Kind::Float, device),
+        ) - 0.5;
+        all.slice(0, rank, None, ranks)
+    }
+
+    /// A step's loss terms over the global batch: sums over the ranks (a
+    /// teacher's mean loss, averaged).
+    fn global_terms(&self, terms: StepTerms, kind: StageKind) -> StepTerms {
+        if self.world.size <= 1 {
+            return terms;
+        }
+        let mut values = [terms.loss, terms.distortion.unwrap_or(0.0), terms.bits.unwrap_or(0.0)];
+        self.world.sum_f64(&mut values);
+        if kind == StageKind::Teacher {
+            values[0] /= self.world.size as f64;
+        }
+        StepTerms {
+            loss: values[0],
+            distortion: terms.distortion.map(|_| values[1]),
+            bits: terms.bits.map(|_| values[2]),
+        }
     }
 
     /// Validates the epoch's weights and logs the result; keeps them as the
@@ -355,7 +470,10 @@ impl<'a> Run<'a> {
     /// `keep = "last"`).
     fn validate(&mut self, stage: &StageConfig, lr: f64) -> Result<()> {
         let val = self.evaluate(stage.kind)?;
-        self.log.write(&MetricsLine {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        log.write(&MetricsLine {
             split: "val".into(),
             stage: self.progress.stage,
             kind: stage.kind,
@@ -406,7 +524,7 @@ impl<'a> Run<'a> {
     /// otherwise the compressor with rounding (no real coding) in front of the
     /// backbone tail, with the estimated bits per pixel and the distortion.
     fn evaluate(&self, kind: StageKind) -> Result<Validation> {
-        let device = self.options.device;
+        let device = self.device;
         let transform = Arc::new(Transform {
             augment: Augment::ResizeCenterCrop,
             preprocess: self.preprocess.clone(),
@@ -418,6 +536,7 @@ impl<'a> Run<'a> {
             workers: self.config.workers,
             prefetch: 2 * self.config.workers.max(1),
             seed: self.config.seed,
+            shard: None,
         };
         let size = i64::from(self.preprocess.crop);
         let (mut correct, mut seen, mut bits, mut distortion) = (0i64, 0i64, 0f64, 0f64);
@@ -455,11 +574,16 @@ impl<'a> Run<'a> {
 
     /// Ends the current stage and moves on to the next.
     fn end_stage(&mut self, stage: &StageConfig, optimizer: &Adam) -> Result<()> {
+        let root = self.world.is_root();
         if stage.kind == StageKind::Teacher {
-            // Later stages distil from the kept teacher.
-            let best = Tensor::read_safetensors(self.file(TEACHER))?.into_iter().collect();
-            load_into(&mut self.models.backbone_vars, best)?;
-        } else if self.progress.stage + 1 < self.config.stages.len() {
+            // Later stages distil from the kept teacher (rank 0's file, sent to the other ranks).
+            if root {
+                let best = Tensor::read_safetensors(self.file(TEACHER))?.into_iter().collect();
+                load_into(&mut self.models.backbone_vars, best)?;
+            }
+            let backbone: Vec<Tensor> = Models::named(&self.models.backbone_vars).into_values().collect();
+            self.world.broadcast_tensors(&backbone)?;
+        } else if root && self.progress.stage + 1 < self.config.stages.len() {
             // The compressor as this stage left it, for comparing stages (stage 1 alone against 1 + 2).
             let dir = self.file(&format!("{BUNDLE}-after-stage{}", self.progress.stage));
             write_run_bundle(&dir, &self.models, self.train_set.classes(), self.config, stage)?;
@@ -471,8 +595,11 @@ impl<'a> Run<'a> {
         self.checkpoint(optimizer)
     }
 
-    /// Replaces the run's checkpoint with the current state.
+    /// Replaces the run's checkpoint with the current state (rank 0's job).
     fn checkpoint(&self, optimizer: &Adam) -> Result<()> {
+        if !self.world.is_root() {
+            return Ok(());
+        }
         write_checkpoint(&self.file(CHECKPOINT), &self.models, optimizer, &self.progress)
     }
 
@@ -496,6 +623,16 @@ impl<'a> Run<'a> {
             progress: self.progress,
         }
     }
+}
+
+/// Rank 0's progress, on every rank.
+fn share_progress(world: &World, progress: Progress) -> Result<Progress> {
+    if world.size <= 1 {
+        return Ok(progress);
+    }
+    let mut bytes = serde_json::to_vec(&progress).map_err(|e| Error::Data(e.to_string()))?;
+    world.broadcast_bytes(&mut bytes);
+    serde_json::from_slice(&bytes).map_err(|e| Error::Data(format!("rank 0's progress: {e}")))
 }
 
 /// A run's images.

@@ -224,6 +224,7 @@ pub fn generate_maps(
         workers: config.workers,
         prefetch: 2 * config.workers.max(1),
         seed: 0,
+        shard: None,
     };
     let bar = if config.progress {
         let bar = ProgressBar::new(todo.len() as u64);
