@@ -69,12 +69,18 @@ def test_tables_from_the_density_are_compressais_for_both_formulas_and_namings(r
     )
 
 
-def test_tables_a_state_dict_holds_are_used_as_they_are(reference):
+def with_tables(reference, tables):
+    """The state dict as a CompressAI model holds it after `update()`: with `tables`."""
     sd = state_dict(reference)
-    tables = reference["tables_sign_flipped"]
     sd["entropy_bottleneck._quantized_cdf"] = padded(tables)
     sd["entropy_bottleneck._cdf_length"] = np.array(tables["cdf_length"], dtype=np.int32)
     sd["entropy_bottleneck._offset"] = np.array(tables["offset"], dtype=np.int32)
+    return sd
+
+
+def test_tables_a_state_dict_holds_are_used_as_they_are(reference):
+    tables = reference["tables_sign_flipped"]
+    sd = with_tables(reference, tables)
     assert_tables(frankensplit.EntropyBottleneck.from_state_dict(sd), tables)
     # An explicit formula rebuilds them.
     assert_tables(
@@ -88,12 +94,7 @@ def test_tables_a_state_dict_holds_are_used_as_they_are(reference):
 
 def coder(reference):
     """The coder of CompressAI's own tables (`update()`'s, held in the state dict)."""
-    sd = state_dict(reference)
-    tables = reference["tables_direct"]
-    sd["entropy_bottleneck._quantized_cdf"] = padded(tables)
-    sd["entropy_bottleneck._cdf_length"] = np.array(tables["cdf_length"], dtype=np.int32)
-    sd["entropy_bottleneck._offset"] = np.array(tables["offset"], dtype=np.int32)
-    return frankensplit.EntropyBottleneck.from_state_dict(sd)
+    return frankensplit.EntropyBottleneck.from_state_dict(with_tables(reference, reference["tables_direct"]))
 
 
 @pytest.mark.parametrize("case", range(4))
