@@ -16,9 +16,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use frankensplit_train::run::{read_checkpoint, train, MetricsLine, Progress, RunConfig, TrainOptions};
-use frankensplit_train::synthetic::{generate, SyntheticConfig};
-use tch::{Device, Tensor};
+mod common;
+
+use common::{fixture_arch, options, small_data};
+use frankensplit_train::run::{read_checkpoint, train, MetricsLine, Progress, RunConfig};
+use tch::Tensor;
 
 /// The run file a rank started by mpirun trains.
 const RUN: &str = "FRANKENSPLIT_TEST_RUN";
@@ -26,16 +28,6 @@ const RUN: &str = "FRANKENSPLIT_TEST_RUN";
 const STOP: &str = "FRANKENSPLIT_TEST_STOP";
 const RESUME: &str = "FRANKENSPLIT_TEST_RESUME";
 const KILL: &str = "FRANKENSPLIT_TEST_KILL";
-
-/// The small fixture architecture without stochastic depth (whose masks
-/// each process draws for its own samples, so they could not match).
-fn fixture_arch() -> String {
-    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/small_arch.toml"))
-        .unwrap()
-        .replace("split_stage = 2\n", "")
-        .replace("decoder_drop_path = 0.05", "decoder_drop_path = 0.0")
-        .replace("[backbone]", "[teacher.backbone]")
-}
 
 /// Three stages of 3 steps each (12 images, global batch 4).
 fn run_file(dir: &Path, output: &str) -> PathBuf {
@@ -74,20 +66,12 @@ lr = 4e-4
 lmbda = 0.05
 
 {}"#,
-        fixture_arch()
+        // Without stochastic depth, whose masks each process draws for its own samples.
+        fixture_arch(false)
     );
     let path = dir.join(format!("{output}.toml"));
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn options(stop_after_steps: Option<u64>, resume: bool) -> TrainOptions {
-    TrainOptions {
-        resume,
-        device: Device::Cpu,
-        progress: false,
-        stop_after_steps,
-    }
 }
 
 /// When this process is a rank started by [`mpirun`]: trains the run file it was given.
@@ -265,20 +249,7 @@ fn two_processes_train_as_one_at_the_global_batch_and_resume_with_any_world_size
         return;
     }
     let dir = std::env::temp_dir().join(format!("frankensplit-distributed-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    generate(
-        &dir.join("data"),
-        &SyntheticConfig {
-            classes: 3,
-            train_per_class: 4,
-            val_per_class: 2,
-            test_per_class: 0,
-            size: 72,
-            seed: 1,
-            jpeg: false,
-        },
-    )
-    .unwrap();
+    small_data(&dir, 4);
 
     // One process, batch 4.
     let one = run_file(&dir, "one");

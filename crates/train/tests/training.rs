@@ -8,38 +8,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use frankensplit_models::Bundle;
-use frankensplit_train::run::{read_checkpoint, train, MetricsLine, RunConfig, TrainOptions};
-use frankensplit_train::synthetic::{generate, SyntheticConfig};
-use tch::{Device, Tensor};
+mod common;
 
-/// The small fixture architecture's [compressor] and [backbone] tables, renamed into a run file's.
-fn fixture_arch() -> String {
-    std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/small_arch.toml"))
-        .unwrap()
-        .replace("split_stage = 2\n", "")
-        .replace("[backbone]", "[teacher.backbone]")
-}
+use common::{fixture_arch, options, small_data};
+use frankensplit_train::run::{read_checkpoint, train, MetricsLine, RunConfig};
+use tch::{Device, Tensor};
 
 /// Writes `dir/<output>.toml` with `text`, the fixture architecture appended.
 fn write_run_file(dir: &Path, output: &str, text: &str) -> PathBuf {
     let path = dir.join(format!("{output}.toml"));
-    std::fs::write(&path, format!("{text}\n{}", fixture_arch())).unwrap();
+    std::fs::write(&path, format!("{text}\n{}", fixture_arch(true))).unwrap();
     path
-}
-
-/// Writes the validation folder (and `train_per_class` training images a class) of 3 classes.
-fn small_data(dir: &Path, train_per_class: usize) {
-    let _ = std::fs::remove_dir_all(dir);
-    let config = SyntheticConfig {
-        classes: 3,
-        train_per_class,
-        val_per_class: 2,
-        test_per_class: 0,
-        size: 72,
-        seed: 1,
-        jpeg: false,
-    };
-    generate(&dir.join("data"), &config).unwrap();
 }
 
 /// Runs `split` stopped after `stop` steps, resumes it, and checks that it
@@ -128,15 +107,6 @@ lmbda = 0.05
 /// Runs seed torch's one global generator at every step: tests that train
 /// take turns, or each would draw the other's noise.
 static TORCH_GENERATOR: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn options(stop_after_steps: Option<u64>, resume: bool) -> TrainOptions {
-    TrainOptions {
-        resume,
-        device: Device::Cpu,
-        progress: false,
-        stop_after_steps,
-    }
-}
 
 fn weights(path: &Path) -> BTreeMap<String, Tensor> {
     read_checkpoint(path).unwrap().1
