@@ -28,12 +28,35 @@ pub struct StepTerms {
     pub bits: Option<f64>,
 }
 
+impl StepTerms {
+    /// The values of `[loss, distortion, bits]` (a compressor's; a teacher's
+    /// loss alone when `compressor` is false), read from a tensor of three.
+    pub(crate) fn read(terms: &Tensor, compressor: bool) -> Self {
+        let host = Vec::<f64>::try_from(terms.to_kind(Kind::Double).to_device(Device::Cpu).reshape([-1]))
+            .unwrap_or_else(|_| vec![f64::NAN; 3]);
+        Self {
+            loss: host[0],
+            distortion: compressor.then_some(host[1]),
+            bits: compressor.then_some(host[2]),
+        }
+    }
+}
+
 /// The loss of a compressor step, with its terms.
 pub struct CompressorLoss {
     /// What to back-propagate.
     pub loss_tensor: Tensor,
-    /// Its value and terms.
-    pub values: StepTerms,
+    /// `[loss, distortion, bits]` (`f64`, detached), where the step computed
+    /// them: reading them is a synchronisation on a GPU, so a run sums them
+    /// there and reads the sums when it logs.
+    pub terms: Tensor,
+}
+
+impl CompressorLoss {
+    /// The loss and its terms on the host (a synchronisation on a GPU).
+    pub fn values(&self) -> StepTerms {
+        StepTerms::read(&self.terms, true)
+    }
 }
 
 /// The compressor's training loss on a batch: the teacher's features `h`
@@ -69,22 +92,12 @@ pub fn compressor_loss(
     };
     let bits = out.likelihoods.log2().sum(Kind::Float).neg();
     let loss = &distortion + &bits * lmbda;
-    // One transfer to the host for the three values (one synchronisation on a GPU).
-    let host = Vec::<f64>::try_from(
-        Tensor::stack(&[&loss, &distortion, &bits], 0)
-            .detach()
-            .to_kind(Kind::Double)
-            .to_device(Device::Cpu),
-    )
-    .unwrap_or_else(|_| vec![f64::NAN; 3]);
-    let values = StepTerms {
-        loss: host[0],
-        distortion: Some(host[1]),
-        bits: Some(host[2]),
-    };
+    let terms = Tensor::stack(&[&loss, &distortion, &bits], 0)
+        .detach()
+        .to_kind(Kind::Double);
     CompressorLoss {
         loss_tensor: loss,
-        values,
+        terms,
     }
 }
 

@@ -4,9 +4,11 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::time::Instant;
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
+use tch::Tensor;
 
 use crate::config::{StageConfig, StageKind};
 use crate::loss::StepTerms;
@@ -46,8 +48,16 @@ pub struct MetricsLine {
 }
 
 /// Sums of the steps since the last line written to the log.
+///
+/// The loss terms (`[loss, distortion, bits]` in `f64`) are summed where the
+/// steps computed them and read when a line or message is made, so that a
+/// step on a GPU does not wait for its loss to reach the host. The seconds
+/// are the steps' own; the wait for that read (the device finishing the
+/// queued steps, nothing on a CPU) is added to them, so images/s counts the
+/// device's work, not only the host's.
 #[derive(Default)]
 pub(crate) struct Stretch {
+    pending: Option<Tensor>,
     loss: f64,
     distortion: f64,
     bits: f64,
@@ -58,17 +68,32 @@ pub(crate) struct Stretch {
 }
 
 impl Stretch {
-    pub(crate) fn add(&mut self, terms: &StepTerms, images: usize, seconds: f64) {
-        self.loss += terms.loss;
-        self.distortion += terms.distortion.unwrap_or(0.0);
-        self.bits += terms.bits.unwrap_or(0.0);
-        self.compressor = terms.bits.is_some();
+    /// Adds a step: its terms (three values, see [`Stretch`]), a compressor's or a teacher's.
+    pub(crate) fn add(&mut self, terms: &Tensor, compressor: bool, images: usize, seconds: f64) {
+        self.pending = Some(match self.pending.take() {
+            Some(sums) => sums + terms,
+            None => terms.shallow_clone(),
+        });
+        self.compressor = compressor;
         self.steps += 1;
         self.images += images;
         self.seconds += seconds;
     }
 
-    pub(crate) fn message(&self, lr: f64, pixels: f64) -> String {
+    /// Brings the sums of the steps so far to the host.
+    fn settle(&mut self) {
+        if let Some(sums) = self.pending.take() {
+            let started = Instant::now();
+            let sums = StepTerms::read(&sums, true);
+            self.seconds += started.elapsed().as_secs_f64();
+            self.loss += sums.loss;
+            self.distortion += sums.distortion.unwrap_or(0.0);
+            self.bits += sums.bits.unwrap_or(0.0);
+        }
+    }
+
+    pub(crate) fn message(&mut self, lr: f64, pixels: f64) -> String {
+        self.settle();
         let steps = self.steps.max(1) as f64;
         let mut text = format!("loss {:.4}", self.loss / steps);
         if self.compressor {
@@ -77,7 +102,15 @@ impl Stretch {
         text + &format!(" lr {lr:.2e} {:.1} img/s", self.images as f64 / self.seconds.max(1e-9))
     }
 
-    pub(crate) fn line(&self, stage: usize, kind: StageKind, progress: &Progress, lr: f64, pixels: f64) -> MetricsLine {
+    pub(crate) fn line(
+        &mut self,
+        stage: usize,
+        kind: StageKind,
+        progress: &Progress,
+        lr: f64,
+        pixels: f64,
+    ) -> MetricsLine {
+        self.settle();
         let steps = self.steps.max(1) as f64;
         let images = self.images.max(1) as f64;
         MetricsLine {

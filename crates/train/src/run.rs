@@ -325,17 +325,23 @@ impl<'a> Run<'a> {
             &self.progress,
         );
         let mut stretch = Stretch::default();
+        let mut shown = Instant::now();
         let batches = loader.num_batches();
         for batch in loader {
             let batch = batch?;
             optimizer.lr = stage.lr_at(self.progress.epoch, self.progress.batch, batches);
             let (terms, seconds) = self.step(stage, optimizer, &batch)?;
-            stretch.add(&terms, batch.len() * self.world.size, seconds);
-            bar.set_message(stretch.message(optimizer.lr, self.pixels()));
+            let compressor = stage.kind != StageKind::Teacher;
+            stretch.add(&terms, compressor, batch.len() * self.world.size, seconds);
+            // The message reads the loss from the device: at most once a second.
+            if !bar.is_hidden() && shown.elapsed().as_secs_f64() >= 1.0 {
+                bar.set_message(stretch.message(optimizer.lr, self.pixels()));
+                shown = Instant::now();
+            }
             bar.inc(1);
             let every = self.config.checkpoint_every as u64;
             if every > 0 && self.progress.global_step.is_multiple_of(every) {
-                self.log_stretch(&stretch, stage.kind, optimizer.lr)?;
+                self.log_stretch(&mut stretch, stage.kind, optimizer.lr)?;
                 stretch = Stretch::default();
                 self.checkpoint(optimizer)?;
                 if self
@@ -350,7 +356,7 @@ impl<'a> Run<'a> {
         }
         bar.finish_and_clear();
         if stretch.images > 0 {
-            self.log_stretch(&stretch, stage.kind, optimizer.lr)?;
+            self.log_stretch(&mut stretch, stage.kind, optimizer.lr)?;
         }
         if self.world.is_root() {
             self.validate(stage, optimizer.lr)?;
@@ -362,7 +368,7 @@ impl<'a> Run<'a> {
     }
 
     /// Logs the means of a stretch of training steps.
-    fn log_stretch(&mut self, stretch: &Stretch, kind: StageKind, lr: f64) -> Result<()> {
+    fn log_stretch(&mut self, stretch: &mut Stretch, kind: StageKind, lr: f64) -> Result<()> {
         let line = stretch.line(self.progress.stage, kind, &self.progress, lr, self.pixels());
         match &mut self.log {
             Some(log) => log.write(&line),
@@ -371,7 +377,8 @@ impl<'a> Run<'a> {
     }
 
     /// One optimiser step on `batch` (this rank's share of the global
-    /// batch): the global batch's loss terms and the seconds it took.
+    /// batch): the global batch's loss terms (`[loss, distortion, bits]`,
+    /// left on the device with one process) and the seconds it took.
     ///
     /// With several ranks the gradients are averaged across them before the
     /// step. A teacher's loss is a mean over the batch, so the average is
@@ -380,7 +387,7 @@ impl<'a> Run<'a> {
     /// auxiliary loss, which does not depend on the batch, is not scaled).
     /// The latent noise is drawn for the whole global batch and each rank
     /// takes its samples' rows, as one process would have drawn it.
-    fn step(&mut self, stage: &StageConfig, optimizer: &mut Adam, batch: &Batch) -> Result<(StepTerms, f64)> {
+    fn step(&mut self, stage: &StageConfig, optimizer: &mut Adam, batch: &Batch) -> Result<(Tensor, f64)> {
         // Torch's generator (the latent noise) follows the step, so a resumed run draws what it would have.
         let seed = (self.config.seed as i64) ^ (self.progress.global_step as i64).wrapping_mul(0x2545_F491);
         tch::manual_seed(seed);
@@ -398,11 +405,8 @@ impl<'a> Run<'a> {
                 let loss = teacher_step(&self.models, &x, &labels, stage.label_smoothing, stage.freeze_head, amp);
                 optimizer.zero_grad();
                 loss.backward();
-                StepTerms {
-                    loss: loss.double_value(&[]),
-                    distortion: None,
-                    bits: None,
-                }
+                let loss = loss.detach().to_kind(Kind::Double).reshape([1]);
+                Tensor::cat(&[loss, Tensor::zeros([2], (Kind::Double, device))], 0)
             }
             StageKind::Distill | StageKind::Saliency => {
                 let saliency = match (stage.kind, self.saved_maps()) {
@@ -421,7 +425,7 @@ impl<'a> Run<'a> {
                     terms.loss_tensor.backward();
                 }
                 self.models.compressor.entropy_bottleneck.aux_loss().backward();
-                terms.values
+                terms.terms
             }
         };
         self.world.average_gradients(optimizer.params())?;
@@ -448,21 +452,20 @@ impl<'a> Run<'a> {
     }
 
     /// A step's loss terms over the global batch: sums over the ranks (a
-    /// teacher's mean loss, averaged).
-    fn global_terms(&self, terms: StepTerms, kind: StageKind) -> StepTerms {
+    /// teacher's mean loss, averaged), read to the host every step (the
+    /// gradient average synchronises the ranks anyway); with one process,
+    /// the terms as they are, on the device.
+    fn global_terms(&self, terms: Tensor, kind: StageKind) -> Tensor {
         if self.world.size <= 1 {
             return terms;
         }
-        let mut values = [terms.loss, terms.distortion.unwrap_or(0.0), terms.bits.unwrap_or(0.0)];
+        let host = StepTerms::read(&terms, true);
+        let mut values = [host.loss, host.distortion.unwrap_or(0.0), host.bits.unwrap_or(0.0)];
         self.world.sum_f64(&mut values);
         if kind == StageKind::Teacher {
             values[0] /= self.world.size as f64;
         }
-        StepTerms {
-            loss: values[0],
-            distortion: terms.distortion.map(|_| values[1]),
-            bits: terms.bits.map(|_| values[2]),
-        }
+        Tensor::from_slice(&values)
     }
 
     /// Validates the epoch's weights and logs the result; keeps them as the

@@ -89,7 +89,7 @@ fn one_step_matches_the_reference_loss_and_gradients() {
         }
         let loss = compressor_loss(&s.compressor, &s.head, &f["input"], 0.05, saliency, Some(&f["noise"]));
         loss.loss_tensor.backward();
-        let terms = loss.values;
+        let terms = loss.values();
         for (name, ours) in [
             ("loss", terms.loss),
             ("distortion", terms.distortion.unwrap()),
