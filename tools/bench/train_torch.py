@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
 """Stage-1 training steps of the reference in PyTorch, for the speed ratio
-against `frankensplit train` on the same GPU (BENCHMARKS.md).
+against `frankensplit train` on the same GPU or CPU (BENCHMARKS.md).
 
 The reference's modules are rebuilt as in tools/fixtures/gen_model_fixtures.py
 (timm 0.6's Swin blocks); the teacher is timm's swin_s3_base_224 up to
 layers.1 (random weights: speed only). The EntropyBottleneck is CompressAI's
 when importable, else the same computation written out below. Inputs are
-random tensors already on the GPU, so this times the model alone (an upper
-bound for PyTorch; the Rust run also decodes and augments images).
+random tensors already on the device, so this times the model alone (an upper
+bound for PyTorch; the Rust run also decodes and augments images, on its
+loader threads, outside its timed steps). tools/bench/train_cpu.sh runs it on
+the CPU against `frankensplit train`.
 
     TIMM_OLD=/path/to/timm-0.6.13 python3 tools/bench/train_torch.py --steps 60 --batch 16 [--amp]
+    TIMM_OLD=... python3 tools/bench/train_torch.py --device cpu --threads 2 --steps 15 --warmup 3 --batch 4 --phases
+
+`--phases` also times the step's phases (teacher forward, compressor forward,
+loss, backward, optimiser; on a GPU each boundary synchronises, which slows
+the step, so the images/s of such a run is not the headline number).
+`--stage 2` adds the saliency weighting of the distortion (a random map per
+image, nearest-resized to the token grid, as `frankensplit train` does with
+saved maps).
 """
 
 import argparse
@@ -99,8 +109,16 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lmbda", type=float, default=0.064)
     ap.add_argument("--amp", action="store_true")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on the CPU (0: torch's default)")
+    ap.add_argument("--phases", action="store_true", help="also report the mean seconds of each phase of a step")
+    ap.add_argument("--stage", type=int, default=1, choices=(1, 2))
     args = ap.parse_args()
-    device = "cuda"
+    device = args.device
+    cuda = device.startswith("cuda")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
     timm, st = old_timm()
     teacher = timm.create_model("swin_s3_base_224", pretrained=False).to(device).eval()
     for p in teacher.parameters():
@@ -117,6 +135,17 @@ def main():
     params = list(g_a.parameters()) + list(g_s.parameters()) + list(eb.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
+    saliency = torch.rand(args.batch, 1, 28, 28, device=device) if args.stage == 2 else None
+    phases = {}
+
+    def mark(name, since):
+        if not args.phases:
+            return since
+        if cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - since
+        return now
 
     def head(x):
         x = teacher.patch_embed(x)
@@ -124,30 +153,48 @@ def main():
         return x
 
     def step():
-        with torch.no_grad(), torch.autocast("cuda", enabled=args.amp):
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast(device.split(":")[0], enabled=args.amp):
             h = head(x)
-        with torch.autocast("cuda", enabled=args.amp):
+        t = mark("teacher_forward", t)
+        with torch.autocast(device.split(":")[0], enabled=args.amp):
             y = g_a(x)
             y_hat, lik = eb(y)
             h_tilde = g_s(y_hat)
-        loss = F.mse_loss(h_tilde.float(), h.float(), reduction="sum") + args.lmbda * (-torch.log2(lik.float())).sum()
+        t = mark("compressor_forward", t)
+        if saliency is not None:
+            d = (h_tilde.float() - h.float()).square()
+            side = int(round(d.shape[1] ** 0.5))
+            s = F.interpolate(saliency, size=(side, side), mode="nearest").view(d.shape[0], -1, 1)
+            distortion = (d + d * s).sum() / 2
+        else:
+            distortion = F.mse_loss(h_tilde.float(), h.float(), reduction="sum")
+        loss = distortion + args.lmbda * (-torch.log2(lik.float())).sum()
+        t = mark("loss", t)
         opt.zero_grad()
         eb.aux_loss().backward() if hasattr(eb, "aux_loss") else eb.loss().backward()
         loss.backward()
+        t = mark("backward", t)
         opt.step()
+        mark("optimizer", t)
 
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(args.warmup):
         step()
-    torch.cuda.synchronize()
+    phases.clear()
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
-    print(json.dumps({"framework": "pytorch " + torch.__version__, "entropy_bottleneck": eb_name,
-                      "amp": args.amp, "batch": args.batch, "steps": args.steps,
-                      "images_per_s": args.steps * args.batch / seconds,
-                      "gpu": torch.cuda.get_device_name()}))
+    out = {"framework": "pytorch " + torch.__version__, "entropy_bottleneck": eb_name, "stage": args.stage,
+           "amp": args.amp, "batch": args.batch, "steps": args.steps,
+           "images_per_s": args.steps * args.batch / seconds,
+           "device": torch.cuda.get_device_name() if cuda else f"cpu, {torch.get_num_threads()} threads"}
+    if args.phases:
+        out["phase_ms"] = {k: round(1e3 * v / args.steps, 1) for k, v in phases.items()}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
