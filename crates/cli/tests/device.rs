@@ -8,21 +8,10 @@ use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+mod common;
+
+use common::{bin, run};
 use serde_json::Value;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_frankensplit"))
-}
-
-fn run(args: &[&str]) -> String {
-    let out = bin().args(args).output().expect("frankensplit runs");
-    assert!(
-        out.status.success(),
-        "frankensplit {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8")
-}
 
 /// Runs a command that must fail; its stderr.
 fn refused<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {

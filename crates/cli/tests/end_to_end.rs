@@ -10,8 +10,9 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+mod common;
 
+use common::{bin, run};
 use frankensplit_models::{Architecture, Compressor, SwinConfig, SwinTransformer};
 use serde_json::Value;
 use tch::nn::VarStore;
@@ -83,19 +84,6 @@ fn reference_state_dict(arch: &Architecture, seed: i64) -> Vec<(String, Tensor)>
         .collect();
     state.extend(duplicates);
     state
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_frankensplit"))
-        .args(args)
-        .output()
-        .expect("frankensplit runs");
-    assert!(
-        out.status.success(),
-        "frankensplit {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("UTF-8 output")
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -303,7 +291,7 @@ fn conversion_errors_name_what_to_fix() {
     std::fs::write(&arch_file, toml::to_string(&architecture(&[2, 2, 1, 1])).unwrap()).unwrap();
     let bundle = work.join("bundle");
     let convert = |checkpoint: &Path| {
-        Command::new(env!("CARGO_BIN_EXE_frankensplit"))
+        bin()
             .args([
                 "convert",
                 "--checkpoint",
@@ -370,7 +358,7 @@ fn backbone_from_separate_timm_weights() {
     let timm_file = work.join("timm10.safetensors");
     Tensor::write_safetensors(&timm, &timm_file).unwrap();
 
-    let missing = Command::new(env!("CARGO_BIN_EXE_frankensplit"))
+    let missing = bin()
         .args([
             "convert",
             "--checkpoint",
