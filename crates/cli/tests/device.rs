@@ -4,13 +4,12 @@
 //! --device cpu --precision bf16` and `classify --precision bf16` answer with
 //! f32's top-1 on the small fixture model.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 mod common;
 
-use common::{bin, run};
+use common::{bin, run, Server};
 use serde_json::Value;
 
 /// Runs a command that must fail; its stderr.
@@ -132,32 +131,19 @@ fn bf16_serving_on_the_cpu_answers_as_f32() {
         );
     }
 
-    let mut server = bin()
-        .args([
-            "serve",
-            "--model",
-            &s(&bundle),
-            "--listen",
-            "127.0.0.1:0",
-            "--device",
-            "cpu",
-            "--precision",
-            "bf16",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut banner = String::new();
-    stderr.read_line(&mut banner).unwrap();
-    assert!(banner.contains("(cpu, bf16)"), "{banner}");
-    let url = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("server prints its URL")
-        .to_string();
-    let mut args = vec!["client", "--json", "--server", &url, "--model"];
     let model = s(&bundle);
+    let server = Server::start(&[
+        "--model",
+        &model,
+        "--listen",
+        "127.0.0.1:0",
+        "--device",
+        "cpu",
+        "--precision",
+        "bf16",
+    ]);
+    assert!(server.banner.contains("(cpu, bf16)"), "{}", server.banner);
+    let mut args = vec!["client", "--json", "--server", &server.url, "--model"];
     args.push(&model);
     args.extend(pictures.iter().map(String::as_str));
     let answers: Vec<Value> = run(&args).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -165,8 +151,6 @@ fn bf16_serving_on_the_cpu_answers_as_f32() {
         assert_eq!(answers[i]["status"], 200, "{}", answers[i]);
         assert_eq!(answers[i]["top1"].as_i64().unwrap(), top1(expected), "{}", answers[i]);
     }
-    let pid = server.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    assert!(server.wait().unwrap().success());
+    assert!(server.interrupt().0.success());
     let _ = std::fs::remove_dir_all(&work);
 }

@@ -4,13 +4,11 @@
 //! server crops, a paced upload takes at least the link model's time, and
 //! SIGINT stops the server cleanly.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 mod common;
 
-use common::{bin, run};
+use common::{run, Server};
 use serde_json::Value;
 
 #[test]
@@ -75,19 +73,8 @@ fn encode_serve_and_client_agree_with_local_classification() {
     })
     .collect();
 
-    let mut server = bin()
-        .args(["serve", "--model", &s(&bundle), "--listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(server.stderr.take().unwrap());
-    let mut banner = String::new();
-    stderr.read_line(&mut banner).unwrap();
-    let url = banner
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .expect("server prints its URL")
-        .to_string();
+    let server = Server::start(&["--model", &s(&bundle), "--listen", "127.0.0.1:0"]);
+    let url = server.url.clone();
 
     let out = run(&[
         "client",
@@ -215,11 +202,7 @@ fn encode_serve_and_client_agree_with_local_classification() {
         assert!(r["top5"].as_f64() >= r["top1"].as_f64(), "{r}");
     }
 
-    let pid = server.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let status = server.wait().unwrap();
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let (status, rest) = server.interrupt();
     assert!(
         status.success() && rest.contains("stopped"),
         "server did not stop cleanly: {status:?} {rest}"
