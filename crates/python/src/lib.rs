@@ -19,8 +19,11 @@ use frankensplit_codec::{
     CdfTables, DecodeLimits, FactorizedDensity, LatentShape, LikelihoodFormula, ModelFingerprint, ParamTensor,
 };
 use frankensplit_edge::{load_calibration, EdgeModel};
-use frankensplit_preprocess::RgbImage;
-use numpy::{IntoPyArray, PyArray1, PyArray2, PyArray4, PyArrayMethods, PyReadonlyArray4, PyUntypedArrayMethods};
+use frankensplit_preprocess::{RgbImage, MAX_PIXELS};
+use numpy::{
+    IntoPyArray, PyArray1, PyArray2, PyArray4, PyArrayMethods, PyReadonlyArray4, PyReadonlyArrayDyn,
+    PyUntypedArrayMethods,
+};
 use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyMapping};
@@ -61,20 +64,23 @@ fn as_contiguous<'py>(value: &Bound<'py, PyAny>, dtype: &str) -> PyResult<Bound<
     numpy.call_method1("ascontiguousarray", (value, numpy.getattr(dtype)?))
 }
 
+/// An array-like's values, in C order, and its shape.
+fn values<T: numpy::Element + Copy>(value: &Bound<'_, PyAny>, dtype: &str) -> PyResult<(Vec<T>, Vec<usize>)> {
+    let array = as_contiguous(value, dtype)?;
+    let array: PyReadonlyArrayDyn<'_, T> = array.extract()?;
+    let data = array.as_slice().map_err(value_error)?.to_vec();
+    Ok((data, array.shape().to_vec()))
+}
+
 /// An array-like as `f32` values and its shape.
 fn floats(value: &Bound<'_, PyAny>) -> PyResult<ParamTensor> {
-    let array = as_contiguous(value, "float32")?;
-    let shape: Vec<usize> = array.getattr("shape")?.extract()?;
-    let data: Vec<f32> = array.call_method0("ravel")?.call_method0("tolist")?.extract()?;
+    let (data, shape) = values(value, "float32")?;
     Ok(ParamTensor { shape, data })
 }
 
 /// An array-like as `i32` values and its shape.
 fn ints(value: &Bound<'_, PyAny>) -> PyResult<(Vec<i32>, Vec<usize>)> {
-    let array = as_contiguous(value, "int32")?;
-    let shape: Vec<usize> = array.getattr("shape")?.extract()?;
-    let data: Vec<i32> = array.call_method0("ravel")?.call_method0("tolist")?.extract()?;
-    Ok((data, shape))
+    values(value, "int32")
 }
 
 /// `(H, W)` as CompressAI's `decompress(strings, size)` takes it, or `(C, H, W)`.
@@ -340,20 +346,27 @@ fn image(value: &Bound<'_, PyAny>) -> PyResult<RgbImage> {
     if let Ok(path) = value.extract::<PathBuf>() {
         return RgbImage::open(&path).map_err(|e| PyOSError::new_err(e.to_string()));
     }
-    let array = as_contiguous(value, "uint8")?;
+    // The shape is checked on numpy's view, before anything is copied.
+    let array = value.py().import("numpy")?.call_method1("asarray", (value,))?;
     let shape: Vec<usize> = array.getattr("shape")?.extract()?;
     let [height, width, 3] = shape[..] else {
         return Err(value_error(format!(
             "an image array is uint8 (H, W, 3) RGB, not of shape {shape:?}"
         )));
     };
-    let side = |v: usize| u32::try_from(v).ok().filter(|&v| v > 0 && v <= 1 << 16);
+    // The bound every decoded image file is held to.
+    let side = |v: usize| u32::try_from(v).ok().filter(|&v| v > 0);
     let (Some(width), Some(height)) = (side(width), side(height)) else {
         return Err(value_error(format!(
-            "image of {height}×{width} pixels: each side must be 1 to 65536"
+            "an image of {height}×{width} pixels has an empty or huge side"
         )));
     };
-    let pixels: Vec<u8> = array.call_method0("tobytes")?.extract()?;
+    if u64::from(width) * u64::from(height) > MAX_PIXELS {
+        return Err(value_error(format!(
+            "an image of {height}×{width} pixels is larger than {MAX_PIXELS} pixels"
+        )));
+    }
+    let (pixels, _) = values(&array, "uint8")?;
     Ok(RgbImage { width, height, pixels })
 }
 

@@ -87,6 +87,10 @@ def test_bad_inputs_raise_and_say_what_to_fix(tmp_path, bundle):
     encoder = frankensplit.Encoder(bundle)
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         encoder.encode(np.zeros((10, 10), dtype=np.uint8))
+    # 20,000² pixels as a view of 3 bytes: refused before it is copied.
+    huge = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (20000, 20000, 3))
+    with pytest.raises(ValueError, match="larger than"):
+        encoder.encode(huge)
     with pytest.raises(OSError):
         encoder.encode(tmp_path / "missing.png")
     (tmp_path / "junk.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
