@@ -201,6 +201,13 @@ pub struct RunConfig {
     /// Which weights the run keeps as its teacher and bundle.
     #[serde(default)]
     pub keep: Keep,
+    /// Weights the compressor starts from instead of the seed's draw: a
+    /// bundle directory, a weights file (a bundle's, a built-in model's
+    /// `compressor.safetensors`) or a run's checkpoint, whose `compressor.`
+    /// tensors fit `[compressor]`. For fine-tuning, or for a longer schedule
+    /// after a finished run; a resumed run takes its checkpoint's instead.
+    #[serde(default)]
+    pub compressor_weights: Option<PathBuf>,
     /// Data.
     pub data: DataConfig,
     /// Teacher.
@@ -240,6 +247,9 @@ impl RunConfig {
             rebase(p);
         }
         if let Some(p) = config.teacher.weights.as_mut() {
+            rebase(p);
+        }
+        if let Some(p) = config.compressor_weights.as_mut() {
             rebase(p);
         }
         config.validate()?;

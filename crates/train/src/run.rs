@@ -151,6 +151,14 @@ impl<'a> Run<'a> {
                 )));
             }
         }
+        if let Some(weights) = &config.compressor_weights {
+            if !weights.exists() {
+                return Err(Error::Config(format!(
+                    "compressor_weights {} not found: point it at a bundle directory, its weights.safetensors or a run's checkpoint.safetensors",
+                    weights.display()
+                )));
+            }
+        }
         let out = &config.output;
         let root = world.is_root();
         if root {
@@ -176,6 +184,9 @@ impl<'a> Run<'a> {
             }
             if let Some(weights) = &config.teacher.weights {
                 models.load_teacher(weights)?;
+            }
+            if let Some(weights) = &config.compressor_weights {
+                models.load_compressor(weights)?;
             }
             (Progress::default(), None)
         };

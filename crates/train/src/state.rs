@@ -121,6 +121,33 @@ impl Models {
         load_into(&mut self.backbone_vars, selected)?;
         Ok(())
     }
+
+    /// Loads the compressor's weights from a bundle directory or a file
+    /// whose tensors carry the `compressor.` prefix (a bundle's weights, a
+    /// built-in model's compressor file, a run's checkpoint); every variable
+    /// must be there with its shape.
+    pub(crate) fn load_compressor(&mut self, path: &Path) -> Result<()> {
+        let file = if path.is_dir() {
+            path.join(frankensplit_bundle::WEIGHTS)
+        } else {
+            path.to_path_buf()
+        };
+        let tensors = frankensplit_models::convert::read_state_dict(&file, Default::default())
+            .map_err(|e| Error::Config(format!("compressor_weights {}: {e}", file.display())))?;
+        let selected = select(tensors, COMPRESSOR, None);
+        if selected.is_empty() {
+            return Err(Error::Config(format!(
+                "compressor_weights {}: no `{COMPRESSOR}` tensors (a bundle's weights or a run's checkpoint has them)",
+                file.display()
+            )));
+        }
+        load_into(&mut self.compressor_vars, selected).map_err(|e| {
+            Error::Config(format!(
+                "compressor_weights {} do not fit [compressor]:\n{e}",
+                file.display()
+            ))
+        })
+    }
 }
 
 /// Writes `bytes` to `path` atomically (temporary file, then rename).

@@ -304,3 +304,91 @@ fn a_teacher_stage_with_a_frozen_head_trains_only_the_tail() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A distillation stage on the generator's stream against the teacher in
+/// `dir/teacher`, from `compressor_weights` when given.
+fn distill_run_file(dir: &Path, output: &str, lr: &str, compressor_weights: Option<&Path>) -> PathBuf {
+    let start = compressor_weights
+        .map(|w| format!("compressor_weights = \"{}\"", w.display()))
+        .unwrap_or_default();
+    let text = format!(
+        r#"
+output = "{output}"
+seed = 3
+workers = 1
+keep = "last"
+{start}
+
+[data]
+val = "data/val"
+
+[data.generate]
+seed = 4
+size = 72
+per_epoch = 8
+classes = 3
+
+[teacher]
+split_stage = 2
+weights = "teacher/teacher.safetensors"
+
+[[stages]]
+kind = "distill"
+epochs = 1
+batch_size = 4
+lr = {lr}
+lmbda = 0.05
+"#
+    );
+    write_run_file(dir, output, &text)
+}
+
+/// The compressor tensors of a run's final bundle.
+fn compressor_tensors(run: &RunConfig) -> BTreeMap<String, Tensor> {
+    Tensor::read_safetensors(run.output.join("bundle/weights.safetensors"))
+        .unwrap()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("compressor."))
+        .collect()
+}
+
+/// The largest absolute difference between two sets of the same tensors.
+fn largest_difference(a: &BTreeMap<String, Tensor>, b: &BTreeMap<String, Tensor>) -> f64 {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    a.iter()
+        .map(|(k, t)| (t - &b[k]).abs().max().double_value(&[]))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn a_run_starts_its_compressor_from_given_weights() {
+    let _turn = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("frankensplit-start-{}", std::process::id()));
+    small_data(&dir, 0);
+    let teacher = RunConfig::from_file(&teacher_run_file(&dir, "teacher", None, false)).unwrap();
+    train(&teacher, &options(None, false)).unwrap();
+    let trained = RunConfig::from_file(&distill_run_file(&dir, "trained", "1e-2", None)).unwrap();
+    train(&trained, &options(None, false)).unwrap();
+    let reference = compressor_tensors(&trained);
+
+    // At a learning rate too small to move a weight, a run ends where it
+    // started: from the trained bundle when told, from the seed's draw otherwise.
+    let bundle = trained.output.join("bundle");
+    let started = RunConfig::from_file(&distill_run_file(&dir, "started", "1e-30", Some(&bundle))).unwrap();
+    train(&started, &options(None, false)).unwrap();
+    assert!(largest_difference(&compressor_tensors(&started), &reference) < 1e-6);
+    let fresh = RunConfig::from_file(&distill_run_file(&dir, "fresh", "1e-30", None)).unwrap();
+    train(&fresh, &options(None, false)).unwrap();
+    assert!(largest_difference(&compressor_tensors(&fresh), &reference) > 1e-3);
+
+    // A run's checkpoint serves as well; a file without a compressor is refused.
+    let checkpoint = trained.output.join("checkpoint.safetensors");
+    let from_checkpoint = RunConfig::from_file(&distill_run_file(&dir, "ckpt", "1e-30", Some(&checkpoint))).unwrap();
+    train(&from_checkpoint, &options(None, false)).unwrap();
+    assert!(largest_difference(&compressor_tensors(&from_checkpoint), &reference) < 1e-6);
+    let backbone_only = teacher.output.join("teacher.safetensors");
+    let refused = RunConfig::from_file(&distill_run_file(&dir, "refused", "1e-30", Some(&backbone_only))).unwrap();
+    let error = train(&refused, &options(None, false)).unwrap_err().to_string();
+    assert!(error.contains("no `compressor.` tensors"), "{error}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
