@@ -2,14 +2,14 @@
 # The workspace's never-rules (README, "Architecture"), checked from the
 # dependency graph cargo resolves (normal dependencies only):
 #   - the device side and the contracts never reach libtorch (torch-sys):
-#     codec, preprocess, checkpoint, imagecodecs, bundle, api, and edge with
+#     codec, preprocess, checkpoint, imagecodecs, bundle, api, links, and edge with
 #     its HTTP client;
 #   - the server never depends on training code, nor does `frankensplit eval`.
 # Run by scripts/test.sh; exits non-zero naming every rule broken.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 broken=0
-torch_free=(codec preprocess checkpoint imagecodecs bundle api "edge --features client")
+torch_free=(codec preprocess checkpoint imagecodecs bundle api links "edge --features client")
 for spec in "${torch_free[@]}"; do
   read -r crate flags <<<"$spec"
   # shellcheck disable=SC2086 # flags are meant to split
