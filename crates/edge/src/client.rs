@@ -16,7 +16,7 @@ use frankensplit_bundle::Manifest;
 use frankensplit_imagecodecs::ImageCodec;
 use frankensplit_preprocess::{Preprocess, RgbImage};
 use futures_util::StreamExt;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::units::{format_rate, parse_rate};
 use crate::{encode_image, EdgeModel};
@@ -69,6 +69,10 @@ pub struct ClientArgs {
     /// Requests in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
+    /// Open a new connection for every request (TCP handshake and slow start
+    /// each time) instead of keeping one alive.
+    #[arg(long)]
+    fresh_connections: bool,
     /// Print one JSON object per request, then a summary object.
     #[arg(long)]
     json: bool,
@@ -82,9 +86,17 @@ pub struct ClientArgs {
     ca_cert: Option<PathBuf>,
 }
 
-/// The HTTP client: the token on every request, the extra CA trusted.
-pub fn http_client(token_file: Option<&std::path::Path>, ca_cert: Option<&std::path::Path>) -> Result<reqwest::Client> {
+/// The HTTP client: the token on every request, the extra CA trusted, and
+/// with `fresh_connections` no connection kept for the next request.
+pub fn http_client(
+    token_file: Option<&std::path::Path>,
+    ca_cert: Option<&std::path::Path>,
+    fresh_connections: bool,
+) -> Result<reqwest::Client> {
     let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if fresh_connections {
+        builder = builder.pool_max_idle_per_host(0);
+    }
     if let Some(path) = token_file {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
         let token = text
@@ -111,20 +123,26 @@ pub fn http_client(token_file: Option<&std::path::Path>, ca_cert: Option<&std::p
     builder.build().context("cannot set up the HTTP client")
 }
 
-#[derive(Serialize)]
-struct RequestReport {
-    image: PathBuf,
-    status: u16,
-    payload_bytes: usize,
-    edge_ms: f64,
-    network_ms: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    modelled_transfer_ms: Option<f64>,
-    server_ms: f64,
-    total_ms: f64,
-    top1: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<String>,
+/// One request as `client --json` prints it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RequestReport {
+    pub image: PathBuf,
+    /// HTTP status; 0 when no answer came.
+    pub status: u16,
+    pub payload_bytes: usize,
+    /// Preprocessing and encoding on the device.
+    pub edge_ms: f64,
+    /// The round trip less the server's own time.
+    pub network_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modelled_transfer_ms: Option<f64>,
+    /// The server's time as its answer reports it.
+    pub server_ms: f64,
+    /// Edge time plus the round trip.
+    pub total_ms: f64,
+    pub top1: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -233,7 +251,11 @@ pub fn run_client(args: ClientArgs) -> Result<()> {
     let jobs: Vec<&Prepared> = (0..args.repeat.max(1)).flat_map(|_| prepared.iter()).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let started = Instant::now();
-    let client = http_client(args.token_file.as_deref(), args.ca_cert.as_deref())?;
+    let client = http_client(
+        args.token_file.as_deref(),
+        args.ca_cert.as_deref(),
+        args.fresh_connections,
+    )?;
     let reports: Vec<RequestReport> = runtime.block_on(async {
         // The link model's RTT term for this connection: the median of a few
         // empty round trips.

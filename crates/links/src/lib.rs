@@ -6,6 +6,7 @@
 //! kernel's missing `netem` would otherwise give. Both ends run the kernel's
 //! own TCP, so slow start, congestion control and retransmission are real.
 
+pub mod model;
 mod stage;
 mod testbed;
 

@@ -28,6 +28,13 @@ const POLL: Duration = Duration::from_millis(50);
 /// What the stage does to each direction.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StageSettings {
+    /// The wire's rate towards the server: each packet occupies it for its
+    /// bytes (with an Ethernet header) at this rate, so that even the first
+    /// packet after a pause pays its serialisation, which a token bucket's
+    /// burst would let through at once. Infinite: no serialisation.
+    pub uplink_bits_per_s: f64,
+    /// The wire's rate towards the client.
+    pub downlink_bits_per_s: f64,
     /// One-way delay towards the server.
     pub uplink_delay: Duration,
     /// One-way delay towards the client.
@@ -39,9 +46,11 @@ pub struct StageSettings {
 }
 
 impl StageSettings {
-    /// The same delay (half the round trip) and loss both ways.
-    pub fn symmetric(rtt: Duration, loss: f64) -> Self {
+    /// The same rate, delay (half the round trip) and loss both ways.
+    pub fn symmetric(bits_per_s: f64, rtt: Duration, loss: f64) -> Self {
         Self {
+            uplink_bits_per_s: bits_per_s,
+            downlink_bits_per_s: bits_per_s,
             uplink_delay: rtt / 2,
             downlink_delay: rtt / 2,
             uplink_loss: loss,
@@ -68,11 +77,14 @@ struct Counters {
 }
 
 /// Packets waiting for their time, one queue per direction (each in order,
-/// as each direction's delay is the same for all its packets).
+/// as each direction's delay is the same for all its packets), and when
+/// each direction's wire is next free.
 #[derive(Default)]
 struct Queues {
     uplink: VecDeque<(Instant, Vec<u8>)>,
     downlink: VecDeque<(Instant, Vec<u8>)>,
+    uplink_free: Option<Instant>,
+    downlink_free: Option<Instant>,
 }
 
 impl Queues {
@@ -110,7 +122,7 @@ impl DelayStage {
     pub fn start(netns: &std::path::Path, device: &str, server_net: (Ipv4Addr, u8)) -> Result<Self> {
         let shared = Arc::new(Shared {
             settings: Mutex::new((
-                StageSettings::symmetric(Duration::ZERO, 0.0),
+                StageSettings::symmetric(f64::INFINITY, Duration::ZERO, 0.0),
                 ChaCha8Rng::seed_from_u64(0),
             )),
             queues: Mutex::new(Queues::default()),
@@ -169,6 +181,11 @@ impl DelayStage {
                 return Err(Error::Stage(format!("loss {loss} is not a probability below 1")));
             }
         }
+        for rate in [settings.uplink_bits_per_s, settings.downlink_bits_per_s] {
+            if rate.is_nan() || rate < 8_000.0 {
+                return Err(Error::Stage(format!("rate {rate} bit/s: at least 8 kbit/s")));
+            }
+        }
         *self.shared.settings.lock().expect("stage settings") = (settings, ChaCha8Rng::seed_from_u64(seed));
         Ok(())
     }
@@ -220,6 +237,18 @@ fn open_device(name: &str) -> Result<tun::Device> {
     tun::create(&config).map_err(|e| Error::Stage(format!("cannot create the TUN device {name}: {e}")))
 }
 
+/// When a packet of `len` IP bytes that arrived at `arrived` has left a
+/// wire of `bits_per_s` that is free from `free`: it waits for the wire,
+/// then occupies it for its bytes and an Ethernet header.
+fn serialised(arrived: Instant, free: Option<Instant>, len: usize, bits_per_s: f64) -> Instant {
+    let start = free.map_or(arrived, |f| f.max(arrived));
+    if bits_per_s.is_finite() {
+        start + Duration::from_secs_f64((len + 14) as f64 * 8.0 / bits_per_s)
+    } else {
+        start
+    }
+}
+
 /// Whether an IPv4 packet is addressed into `net`.
 fn towards(packet: &[u8], (net, prefix): (Ipv4Addr, u8)) -> bool {
     if packet.len() < 20 || packet[0] >> 4 != 4 {
@@ -246,15 +275,19 @@ fn read_loop(device: &tun::Device, shared: &Shared, server_net: (Ipv4Addr, u8)) 
         };
         let arrived = Instant::now();
         let uplink = towards(&buf[..n], server_net);
-        let (delay, dropped) = {
+        let (rate, delay, dropped) = {
             let mut guard = shared.settings.lock().expect("stage settings");
             let (settings, rng) = &mut *guard;
-            let (delay, loss) = if uplink {
-                (settings.uplink_delay, settings.uplink_loss)
+            let (rate, delay, loss) = if uplink {
+                (settings.uplink_bits_per_s, settings.uplink_delay, settings.uplink_loss)
             } else {
-                (settings.downlink_delay, settings.downlink_loss)
+                (
+                    settings.downlink_bits_per_s,
+                    settings.downlink_delay,
+                    settings.downlink_loss,
+                )
             };
-            (delay, loss > 0.0 && rng.gen::<f64>() < loss)
+            (rate, delay, loss > 0.0 && rng.gen::<f64>() < loss)
         };
         let c = &shared.counters;
         let counter = match (uplink, dropped) {
@@ -268,12 +301,20 @@ fn read_loop(device: &tun::Device, shared: &Shared, server_net: (Ipv4Addr, u8)) 
             continue;
         }
         let mut queues = shared.queues.lock().expect("stage queues");
-        let queue = if uplink {
-            &mut queues.uplink
+        let Queues {
+            uplink: up,
+            downlink: down,
+            uplink_free,
+            downlink_free,
+        } = &mut *queues;
+        let (queue, free) = if uplink {
+            (up, uplink_free)
         } else {
-            &mut queues.downlink
+            (down, downlink_free)
         };
-        queue.push_back((arrived + delay, buf[..n].to_vec()));
+        let sent = serialised(arrived, *free, n, rate);
+        *free = Some(sent);
+        queue.push_back((sent + delay, buf[..n].to_vec()));
         shared.ready.notify_one();
     }
 }
@@ -329,6 +370,17 @@ mod tests {
         v6[0] = 0x60;
         assert!(!towards(&v6, server));
         assert!(!towards(&[0x45, 0, 0], server));
+    }
+
+    #[test]
+    fn a_packet_waits_for_the_wire_then_occupies_it() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // 986 + 14 bytes at 8 Mbit/s: 1 ms on the wire.
+        assert_eq!(serialised(t, None, 986, 8e6), t + ms(1));
+        assert_eq!(serialised(t, Some(t + ms(5)), 986, 8e6), t + ms(6));
+        assert_eq!(serialised(t + ms(9), Some(t + ms(5)), 986, 8e6), t + ms(10));
+        assert_eq!(serialised(t, Some(t + ms(5)), 986, f64::INFINITY), t + ms(5));
     }
 
     #[test]

@@ -1,8 +1,11 @@
 //! The test bed: three network namespaces, a client, a router and a
 //! server, joined by two veth pairs. The kernel shapes each direction with a
 //! `tbf` qdisc on the sending end's veth (the client's for the uplink, the
-//! server's for the downlink), and the router sends every forwarded packet
-//! through the [`DelayStage`] for the round trip and the loss. Everything is
+//! server's for the downlink): the queue and the rate the sender's TCP
+//! feels. The router sends every forwarded packet through the
+//! [`DelayStage`], which serialises it at the same rate (so that the
+//! bucket's burst does not let a short request cross for free), then adds
+//! the round trip and the loss. Everything is
 //! made with iproute2 (`ip`, `tc`) and removed when the bed is dropped.
 
 use std::net::Ipv4Addr;
@@ -159,8 +162,12 @@ impl Testbed {
         ] {
             shape(&ns, iface, rate)?;
         }
-        self.stage()
-            .configure(StageSettings::symmetric(link.rtt, link.loss), seed)
+        let settings = StageSettings {
+            uplink_bits_per_s: link.uplink_bits_per_s,
+            downlink_bits_per_s: link.downlink_bits_per_s,
+            ..StageSettings::symmetric(f64::INFINITY, link.rtt, link.loss)
+        };
+        self.stage().configure(settings, seed)
     }
 
     /// A command that runs `program` in the client's namespace.
@@ -183,12 +190,16 @@ impl Testbed {
         within(&self.server_ns(), work)
     }
 
-    /// Bytes the client's interface has sent (IP packets with their
-    /// Ethernet headers, as the qdisc counts them).
-    pub fn client_tx_bytes(&self) -> Result<u64> {
-        let path = format!("/sys/class/net/{CLIENT_IF}/statistics/tx_bytes");
-        let out = run(Command::new("ip").args(["netns", "exec", &self.client_ns(), "cat", &path]))?;
-        out.trim().parse().map_err(|e| Error::Stage(format!("{path}: {e}")))
+    /// Bytes the client's interface has sent and received (IP packets with
+    /// their Ethernet headers, as the qdiscs count them).
+    pub fn client_bytes(&self) -> Result<(u64, u64)> {
+        let ns = self.client_ns();
+        let read = |counter: &str| -> Result<u64> {
+            let path = format!("/sys/class/net/{CLIENT_IF}/statistics/{counter}");
+            let out = run(Command::new("ip").args(["netns", "exec", &ns, "cat", &path]))?;
+            out.trim().parse().map_err(|e| Error::Stage(format!("{path}: {e}")))
+        };
+        Ok((read("tx_bytes")?, read("rx_bytes")?))
     }
 
     /// Packets the stage has forwarded and dropped.

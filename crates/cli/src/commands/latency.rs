@@ -1,13 +1,16 @@
 //! `frankensplit latency`: end-to-end latency of split inference against
 //! offloading the image, per network link. Edge and server compute are
 //! measured here, on this machine, with the model and images given; the
-//! link adds its round-trip time and the upload at its bandwidth:
+//! link adds its network time, from the link model of `frankensplit-links`:
 //!
-//! `total = edge · slowdown + rtt + bytes · 8 / bandwidth + server`.
+//! `total = edge · slowdown + network(bytes) + server`, where the network
+//! time is one round trip, the request (with its head and each segment's
+//! headers) at the uplink rate, the answer at the downlink rate, and over a
+//! fresh connection the handshake and slow start's waits.
 //!
-//! The answer's download (a few hundred bytes of JSON) is inside the RTT
-//! term. `frankensplit client --throttle` checks the transfer term against
-//! a real paced upload over loopback.
+//! `frankensplit bench links` measures the same over emulated links
+//! (network namespaces, kernel shaping, delay and loss) and prints the
+//! model beside each measurement.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -15,6 +18,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use frankensplit_imagecodecs::ImageCodec;
+use frankensplit_links::model::LinkModel;
 use frankensplit_models::Bundle;
 use frankensplit_preprocess::RgbImage;
 use serde::Serialize;
@@ -37,10 +41,29 @@ pub struct LinkProfile {
     pub about: String,
 }
 
+/// Bytes of the client's request line and headers, and of the server's
+/// answer (head and JSON body, top 5), as measured on the emulated links
+/// (`frankensplit bench links`, docs/latency.md).
+pub const REQUEST_HEAD_BYTES: f64 = 100.0;
+pub const ANSWER_BYTES: f64 = 630.0;
+
 impl LinkProfile {
-    /// Milliseconds to deliver `bytes` and get the answer back.
-    pub fn transfer_ms(&self, bytes: f64) -> f64 {
-        self.rtt_ms + bytes * 8.0 / self.bits_per_s * 1e3
+    /// The link model of this link (the same rate both ways), over a kept
+    /// connection or a fresh one per request.
+    pub fn model(&self, fresh_connection: bool) -> LinkModel {
+        LinkModel {
+            uplink_bits_per_s: self.bits_per_s,
+            downlink_bits_per_s: self.bits_per_s,
+            rtt_ms: self.rtt_ms,
+            fresh_connection,
+            request_head_bytes: REQUEST_HEAD_BYTES,
+            answer_bytes: ANSWER_BYTES,
+        }
+    }
+
+    /// Milliseconds to deliver a request with a body of `bytes` and get the answer back.
+    pub fn transfer_ms(&self, bytes: f64, fresh_connection: bool) -> f64 {
+        self.model(fresh_connection).request(bytes).total_ms
     }
 }
 
@@ -91,6 +114,10 @@ pub struct LatencyArgs {
     /// device slower than this machine.
     #[arg(long, default_value_t = 1.0)]
     edge_slowdown: f64,
+    /// Model a new TCP connection per request (handshake and slow start)
+    /// instead of one kept alive.
+    #[arg(long)]
+    fresh_connections: bool,
     /// Timed passes over the images (after one warm-up pass); medians are reported.
     #[arg(long, default_value_t = 10)]
     iterations: usize,
@@ -214,8 +241,8 @@ fn measure(
     Ok(out)
 }
 
-fn total_ms(m: &Measured, link: &LinkProfile, slowdown: f64) -> f64 {
-    m.edge_ms * slowdown + link.transfer_ms(m.bytes) + m.server_ms
+fn total_ms(m: &Measured, link: &LinkProfile, slowdown: f64, fresh: bool) -> f64 {
+    m.edge_ms * slowdown + link.transfer_ms(m.bytes, fresh) + m.server_ms
 }
 
 pub fn run(args: LatencyArgs) -> Result<()> {
@@ -278,7 +305,10 @@ pub fn run(args: LatencyArgs) -> Result<()> {
         .iter()
         .map(|link| Row {
             profile: link.clone(),
-            total_ms: methods.iter().map(|m| total_ms(m, link, args.edge_slowdown)).collect(),
+            total_ms: methods
+                .iter()
+                .map(|m| total_ms(m, link, args.edge_slowdown, args.fresh_connections))
+                .collect(),
         })
         .collect();
     for path in &args.plot {
@@ -297,7 +327,7 @@ pub fn run(args: LatencyArgs) -> Result<()> {
                             rtt_ms: plot_rtt,
                             about: String::new(),
                         };
-                        (b / 1e6, total_ms(m, &link, args.edge_slowdown))
+                        (b / 1e6, total_ms(m, &link, args.edge_slowdown, args.fresh_connections))
                     })
                     .collect(),
             })
@@ -378,22 +408,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transfer_time_is_rtt_plus_serialisation() {
+    fn transfer_time_counts_the_round_trip_both_messages_and_their_headers() {
         let link = LinkProfile {
             name: "t".into(),
             bits_per_s: 2e6,
             rtt_ms: 40.0,
             about: String::new(),
         };
-        // 5,000 bytes = 40,000 bits at 2 Mbit/s = 20 ms.
-        assert!((link.transfer_ms(5_000.0) - 60.0).abs() < 1e-9);
+        // Request: 5,000 B body + 100 B head in 4 segments of 66 B headers
+        // = 5,364 B = 21.456 ms at 2 Mbit/s; answer: 630 + 66 B = 2.784 ms.
+        let kept = 40.0 + 21.456 + 2.784;
+        assert!((link.transfer_ms(5_000.0, false) - kept).abs() < 1e-9);
+        // A fresh connection adds the handshake: a round trip and 214 B of
+        // SYN, SYN-ACK and ACK (0.856 ms); 4 segments fit the initial window.
+        assert!((link.transfer_ms(5_000.0, true) - (kept + 40.856)).abs() < 1e-9);
         let m = Measured {
             method: "split".into(),
             edge_ms: 3.0,
             bytes: 5_000.0,
             server_ms: 7.0,
         };
-        assert!((total_ms(&m, &link, 2.0) - (6.0 + 60.0 + 7.0)).abs() < 1e-9);
+        assert!((total_ms(&m, &link, 2.0, false) - (6.0 + kept + 7.0)).abs() < 1e-9);
     }
 
     #[test]

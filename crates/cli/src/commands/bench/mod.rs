@@ -1,9 +1,11 @@
 //! `frankensplit bench`: its targets with their flags, and the timing they
 //! share ([`time`]). `codec` times the entropy coder ([`codec`]), `edge` the
-//! device's encoder g_a and coding against libtorch ([`edge`]).
+//! device's encoder g_a and coding against libtorch ([`edge`]), `links`
+//! split inference and offloading over emulated links ([`links`]).
 
 mod codec;
 mod edge;
+mod links;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -56,6 +58,12 @@ pub enum Target {
         #[arg(long)]
         json: bool,
     },
+    /// Split inference against image offloading over emulated links: server
+    /// and client in network namespaces joined by kernel-shaped veths, with
+    /// a packet stage for round trip and loss; measured latency per link
+    /// profile, loss rate and method beside the link model's. Needs root,
+    /// iproute2 and /dev/net/tun (says so and exits 0 without them).
+    Links(links::LinksArgs),
 }
 
 pub fn run(target: Target) -> Result<()> {
@@ -74,6 +82,7 @@ pub fn run(target: Target) -> Result<()> {
             threads,
             json,
         } => edge::run(model, iterations, warmup, threads, json),
+        Target::Links(args) => links::run(args),
     }
 }
 
