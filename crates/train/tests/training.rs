@@ -231,15 +231,17 @@ fn a_streamed_run_with_maps_per_batch_resumes_exactly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A teacher stage on the generator's stream, from `weights` when given.
-fn teacher_run_file(dir: &Path, output: &str, weights: Option<&str>, freeze_head: bool) -> PathBuf {
-    let weights = weights.map(|w| format!("weights = \"{w}\"")).unwrap_or_default();
+/// A run file training on the generator's stream (8 images an epoch of 3
+/// classes): `top` adds top-level keys, `teacher` lines to `[teacher]`,
+/// then the `stages`.
+fn stream_run(dir: &Path, output: &str, top: &str, teacher: &str, stages: &str) -> PathBuf {
     let text = format!(
         r#"
 output = "{output}"
 seed = 3
 workers = 1
 keep = "last"
+{top}
 
 [data]
 val = "data/val"
@@ -252,17 +254,20 @@ classes = 3
 
 [teacher]
 split_stage = 2
-{weights}
+{teacher}
 
-[[stages]]
-kind = "teacher"
-freeze_head = {freeze_head}
-epochs = 1
-batch_size = 4
-lr = 2e-3
+{stages}
 "#
     );
     write_run_file(dir, output, &text)
+}
+
+/// A teacher stage on the generator's stream, from `weights` when given.
+fn teacher_run_file(dir: &Path, output: &str, weights: Option<&str>, freeze_head: bool) -> PathBuf {
+    let weights = weights.map(|w| format!("weights = \"{w}\"")).unwrap_or_default();
+    let stage =
+        format!("[[stages]]\nkind = \"teacher\"\nfreeze_head = {freeze_head}\nepochs = 1\nbatch_size = 4\nlr = 2e-3");
+    stream_run(dir, output, "", &weights, &stage)
 }
 
 #[test]
@@ -311,36 +316,8 @@ fn distill_run_file(dir: &Path, output: &str, lr: &str, compressor_weights: Opti
     let start = compressor_weights
         .map(|w| format!("compressor_weights = \"{}\"", w.display()))
         .unwrap_or_default();
-    let text = format!(
-        r#"
-output = "{output}"
-seed = 3
-workers = 1
-keep = "last"
-{start}
-
-[data]
-val = "data/val"
-
-[data.generate]
-seed = 4
-size = 72
-per_epoch = 8
-classes = 3
-
-[teacher]
-split_stage = 2
-weights = "teacher/teacher.safetensors"
-
-[[stages]]
-kind = "distill"
-epochs = 1
-batch_size = 4
-lr = {lr}
-lmbda = 0.05
-"#
-    );
-    write_run_file(dir, output, &text)
+    let stage = format!("[[stages]]\nkind = \"distill\"\nepochs = 1\nbatch_size = 4\nlr = {lr}\nlmbda = 0.05");
+    stream_run(dir, output, &start, "weights = \"teacher/teacher.safetensors\"", &stage)
 }
 
 /// The compressor tensors of a run's final bundle.

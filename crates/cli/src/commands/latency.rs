@@ -89,6 +89,37 @@ pub fn presets() -> Vec<LinkProfile> {
     ]
 }
 
+/// The links `--profile` names, or every preset when it names none and no
+/// link of one's own is given, then the link of `--bandwidth` and `--rtt`.
+pub fn chosen_links(names: &[String], bandwidth: Option<&str>, rtt: Option<&str>) -> Result<Vec<LinkProfile>> {
+    let all = presets();
+    let mut links: Vec<LinkProfile> = if names.is_empty() && bandwidth.is_none() {
+        all.clone()
+    } else {
+        names
+            .iter()
+            .map(|name| {
+                all.iter()
+                    .find(|p| p.name.eq_ignore_ascii_case(name))
+                    .cloned()
+                    .with_context(|| {
+                        let known: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
+                        format!("unknown link profile {name:?}; known: {}", known.join(", "))
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    if let Some(bandwidth) = bandwidth {
+        links.push(LinkProfile {
+            name: "custom".into(),
+            bits_per_s: parse_rate(bandwidth)?,
+            rtt_ms: rtt.map(parse_ms).transpose()?.unwrap_or_default(),
+            about: format!("--bandwidth {bandwidth} --rtt {}", rtt.unwrap_or("0ms")),
+        });
+    }
+    Ok(links)
+}
+
 #[derive(Args)]
 pub struct LatencyArgs {
     /// Model bundle with the whole backbone (convert with --backbone-weights)
@@ -250,37 +281,8 @@ pub fn run(args: LatencyArgs) -> Result<()> {
         bail!("--edge-slowdown must be a positive factor");
     }
     let codecs = ImageCodec::parse_list(&args.codec)?;
-    let all = presets();
-    let mut links: Vec<LinkProfile> = if args.profile.is_empty() {
-        if args.bandwidth.is_some() {
-            Vec::new()
-        } else {
-            all.clone()
-        }
-    } else {
-        args.profile
-            .iter()
-            .map(|name| {
-                all.iter()
-                    .find(|p| p.name.eq_ignore_ascii_case(name))
-                    .cloned()
-                    .with_context(|| {
-                        let names: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
-                        format!("unknown link profile {name:?}; known: {}", names.join(", "))
-                    })
-            })
-            .collect::<Result<_>>()?
-    };
+    let links = chosen_links(&args.profile, args.bandwidth.as_deref(), args.rtt.as_deref())?;
     let rtt = args.rtt.as_deref().map(parse_ms).transpose()?;
-    if let Some(bandwidth) = &args.bandwidth {
-        let bits_per_s = parse_rate(bandwidth)?;
-        links.push(LinkProfile {
-            name: "custom".into(),
-            bits_per_s,
-            rtt_ms: rtt.unwrap_or_default(),
-            about: format!("--bandwidth {bandwidth} --rtt {}", args.rtt.as_deref().unwrap_or("0ms")),
-        });
-    }
     let bundle = args.placement.open(&args.model)?;
     let edge = args.placement.open_edge(&args.model)?;
     if bundle.backbone_head.is_none() && !codecs.is_empty() {

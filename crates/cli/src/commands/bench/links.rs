@@ -15,13 +15,13 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use frankensplit_edge::client::RequestReport;
-use frankensplit_edge::units::{format_rate, parse_ms, parse_rate};
+use frankensplit_edge::units::format_rate;
 use frankensplit_imagecodecs::ImageCodec;
 use frankensplit_links::model::NetworkTime;
 use frankensplit_links::{LinkSettings, Testbed, SERVER_ADDR};
 use serde::Serialize;
 
-use crate::commands::latency::{presets, LinkProfile};
+use crate::commands::latency::{chosen_links, LinkProfile};
 use crate::plot::{self, Chart, Series};
 
 /// Which connections the client uses.
@@ -155,35 +155,6 @@ fn quantile(values: &[f64], q: f64) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
-fn profiles(args: &LinksArgs) -> Result<Vec<LinkProfile>> {
-    let all = presets();
-    let mut chosen: Vec<LinkProfile> = if args.profile.is_empty() && args.bandwidth.is_none() {
-        all.clone()
-    } else {
-        args.profile
-            .iter()
-            .map(|name| {
-                all.iter()
-                    .find(|p| p.name.eq_ignore_ascii_case(name))
-                    .cloned()
-                    .with_context(|| {
-                        let known: Vec<&str> = all.iter().map(|p| p.name.as_str()).collect();
-                        format!("unknown link profile {name:?}; known: {}", known.join(", "))
-                    })
-            })
-            .collect::<Result<_>>()?
-    };
-    if let (Some(bandwidth), Some(rtt)) = (&args.bandwidth, &args.rtt) {
-        chosen.push(LinkProfile {
-            name: "custom".into(),
-            bits_per_s: parse_rate(bandwidth)?,
-            rtt_ms: parse_ms(rtt)?,
-            about: format!("--bandwidth {bandwidth} --rtt {rtt}"),
-        });
-    }
-    Ok(chosen)
-}
-
 fn start_server(bed: &Testbed, exe: &Path, model: &Path, port: u16) -> Result<ServerProcess> {
     let mut child = bed
         .in_server(exe)
@@ -298,7 +269,7 @@ pub fn run(args: LinksArgs) -> Result<()> {
     if args.loss.iter().any(|l| !(0.0..100.0).contains(l)) {
         bail!("--loss takes percentages in [0, 100)");
     }
-    let profiles = profiles(&args)?;
+    let profiles = chosen_links(&args.profile, args.bandwidth.as_deref(), args.rtt.as_deref())?;
     let codecs = ImageCodec::parse_list(&args.codec)?;
     for image in &args.images {
         if !image.is_file() {
