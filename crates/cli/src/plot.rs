@@ -41,6 +41,23 @@ pub struct Chart<'a> {
     pub legend: SeriesLabelPosition,
 }
 
+impl<'a> Chart<'a> {
+    /// Milliseconds against uplink bandwidth in Mbit/s, both axes
+    /// logarithmic, the link profiles marked: the latency plots.
+    pub fn over_bandwidth(title: String, y_label: &str, series: &'a [Series], marks: &'a [(f64, String)]) -> Self {
+        Self {
+            title,
+            x_label: "uplink bandwidth (Mbit/s)".into(),
+            y_label: y_label.into(),
+            log_x: true,
+            log_y: true,
+            series,
+            marks,
+            legend: SeriesLabelPosition::UpperRight,
+        }
+    }
+}
+
 const SIZE: (u32, u32) = (960, 600);
 
 /// Line colours that stay apart on white (Tableau 10).

@@ -336,16 +336,12 @@ pub fn run(args: LatencyArgs) -> Result<()> {
             .collect();
         let marks: Vec<(f64, String)> = links.iter().map(|l| (l.bits_per_s / 1e6, l.name.clone())).collect();
         plot::draw(
-            &Chart {
-                title: format!("End-to-end latency per image (RTT {plot_rtt} ms)"),
-                x_label: "uplink bandwidth (Mbit/s)".into(),
-                y_label: "latency (ms)".into(),
-                log_x: true,
-                log_y: true,
-                series: &series,
-                marks: &marks,
-                legend: plotters::chart::SeriesLabelPosition::UpperRight,
-            },
+            &Chart::over_bandwidth(
+                format!("End-to-end latency per image (RTT {plot_rtt} ms)"),
+                "latency (ms)",
+                &series,
+                &marks,
+            ),
             path,
         )?;
     }

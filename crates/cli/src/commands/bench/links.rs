@@ -457,16 +457,12 @@ fn draw(rows: &[Row], path: &Path) -> Result<()> {
         m
     };
     plot::draw(
-        &Chart {
-            title: "Network time per request over emulated links (no loss, kept connection)".into(),
-            x_label: "uplink bandwidth (Mbit/s)".into(),
-            y_label: "network time (ms)".into(),
-            log_x: true,
-            log_y: true,
-            series: &series,
-            marks: &marks,
-            legend: plotters::chart::SeriesLabelPosition::UpperRight,
-        },
+        &Chart::over_bandwidth(
+            "Network time per request over emulated links (no loss, kept connection)".into(),
+            "network time (ms)",
+            &series,
+            &marks,
+        ),
         path,
     )
 }
