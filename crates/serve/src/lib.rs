@@ -165,12 +165,14 @@ fn router(state: AppState) -> Router {
     if let Some(tokens) = state.config.tokens.clone() {
         protected = protected.layer(axum::middleware::from_fn_with_state(tokens, access::require_token));
     }
+    // The description is the same for every request: built once.
+    let openapi = Bytes::from(frankensplit_api::openapi::document().to_string());
     Router::new()
         .merge(protected)
         .route(frankensplit_api::HEALTH, get(|| async { "ok\n" }))
         .route(
             frankensplit_api::OPENAPI,
-            get(|| async { Json(frankensplit_api::openapi::document()) }),
+            get(move || async move { ([(header::CONTENT_TYPE, "application/json")], openapi) }),
         )
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -120,6 +120,19 @@ async fn answers_good_payloads_and_refuses_bad_ones() {
         assert_eq!(json["model"].as_str().unwrap(), local.fingerprint.to_string());
     }
 
+    // The API description, as JSON, twice the same.
+    for _ in 0..2 {
+        let response = client
+            .get(format!("http://{addr}{}", frankensplit_api::OPENAPI))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 200);
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let description: Value = response.json().await.unwrap();
+        assert_eq!(description, frankensplit_api::openapi::document());
+    }
+
     // Several payloads in one framed request answer in order, as singly.
     let mut framed = Vec::new();
     for p in &payloads[..3] {
