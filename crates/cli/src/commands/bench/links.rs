@@ -413,49 +413,35 @@ fn print_table(report: &Report) {
 }
 
 /// Measured network time of the zero-loss, kept-connection runs per method
-/// against the model's curve over bandwidth (at each profile's RTT the
-/// points sit on their own curves; the curves use the median RTT).
+/// beside the model's, at each profile's bandwidth (each profile has its own
+/// round trip, so the model is drawn through the profiles' points).
 fn draw(rows: &[Row], path: &Path) -> Result<()> {
-    let kept: Vec<&Row> = rows
+    let mut kept: Vec<&Row> = rows
         .iter()
         .filter(|r| r.loss_percent == 0.0 && r.connections == Connections::Kept)
         .collect();
+    kept.sort_by(|a, b| a.uplink_bits_per_s.total_cmp(&b.uplink_bits_per_s));
     let mut methods: Vec<&str> = kept.iter().map(|r| r.method.as_str()).collect();
-    methods.dedup();
     methods.sort();
     methods.dedup();
     let mut series = Vec::new();
     for method in methods {
-        let mut points: Vec<(f64, f64)> = kept
-            .iter()
-            .filter(|r| r.method == method)
-            .map(|r| (r.uplink_bits_per_s / 1e6, r.median_network_ms))
-            .collect();
-        points.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let modelled: Vec<(f64, f64)> = kept
-            .iter()
-            .filter(|r| r.method == method)
-            .map(|r| (r.uplink_bits_per_s / 1e6, r.modelled.total_ms))
-            .collect();
-        let mut modelled = modelled;
-        modelled.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let runs: Vec<&&Row> = kept.iter().filter(|r| r.method == method).collect();
+        let mbit = |r: &Row| r.uplink_bits_per_s / 1e6;
         series.push(Series {
             name: format!("{method} measured"),
-            points,
+            points: runs.iter().map(|r| (mbit(r), r.median_network_ms)).collect(),
         });
         series.push(Series {
             name: format!("{method} model"),
-            points: modelled,
+            points: runs.iter().map(|r| (mbit(r), r.modelled.total_ms)).collect(),
         });
     }
-    let marks: Vec<(f64, String)> = {
-        let mut m: Vec<(f64, String)> = kept
-            .iter()
-            .map(|r| (r.uplink_bits_per_s / 1e6, r.profile.clone()))
-            .collect();
-        m.dedup();
-        m
-    };
+    let mut marks: Vec<(f64, String)> = kept
+        .iter()
+        .map(|r| (r.uplink_bits_per_s / 1e6, r.profile.clone()))
+        .collect();
+    marks.dedup();
     plot::draw(
         &Chart::over_bandwidth(
             "Network time per request over emulated links (no loss, kept connection)".into(),
