@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
+mod convnext;
+mod resnet;
+
+pub use convnext::ConvNextConfig;
+pub use resnet::{ResNetBlock, ResNetConfig, RESNET_STEM_WIDTH};
+
 /// The networks of a split model and where they meet.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Architecture {
@@ -443,6 +449,62 @@ mod tests {
             config.validate().unwrap();
         }
         assert!(SwinConfig::preset("swin_huge").is_none());
+    }
+
+    #[test]
+    fn every_cnn_preset_builds_timms_shapes() {
+        for name in ResNetConfig::PRESETS {
+            ResNetConfig::preset(name).unwrap().validate().unwrap();
+        }
+        for name in ConvNextConfig::PRESETS {
+            ConvNextConfig::preset(name).unwrap().validate().unwrap();
+        }
+        // timm: resnet50's layer2 outputs 512 × 28 × 28 and it classifies 2048
+        // features; convnext_tiny's stages.1 outputs 192 × 28 × 28.
+        let resnet50 = ResNetConfig::preset("resnet50").unwrap();
+        assert_eq!(resnet50.stage_input_shape(2), (512, 28));
+        assert_eq!(resnet50.num_features(), 2048);
+        assert_eq!(ResNetConfig::preset("resnet18").unwrap().num_features(), 512);
+        let tiny = ConvNextConfig::preset("convnext_tiny").unwrap();
+        assert_eq!(tiny.stage_input_shape(2), (192, 28));
+        assert_eq!(tiny.mlp_hidden(3), 3072);
+        assert!(ResNetConfig::preset("resnet51").is_none() && ConvNextConfig::preset("convnext").is_none());
+    }
+
+    #[test]
+    fn the_cnn_parameter_bounds_stay_below_timms_counts() {
+        // timm's parameter counts: resnet50 25.56 M, resnet18 11.69 M,
+        // convnext_tiny 28.59 M, convnext_atto 3.70 M (3,695,520).
+        for (bound, count) in [
+            (ResNetConfig::preset("resnet50").unwrap().min_parameters(0), 25.56e6),
+            (ResNetConfig::preset("resnet18").unwrap().min_parameters(0), 11.69e6),
+            (
+                ConvNextConfig::preset("convnext_tiny").unwrap().min_parameters(0),
+                28.59e6,
+            ),
+            (
+                ConvNextConfig::preset("convnext_atto").unwrap().min_parameters(0),
+                3.6955e6,
+            ),
+        ] {
+            assert!(bound > 0.6 * count && bound <= count, "{bound} against {count}");
+        }
+    }
+
+    #[test]
+    fn cnn_sizes_no_network_can_have_are_refused() {
+        let mut resnet = ResNetConfig::preset("resnet50").unwrap();
+        resnet.img_size = 100;
+        assert!(resnet.validate().unwrap_err().to_string().contains("multiple of 32"));
+        let mut resnet = ResNetConfig::preset("resnet18").unwrap();
+        resnet.channels.pop();
+        assert!(resnet.validate().is_err());
+        let mut convnext = ConvNextConfig::preset("convnext_tiny").unwrap();
+        convnext.depths[2] = 100_000;
+        assert!(convnext.validate().is_err());
+        let mut convnext = ConvNextConfig::preset("convnext_tiny").unwrap();
+        convnext.patch_size = 0;
+        assert!(convnext.validate().is_err());
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //!   bottleneck, Conv-Swin decoder `g_s` with its `SwinReconLayer`);
 //! * [`swin`]: Swin / Swin-S3 backbones with per-stage windows, buildable for
 //!   a range of stages so the head and tail of a split run separately;
+//! * [`resnet`] and [`convnext`]: the convolutional families, as timm builds
+//!   them and splittable the same way;
 //! * [`entropy_bottleneck`]: CompressAI's factorized prior as a trainable
 //!   module, whose parameters the codec crate turns into coding tables;
 //! * [`device`]: the device names every command accepts (`cpu`, `cuda`,
 //!   `cuda:N`) and the server-side [`Precision`] (f32, bf16, f16);
 //! * [`layers`]: the residual block and token helpers they share;
-//! * [`weights`]: checkpoint key mapping (CompressAI and timm namings);
+//! * [`weights`]: checkpoint key mapping (CompressAI and timm namings and shapes);
 //! * [`convert`] and [`bundle`]: reference checkpoints in, model bundles out
 //!   (the bundle's contract itself, manifest and configs, is
 //!   `frankensplit-bundle`'s; its types are re-exported here);
@@ -23,17 +25,21 @@
 pub mod bundle;
 pub mod compressor;
 pub mod convert;
+pub mod convnext;
 pub mod device;
 pub mod entropy_bottleneck;
 pub mod error;
 pub mod layers;
 pub mod onnx;
+pub mod resnet;
 pub mod swin;
 pub mod weights;
 
 pub use bundle::{Architecture, Bundle, Manifest};
 pub use compressor::{Compressor, CompressorConfig};
+pub use convnext::{ConvNext, ConvNextConfig};
 pub use device::{parse_device, Precision};
 pub use error::{Error, Result};
 pub use frankensplit_codec::PayloadCodec;
+pub use resnet::{ResNet, ResNetConfig};
 pub use swin::{SwinConfig, SwinTransformer};

@@ -1,6 +1,7 @@
 //! Mapping checkpoint tensors onto our modules, in one place: CompressAI's two
-//! parameter namings, timm's two Swin stage layouts, and the buffers that are
-//! derived from the architecture rather than loaded.
+//! parameter namings, timm's two Swin stage layouts, timm's two ConvNeXt MLP
+//! shapes, and the buffers that are derived from the architecture (or read
+//! by no forward pass here) rather than loaded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -44,9 +45,12 @@ fn stage_index(key: &str) -> Option<usize> {
     rest.split('.').next()?.parse().ok()
 }
 
-/// Buffers that the architecture determines and loading therefore skips.
+/// Buffers that the architecture determines, or that nothing here reads
+/// (batch norms' `num_batches_tracked`: the momentum is fixed), and that
+/// loading therefore skips.
 pub fn is_derived_buffer(key: &str) -> bool {
-    const DERIVED: [&str; 7] = [
+    const DERIVED: [&str; 8] = [
+        "num_batches_tracked",
         "relative_position_index",
         "attn_mask",
         "entropy_bottleneck.target",
@@ -91,6 +95,25 @@ pub fn normalize_key(key: &str, layout: SwinLayout) -> String {
         }
     }
     key
+}
+
+/// timm's `conv_mlp` ConvNeXts (the atto…nano presets) keep each block's
+/// MLP as 1×1 convolutions, `mlp.fc{1,2}.weight` of shape `(O, I, 1, 1)`;
+/// ours are the same weights as linear layers, `(O, I)`.
+pub fn convnext_mlp_as_linear(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
+    tensors
+        .into_iter()
+        .map(|(key, t)| {
+            let size = t.size();
+            let is_mlp = key.ends_with(".mlp.fc1.weight") || key.ends_with(".mlp.fc2.weight");
+            if is_mlp && size.len() == 4 && size[2] == 1 && size[3] == 1 {
+                let linear = t.reshape([size[0], size[1]]);
+                (key, linear)
+            } else {
+                (key, t)
+            }
+        })
+        .collect()
 }
 
 /// Copies `tensors` (already under our names) into the variables of `vs`.
