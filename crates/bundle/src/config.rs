@@ -21,9 +21,9 @@ pub struct Architecture {
     /// The compressor (edge encoder, entropy bottleneck, decoder).
     pub compressor: CompressorConfig,
     /// The backbone whose tail classifies the restored features.
-    pub backbone: SwinConfig,
+    pub backbone: BackboneConfig,
     /// First backbone stage run on the server (timm 0.8's `split_idx`): the
-    /// decoder restores the output of `layers[split_stage - 1]`.
+    /// decoder restores the output of stage `split_stage - 1`.
     pub split_stage: usize,
 }
 
@@ -33,7 +33,7 @@ impl Default for Architecture {
     fn default() -> Self {
         Self {
             compressor: CompressorConfig::default(),
-            backbone: SwinConfig::swin_s3_base_224(),
+            backbone: BackboneConfig::Swin(SwinConfig::swin_s3_base_224()),
             split_stage: 2,
         }
     }
@@ -59,21 +59,50 @@ impl Architecture {
                 self.split_stage
             )));
         }
-        let (tokens, dim) = self.backbone.stage_input_shape(self.split_stage);
-        let side = self.compressor.latent_size() / 2;
-        if self.compressor.target_dim != dim || side * side != tokens {
+        let latent = self.compressor.latent_size();
+        let target = self.backbone.split_features(self.split_stage);
+        let fits = match (self.blueprint(), target) {
+            (DecoderBlueprint::Swin, Features::Tokens { tokens, dim }) => {
+                self.compressor.target_dim == dim && (latent / 2) * (latent / 2) == tokens
+            }
+            (DecoderBlueprint::Conv { side: restored }, Features::Map { channels, side }) => {
+                self.compressor.target_dim == channels && restored == side
+            }
+            _ => false,
+        };
+        if !fits {
             return Err(Error::Invalid(format!(
-                "the decoder produces {}×{} tokens of width {}, but backbone stage {} expects {tokens} tokens of width {dim}",
-                side, side, self.compressor.target_dim, self.split_stage
+                "the {} decoder of a {}×{} latent produces {}, but backbone stage {} expects {target}",
+                self.blueprint().name(),
+                latent,
+                latent,
+                self.blueprint().output(latent, self.compressor.target_dim),
+                self.split_stage
             )));
         }
-        if self.compressor.input_size != self.backbone.img_size {
+        if self.compressor.input_size != self.backbone.img_size() {
             return Err(Error::Invalid(format!(
                 "compressor input {} differs from backbone input {}",
-                self.compressor.input_size, self.backbone.img_size
+                self.compressor.input_size,
+                self.backbone.img_size()
             )));
         }
         Ok(())
+    }
+
+    /// The decoder blueprint of this backbone's family at this split: a
+    /// Conv-Swin hybrid for transformers, convolutional restoration for
+    /// CNNs (to the feature map's side, or the latent's when the split
+    /// point's side is none a convolutional decoder reaches).
+    pub fn blueprint(&self) -> DecoderBlueprint {
+        let latent = self.compressor.latent_size();
+        match self.backbone.split_features(self.split_stage) {
+            Features::Tokens { .. } => DecoderBlueprint::Swin,
+            Features::Map { side, .. } if [latent / 2, latent, 2 * latent].contains(&side) => {
+                DecoderBlueprint::Conv { side }
+            }
+            Features::Map { .. } => DecoderBlueprint::Conv { side: latent },
+        }
     }
 
     /// Shape of the latent for one image.
@@ -88,13 +117,235 @@ impl Architecture {
     /// refuse a hostile manifest before building anything of its size.
     pub fn min_parameters(&self, backbone_head: bool) -> f64 {
         let first = if backbone_head { 0 } else { self.split_stage };
-        let backbone: f64 = (first..self.backbone.num_stages())
-            .map(|i| {
-                let dim = self.backbone.stage_dim(i) as f64;
-                self.backbone.depths[i] as f64 * swin_block_weights(dim, self.backbone.mlp_ratio)
-            })
-            .sum();
-        backbone + self.compressor.min_parameters()
+        self.backbone.min_parameters(first) + self.compressor.min_parameters(self.blueprint())
+    }
+}
+
+/// What a backbone hands its stage `i`: Swin's tokens or a CNN's feature map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Features {
+    /// `(B, tokens, dim)`.
+    Tokens {
+        /// Tokens per image (a square grid).
+        tokens: i64,
+        /// Width.
+        dim: i64,
+    },
+    /// `(B, channels, side, side)`.
+    Map {
+        /// Channels.
+        channels: i64,
+        /// Grid side.
+        side: i64,
+    },
+}
+
+impl std::fmt::Display for Features {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tokens { tokens, dim } => write!(f, "{tokens} tokens of width {dim}"),
+            Self::Map { channels, side } => write!(f, "a {channels}×{side}×{side} feature map"),
+        }
+    }
+}
+
+/// How the server's decoder is built for a backbone family: the blueprint
+/// and the shape of the features it restores decide its layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecoderBlueprint {
+    /// The reference's `SynthesisNetworkSwinTransform`: residual block, a
+    /// Swin stage with a shortcut, residual block, `SwinReconLayer` (Swin
+    /// blocks and patch merging): tokens on half the latent's grid.
+    Swin,
+    /// Convolutional restoration (the reference's `ResNetReconLayer` idea):
+    /// residual convolution blocks, then a resampling convolution to the
+    /// feature map of side `side` (half, equal to or twice the latent's).
+    Conv {
+        /// Side of the restored feature map.
+        side: i64,
+    },
+}
+
+impl DecoderBlueprint {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Swin => "Conv-Swin",
+            Self::Conv { .. } => "convolutional",
+        }
+    }
+
+    fn output(self, latent: i64, channels: i64) -> Features {
+        match self {
+            Self::Swin => Features::Tokens {
+                tokens: (latent / 2) * (latent / 2),
+                dim: channels,
+            },
+            Self::Conv { side } => Features::Map { channels, side },
+        }
+    }
+}
+
+/// A backbone of one of the families the project builds as timm does.
+///
+/// In TOML the family is the `family` key (`"swin"`, `"resnet"`,
+/// `"convnext"`) beside the family's own fields; without it the table is a
+/// Swin, as every bundle and run file before the other families were.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BackboneConfig {
+    /// Swin / Swin-S3.
+    Swin(SwinConfig),
+    /// ResNet.
+    ResNet(ResNetConfig),
+    /// ConvNeXt.
+    ConvNext(ConvNextConfig),
+}
+
+impl BackboneConfig {
+    /// Every preset name of every family.
+    pub fn preset_names() -> Vec<&'static str> {
+        let mut names = SwinConfig::PRESETS.to_vec();
+        names.extend(ResNetConfig::PRESETS);
+        names.extend(ConvNextConfig::PRESETS);
+        names
+    }
+
+    /// The preset called `name` (timm's model name), of whichever family.
+    pub fn preset(name: &str) -> Option<Self> {
+        SwinConfig::preset(name)
+            .map(Self::Swin)
+            .or_else(|| ResNetConfig::preset(name).map(Self::ResNet))
+            .or_else(|| ConvNextConfig::preset(name).map(Self::ConvNext))
+    }
+
+    /// The family's name as the `family` key spells it.
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Swin(_) => "swin",
+            Self::ResNet(_) => "resnet",
+            Self::ConvNext(_) => "convnext",
+        }
+    }
+
+    /// The Swin configuration, when the backbone is one.
+    pub fn as_swin(&self) -> Option<&SwinConfig> {
+        match self {
+            Self::Swin(config) => Some(config),
+            _ => None,
+        }
+    }
+
+    /// Input side in pixels.
+    pub fn img_size(&self) -> i64 {
+        match self {
+            Self::Swin(c) => c.img_size,
+            Self::ResNet(c) => c.img_size,
+            Self::ConvNext(c) => c.img_size,
+        }
+    }
+
+    /// Sets the input side.
+    pub fn set_img_size(&mut self, size: i64) {
+        match self {
+            Self::Swin(c) => c.img_size = size,
+            Self::ResNet(c) => c.img_size = size,
+            Self::ConvNext(c) => c.img_size = size,
+        }
+    }
+
+    /// Classes of the head.
+    pub fn num_classes(&self) -> i64 {
+        match self {
+            Self::Swin(c) => c.num_classes,
+            Self::ResNet(c) => c.num_classes,
+            Self::ConvNext(c) => c.num_classes,
+        }
+    }
+
+    /// Number of stages.
+    pub fn num_stages(&self) -> usize {
+        match self {
+            Self::Swin(c) => c.num_stages(),
+            Self::ResNet(c) => c.num_stages(),
+            Self::ConvNext(c) => c.num_stages(),
+        }
+    }
+
+    /// What stage `i` receives: the features a decoder must restore for a
+    /// split there (timm 0.8's `layers[i - 1]` output for Swin, `layer{i}`'s
+    /// for ResNet, `stages.{i-1}`'s for ConvNeXt).
+    pub fn split_features(&self, i: usize) -> Features {
+        match self {
+            Self::Swin(c) => {
+                let (tokens, dim) = c.stage_input_shape(i);
+                Features::Tokens { tokens, dim }
+            }
+            Self::ResNet(c) => {
+                let (channels, side) = c.stage_input_shape(i);
+                Features::Map { channels, side }
+            }
+            Self::ConvNext(c) => {
+                let (channels, side) = c.stage_input_shape(i);
+                Features::Map { channels, side }
+            }
+        }
+    }
+
+    /// Kernels and matrices of the stages from `first` on and the
+    /// classifier: a lower bound on their weights.
+    pub fn min_parameters(&self, first: usize) -> f64 {
+        match self {
+            Self::Swin(c) => (first..c.num_stages())
+                .map(|i| c.depths[i] as f64 * swin_block_weights(c.stage_dim(i) as f64, c.mlp_ratio))
+                .sum(),
+            Self::ResNet(c) => c.min_parameters(first),
+            Self::ConvNext(c) => c.min_parameters(first),
+        }
+    }
+
+    /// Checks the family's configuration.
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            Self::Swin(c) => c.validate(),
+            Self::ResNet(c) => c.validate(),
+            Self::ConvNext(c) => c.validate(),
+        }
+    }
+}
+
+impl Serialize for BackboneConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+        let fields = match self {
+            Self::Swin(c) => toml::Table::try_from(c),
+            Self::ResNet(c) => toml::Table::try_from(c),
+            Self::ConvNext(c) => toml::Table::try_from(c),
+        };
+        let mut table = fields.map_err(serde::ser::Error::custom)?;
+        table.insert("family".into(), toml::Value::String(self.family().into()));
+        table.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for BackboneConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let mut table = toml::Table::deserialize(deserializer)?;
+        let family = match table.remove("family") {
+            None => "swin".to_string(),
+            Some(toml::Value::String(family)) => family,
+            Some(other) => return Err(D::Error::custom(format!("family must be a string, not {other}"))),
+        };
+        let value = toml::Value::Table(table);
+        match family.as_str() {
+            "swin" => value.try_into().map(Self::Swin),
+            "resnet" => value.try_into().map(Self::ResNet),
+            "convnext" => value.try_into().map(Self::ConvNext),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "unknown backbone family {other:?}; families: swin, resnet, convnext"
+                )))
+            }
+        }
+        .map_err(|e| D::Error::custom(format!("{family} backbone: {}", e.message())))
     }
 }
 
@@ -191,16 +442,21 @@ impl CompressorConfig {
     }
 
     /// A lower bound on the compressor's parameters: g_a's kernels and the
-    /// decoder's Swin blocks (see [`Architecture::min_parameters`]).
-    pub fn min_parameters(&self) -> f64 {
+    /// decoder's blocks as `blueprint` builds them (see
+    /// [`Architecture::min_parameters`]).
+    pub fn min_parameters(&self, blueprint: DecoderBlueprint) -> f64 {
         let [h1, h2] = self.encoder_hidden.map(|w| w as f64);
         let widths = [3.0, h1, h2, self.latent_channels as f64];
         let encoder: f64 = widths
             .windows(2)
             .map(|w| 9.0 * w[0] * w[1] + 9.0 * w[1] * w[1] + w[0] * w[1])
             .sum();
-        let decoder = self.decoder_depth as f64 * swin_block_weights(self.decoder_dim as f64, 4.0)
-            + self.recon_depth as f64 * swin_block_weights(self.recon_dim as f64, 4.0);
+        let block = |dim: i64| match blueprint {
+            DecoderBlueprint::Swin => swin_block_weights(dim as f64, 4.0),
+            DecoderBlueprint::Conv { .. } => 18.0 * (dim * dim) as f64,
+        };
+        let decoder =
+            self.decoder_depth as f64 * block(self.decoder_dim) + self.recon_depth as f64 * block(self.recon_dim);
         encoder + decoder
     }
 
@@ -512,7 +768,98 @@ mod tests {
         let arch = Architecture::default();
         arch.validate().unwrap();
         assert_eq!(arch.latent_shape(), LatentShape::new(48, 28, 28));
-        assert_eq!(arch.backbone.stage_input_shape(2), (196, 384));
+        assert_eq!(
+            arch.backbone.split_features(2),
+            Features::Tokens { tokens: 196, dim: 384 }
+        );
+        assert_eq!(arch.blueprint(), DecoderBlueprint::Swin);
+    }
+
+    /// The reference compressor in front of a CNN preset, its decoder
+    /// widened to the split point's channels.
+    fn cnn_architecture(name: &str) -> Architecture {
+        let backbone = BackboneConfig::preset(name).unwrap();
+        let Features::Map { channels, .. } = backbone.split_features(2) else {
+            panic!("{name} is a CNN");
+        };
+        Architecture {
+            compressor: CompressorConfig {
+                target_dim: channels,
+                ..CompressorConfig::default()
+            },
+            backbone,
+            split_stage: 2,
+        }
+    }
+
+    #[test]
+    fn cnn_backbones_get_the_convolutional_blueprint_at_their_split_grid() {
+        for name in ["resnet50", "resnet18", "convnext_tiny", "convnext_atto"] {
+            let arch = cnn_architecture(name);
+            arch.validate().unwrap();
+            // Stride 8 at 224 pixels: the latent's own 28×28 grid.
+            assert_eq!(arch.blueprint(), DecoderBlueprint::Conv { side: 28 }, "{name}");
+        }
+        // Split after layer1 (56×56): twice the latent's side, still reachable.
+        let mut arch = cnn_architecture("resnet50");
+        arch.split_stage = 1;
+        arch.compressor.target_dim = 256;
+        arch.validate().unwrap();
+        assert_eq!(arch.blueprint(), DecoderBlueprint::Conv { side: 56 });
+        // Split after layer3 (14×14): half of it.
+        arch.split_stage = 3;
+        arch.compressor.target_dim = 1024;
+        arch.validate().unwrap();
+        assert_eq!(arch.blueprint(), DecoderBlueprint::Conv { side: 14 });
+        // At 256 pixels a fifth stage's input (8×8) is a quarter of the
+        // latent's side (32), which no blueprint reaches.
+        if let BackboneConfig::ResNet(resnet) = &mut arch.backbone {
+            resnet.layers.push(2);
+            resnet.channels.push(1024);
+        }
+        arch.backbone.set_img_size(256);
+        arch.compressor.input_size = 256;
+        arch.split_stage = 4;
+        arch.compressor.target_dim = 2048;
+        let message = arch.validate().unwrap_err().to_string();
+        assert!(message.contains("expects a 2048×8×8 feature map"), "{message}");
+    }
+
+    #[test]
+    fn backbone_tables_name_their_family_and_old_ones_are_swin() {
+        for name in ["swin_s3_tiny_224", "resnet50", "convnext_atto"] {
+            let arch = if name.starts_with("swin") {
+                Architecture {
+                    backbone: BackboneConfig::preset(name).unwrap(),
+                    compressor: CompressorConfig::default(),
+                    split_stage: 2,
+                }
+            } else {
+                cnn_architecture(name)
+            };
+            let text = toml::to_string(&arch).unwrap();
+            assert!(
+                text.contains(&format!("family = \"{}\"", arch.backbone.family())),
+                "{text}"
+            );
+            assert_eq!(Architecture::from_toml(&text).unwrap(), arch);
+        }
+        let old = toml::to_string(&Architecture::default())
+            .unwrap()
+            .replace("family = \"swin\"\n", "");
+        assert!(!old.contains("family"));
+        assert_eq!(Architecture::from_toml(&old).unwrap(), Architecture::default());
+        let unknown = old.replace("[backbone]\n", "[backbone]\nfamily = \"vgg\"\n");
+        let message = Architecture::from_toml(&unknown).unwrap_err().to_string();
+        assert!(message.contains("unknown backbone family \"vgg\""), "{message}");
+        let wrong_field = toml::to_string(&cnn_architecture("resnet18"))
+            .unwrap()
+            .replace("block = \"basic\"", "block = \"dense\"");
+        let message = Architecture::from_toml(&wrong_field).unwrap_err().to_string();
+        assert!(
+            message.contains("resnet backbone") && message.contains("dense"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -539,12 +886,16 @@ mod tests {
         let mut arch = Architecture::default();
         arch.compressor.input_size = 230;
         assert!(arch.validate().unwrap_err().to_string().contains("multiple of 8"));
-        let mut arch = Architecture::default();
-        arch.backbone.window_sizes.pop();
-        assert!(arch.validate().is_err());
-        let mut arch = Architecture::default();
-        arch.backbone.embed_dim = i64::MAX;
-        assert!(arch.validate().is_err());
+        let swin = |change: fn(&mut SwinConfig)| {
+            let mut config = SwinConfig::swin_s3_base_224();
+            change(&mut config);
+            Architecture {
+                backbone: BackboneConfig::Swin(config),
+                ..Architecture::default()
+            }
+        };
+        assert!(swin(|c| c.window_sizes.truncate(3)).validate().is_err());
+        assert!(swin(|c| c.embed_dim = i64::MAX).validate().is_err());
         let mut arch = Architecture::default();
         arch.compressor.input_size = 65_536;
         assert!(arch
@@ -552,16 +903,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("values for one image"));
-        let mut arch = Architecture::default();
-        arch.backbone.depths[3] = 100_000;
-        assert!(arch.validate().is_err());
+        assert!(swin(|c| c.depths[3] = 100_000).validate().is_err());
     }
 
     #[test]
     fn the_parameter_bound_stays_below_the_reference_counts() {
         // The reference compressor holds 2,203,598 parameters (g_a 141,696);
         // the bound counts kernels and matrices only.
-        let compressor = CompressorConfig::default().min_parameters();
+        let compressor = CompressorConfig::default().min_parameters(DecoderBlueprint::Swin);
         assert!(compressor > 1.0e6 && compressor <= 2_203_598.0, "{compressor}");
         // timm's swin_s3_base_224 holds 71.1 M parameters.
         let arch = Architecture::default();

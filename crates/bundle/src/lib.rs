@@ -24,7 +24,10 @@ use frankensplit_preprocess::Preprocess;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 
-pub use config::{Architecture, CompressorConfig, ConvNextConfig, ResNetBlock, ResNetConfig, SwinConfig};
+pub use config::{
+    Architecture, BackboneConfig, CompressorConfig, ConvNextConfig, DecoderBlueprint, Features, ResNetBlock,
+    ResNetConfig, SwinConfig,
+};
 pub use error::{Error, Result};
 
 /// Version of the bundle layout this build writes and reads.

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::{bin, run};
-use frankensplit_models::{Architecture, Compressor, SwinConfig, SwinTransformer};
+use frankensplit_models::{Architecture, Backbone, BackboneConfig, Compressor, SwinConfig};
 use serde_json::Value;
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -51,7 +51,7 @@ fn architecture(depths: &[i64]) -> Architecture {
         ..SwinConfig::swin_s3_base_224()
     };
     Architecture {
-        backbone,
+        backbone: BackboneConfig::Swin(backbone),
         ..Architecture::default()
     }
 }
@@ -63,9 +63,9 @@ fn reference_state_dict(arch: &Architecture, seed: i64) -> Vec<(String, Tensor)>
     static DRAWING: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = DRAWING.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let compressor_vars = VarStore::new(Device::Cpu);
-    let _compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let _compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
     let backbone_vars = VarStore::new(Device::Cpu);
-    let _tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..4);
+    let _tail = Backbone::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..4);
     let mut shapes = BTreeMap::new();
     for (name, t) in compressor_vars.variables() {
         shapes.insert(format!("compression_module.{name}"), t.size());

@@ -90,7 +90,7 @@ fn architecture() -> Architecture {
     let mut arch = Architecture::from_toml(&std::fs::read_to_string(path).unwrap()).unwrap();
     arch.compressor.input_size = 24;
     arch.compressor.latent_channels = 48;
-    arch.backbone.img_size = 24;
+    arch.backbone.set_img_size(24);
     arch
 }
 

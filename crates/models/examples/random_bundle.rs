@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use frankensplit_codec::LikelihoodFormula;
 use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
-use frankensplit_models::{Architecture, Compressor, SwinTransformer};
+use frankensplit_models::{Architecture, Backbone, Compressor};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -25,11 +25,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let seed: i64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0);
     tch::manual_seed(seed);
     let compressor_vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
     let backbone_vars = VarStore::new(Device::Cpu);
     let stages = arch.backbone.num_stages();
-    let _tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
-    let _head = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage);
+    let _tail = Backbone::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
+    let _head = Backbone::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage);
     let formula = LikelihoodFormula::Direct;
     let tables = compressor.entropy_bottleneck.density()?.build_tables(formula)?;
     let fingerprint = write_bundle(

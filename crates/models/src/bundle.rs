@@ -18,10 +18,10 @@ use frankensplit_preprocess::Preprocess;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
+use crate::backbone::Backbone;
 use crate::compressor::Compressor;
 use crate::device::Precision;
 use crate::error::{Error, Result};
-use crate::swin::SwinTransformer;
 use crate::weights::load_into;
 
 /// A loaded bundle: models on a device plus the entropy coder.
@@ -40,9 +40,9 @@ pub struct Bundle {
     /// Variables of [`Bundle::backbone`].
     pub backbone_vars: nn::VarStore,
     /// The backbone tail (stages `split_stage..`).
-    pub backbone: SwinTransformer,
+    pub backbone: Backbone,
     /// The backbone before the split (stages `..split_stage`), when the bundle has it.
-    pub backbone_head: Option<SwinTransformer>,
+    pub backbone_head: Option<Backbone>,
     /// The bundle's payloads both ways (fingerprint, latent shape, entropy coder).
     pub payload: PayloadCodec,
     /// The number format of the server-side networks (decoder and backbone);
@@ -135,17 +135,17 @@ impl Bundle {
         } = verified;
         let arch = &manifest.architecture;
         let mut compressor_vars = nn::VarStore::new(device);
-        let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+        let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
         load_into(&mut compressor_vars, take_prefix(&mut tensors, names::COMPRESSOR))?;
         let mut backbone_vars = nn::VarStore::new(device);
-        let backbone = SwinTransformer::new(
+        let backbone = Backbone::new(
             &backbone_vars.root(),
             &arch.backbone,
             arch.split_stage..arch.backbone.num_stages(),
         );
         let backbone_head = manifest
             .backbone_head
-            .then(|| SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage));
+            .then(|| Backbone::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage));
         load_into(&mut backbone_vars, take_prefix(&mut tensors, names::BACKBONE))?;
         // The tables were read by the payload codec.
         take_prefix(&mut tensors, names::TABLES);
@@ -225,14 +225,15 @@ impl Bundle {
         Ok(self.payload.compress(&self.encode_latent(image_chw)?)?)
     }
 
-    /// Server side: payload → restored features `(1, tokens, width)`.
+    /// Server side: payload → restored features (`(1, tokens, width)` for
+    /// Swin, `(1, C, H, W)` for a CNN).
     pub fn decompress(&self, payload: &[u8]) -> Result<Tensor> {
         let latent = self.payload.decompress(payload)?;
         self.restore_features(&[latent])
     }
 
     /// Runs the decoder on a batch of dequantised latents (CHW each):
-    /// restored features `(B, tokens, width)`.
+    /// restored features (`(B, tokens, width)` for Swin, `(B, C, H, W)` for a CNN).
     pub fn restore_features(&self, latents: &[Vec<f32>]) -> Result<Tensor> {
         let shape = self.latent_shape();
         if let Some(bad) = latents.iter().find(|l| l.len() != shape.len()) {
@@ -266,7 +267,7 @@ impl Bundle {
                 self.dir.display()
             ))
         })?;
-        let size = self.manifest.architecture.backbone.img_size;
+        let size = self.manifest.architecture.backbone.img_size();
         if let Some(bad) = images_chw.iter().find(|i| i.len() as i64 != 3 * size * size) {
             return Err(Error::Invalid(format!(
                 "expected 3×{size}×{size} inputs, got {} values",

@@ -1,14 +1,17 @@
 //! FrankenSplit's compressor: the edge encoder `g_a`, the entropy bottleneck,
-//! and the server-side decoder `g_s` (a residual block, a Swin stage with a
-//! shortcut, a residual block, and the `SwinReconLayer` that produces the
-//! backbone's 14×14×384 tokens). Module names follow the reference state dict
-//! under `compression_module.`.
+//! and the server-side decoder `g_s`, built from its backbone family's
+//! [`DecoderBlueprint`]: for transformers the reference's (a residual block,
+//! a Swin stage with a shortcut, a residual block, and the `SwinReconLayer`
+//! that produces the backbone's 14×14×384 tokens), for CNNs the same outline
+//! with convolutional blocks, restoring a feature map. Module names follow
+//! the reference state dict under `compression_module.`.
 
 use tch::nn::{self, Module, ModuleT};
 use tch::Tensor;
 
 use crate::entropy_bottleneck::EntropyBottleneck;
 use crate::layers::{detokenize, drop_path_rates, tokenize, Activation, ResidualBlockWithStride};
+pub use frankensplit_bundle::config::DecoderBlueprint;
 pub use frankensplit_bundle::CompressorConfig;
 
 use crate::swin::{BlockSpec, PatchMerging, SwinBlock};
@@ -81,9 +84,9 @@ impl ModuleT for SwinReconLayer {
     }
 }
 
-/// The server-side decoder `g_s` (`SynthesisNetworkSwinTransform`).
+/// The server-side decoder of the Swin blueprint (`SynthesisNetworkSwinTransform`).
 #[derive(Debug)]
-pub struct Decoder {
+pub struct SwinDecoder {
     deconv_embed: ResidualBlockWithStride,
     blocks: Vec<SwinBlock>,
     conv: ResidualBlockWithStride,
@@ -91,7 +94,7 @@ pub struct Decoder {
     side: i64,
 }
 
-impl Decoder {
+impl SwinDecoder {
     /// Registers `deconv_embed.0`, `hybrid_stages.0.{blocks,conv}` and `final_layer` under `p`.
     pub fn new(p: &nn::Path, config: &CompressorConfig) -> Self {
         let rb = |path: nn::Path, i, o| {
@@ -115,7 +118,7 @@ impl Decoder {
     }
 }
 
-impl ModuleT for Decoder {
+impl ModuleT for SwinDecoder {
     fn forward_t(&self, y: &Tensor, train: bool) -> Tensor {
         let x = self.deconv_embed.forward(y);
         let tokens = self
@@ -127,10 +130,118 @@ impl ModuleT for Decoder {
     }
 }
 
+/// The server-side decoder of the convolutional blueprint: the Swin
+/// decoder's outline with residual convolution blocks (LeakyReLU between
+/// their convolutions) in place of Swin blocks, ending in a resampling
+/// convolution to the target's channels and grid: 3×3 stride 2 to half the
+/// latent's side, 1×1 to the same side, 2×2 transposed stride 2 to twice it.
+#[derive(Debug)]
+pub struct ConvDecoder {
+    deconv_embed: ResidualBlockWithStride,
+    blocks: Vec<ResidualBlockWithStride>,
+    conv: ResidualBlockWithStride,
+    recon_blocks: Vec<ResidualBlockWithStride>,
+    sample: Resample,
+}
+
+#[derive(Debug)]
+enum Resample {
+    Conv(nn::Conv2D),
+    Transposed(nn::ConvTranspose2D),
+}
+
+impl ConvDecoder {
+    /// Registers `deconv_embed.0`, `hybrid_stages.0.{blocks,conv}` and
+    /// `final_layer.{blocks,sample}` under `p`, restoring `side × side` maps.
+    pub fn new(p: &nn::Path, config: &CompressorConfig, side: i64) -> Self {
+        let rb = |path: nn::Path, i, o, inner_act| {
+            ResidualBlockWithStride::new(&path, i, o, 1, Activation::LeakyRelu, inner_act)
+        };
+        let stage = p / "hybrid_stages" / 0;
+        let final_layer = p / "final_layer";
+        let (dim, recon) = (config.decoder_dim, config.recon_dim);
+        let latent = config.latent_size();
+        let sample_path = &final_layer / "sample";
+        let sample = if side == 2 * latent {
+            let up = nn::ConvTransposeConfig {
+                stride: 2,
+                ..Default::default()
+            };
+            Resample::Transposed(nn::conv_transpose2d(sample_path, recon, config.target_dim, 2, up))
+        } else {
+            let (kernel, stride) = if side == latent { (1, 1) } else { (3, 2) };
+            let down = nn::ConvConfig {
+                stride,
+                padding: kernel / 2,
+                ..Default::default()
+            };
+            Resample::Conv(nn::conv2d(sample_path, recon, config.target_dim, kernel, down))
+        };
+        Self {
+            deconv_embed: rb(
+                p / "deconv_embed" / 0,
+                config.latent_channels,
+                dim,
+                config.act_after_conv1,
+            ),
+            blocks: (0..config.decoder_depth)
+                .map(|i| rb(&stage / "blocks" / i as i64, dim, dim, true))
+                .collect(),
+            conv: rb(&stage / "conv", dim, recon, config.act_after_conv1),
+            recon_blocks: (0..config.recon_depth)
+                .map(|i| rb(&final_layer / "blocks" / i as i64, recon, recon, true))
+                .collect(),
+            sample,
+        }
+    }
+}
+
+impl Module for ConvDecoder {
+    fn forward(&self, y: &Tensor) -> Tensor {
+        let x = self.deconv_embed.forward(y);
+        let x = self.blocks.iter().fold(x.shallow_clone(), |h, block| block.forward(&h)) + x;
+        let x = self.conv.forward(&x);
+        let x = self.recon_blocks.iter().fold(x, |h, block| block.forward(&h));
+        match &self.sample {
+            Resample::Conv(conv) => x.apply(conv),
+            Resample::Transposed(conv) => x.apply(conv),
+        }
+    }
+}
+
+/// The server-side decoder `g_s`, as its blueprint builds it.
+#[derive(Debug)]
+pub enum Decoder {
+    /// Tokens `(B, L, C)` for a transformer backbone.
+    Swin(SwinDecoder),
+    /// A feature map `(B, C, H, W)` for a CNN backbone.
+    Conv(ConvDecoder),
+}
+
+impl Decoder {
+    /// Registers the blueprint's modules under `p`.
+    pub fn new(p: &nn::Path, config: &CompressorConfig, blueprint: DecoderBlueprint) -> Self {
+        match blueprint {
+            DecoderBlueprint::Swin => Self::Swin(SwinDecoder::new(p, config)),
+            DecoderBlueprint::Conv { side } => Self::Conv(ConvDecoder::new(p, config, side)),
+        }
+    }
+}
+
+impl ModuleT for Decoder {
+    fn forward_t(&self, y: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Swin(decoder) => decoder.forward_t(y, train),
+            Self::Conv(decoder) => decoder.forward(y),
+        }
+    }
+}
+
 /// Output of the compressor's training-time forward pass.
 #[derive(Debug)]
 pub struct CompressorOutput {
-    /// Restored backbone features `h̃`, `(B, 196, 384)` at 224².
+    /// Restored backbone features `h̃`: tokens `(B, 196, 384)` for
+    /// Swin-S3 at 224², a feature map for a CNN.
     pub features: Tensor,
     /// Latent likelihoods `p(ŷ)`, `(B, 48, 28, 28)`.
     pub likelihoods: Tensor,
@@ -149,13 +260,16 @@ pub struct Compressor {
 }
 
 impl Compressor {
-    /// Registers `g_a`, `entropy_bottleneck` and `g_s` under `p`.
-    pub fn new(p: &nn::Path, config: &CompressorConfig) -> Self {
+    /// Registers `g_a`, `entropy_bottleneck` and `g_s` (built from
+    /// `blueprint`, an architecture's [`Architecture::blueprint`]) under `p`.
+    ///
+    /// [`Architecture::blueprint`]: frankensplit_bundle::Architecture::blueprint
+    pub fn new(p: &nn::Path, config: &CompressorConfig, blueprint: DecoderBlueprint) -> Self {
         Self {
             config: config.clone(),
             g_a: Encoder::new(&(p / "g_a"), config),
             entropy_bottleneck: EntropyBottleneck::new(&(p / "entropy_bottleneck"), config.latent_channels),
-            g_s: Decoder::new(&(p / "g_s"), config),
+            g_s: Decoder::new(&(p / "g_s"), config, blueprint),
         }
     }
 

@@ -14,10 +14,10 @@ use frankensplit_codec::{CdfTables, LikelihoodFormula, ModelFingerprint};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+use crate::backbone::Backbone;
 use crate::bundle::{write_bundle, Architecture, BundleContents, TableSource};
 use crate::compressor::Compressor;
 use crate::error::{Error, Result};
-use crate::swin::SwinTransformer;
 use crate::weights::{is_derived_buffer, load_into, select};
 
 /// What to convert.
@@ -63,18 +63,6 @@ pub struct ConvertReport {
 
 fn same_values(a: &Tensor, b: &Tensor) -> bool {
     a.size() == b.size() && a.to_kind(Kind::Double).equal(&b.to_kind(Kind::Double))
-}
-
-/// Whether a backbone key (our names) belongs to the stages before `split`.
-fn is_head_key(key: &str, split: usize) -> bool {
-    match key
-        .strip_prefix("layers.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|s| s.parse::<usize>().ok())
-    {
-        Some(stage) => stage < split,
-        None => key.starts_with("patch_embed."),
-    }
 }
 
 /// Reads every tensor of a checkpoint file: safetensors by extension,
@@ -197,9 +185,10 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
         None => {}
     }
     let split = arch.split_stage;
-    let backbone_head = !options.tail_only && backbone_tensors.contains_key("patch_embed.proj.weight");
+    let head_names = Backbone::head_names(&arch.backbone, split);
+    let backbone_head = !options.tail_only && head_names.iter().all(|k| backbone_tensors.contains_key(k));
     if !backbone_head {
-        backbone_tensors.retain(|k, _| !is_head_key(k, split));
+        backbone_tensors.retain(|k, _| !head_names.contains(k));
     }
 
     let formula = options.likelihood_formula.unwrap_or(if legacy_names {
@@ -214,11 +203,11 @@ pub fn convert(options: &ConvertOptions, out: &Path) -> Result<ConvertReport> {
     });
 
     let mut compressor_vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
     load_into(&mut compressor_vars, compressor_tensors)?;
     let mut backbone_vars = VarStore::new(Device::Cpu);
-    let _backbone = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, split..arch.backbone.num_stages());
-    let _head = backbone_head.then(|| SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..split));
+    let _backbone = Backbone::new(&backbone_vars.root(), &arch.backbone, split..arch.backbone.num_stages());
+    let _head = backbone_head.then(|| Backbone::new(&backbone_vars.root(), &arch.backbone, 0..split));
     load_into(&mut backbone_vars, backbone_tensors)?;
 
     let (tables, source) = match stored {

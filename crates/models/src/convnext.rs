@@ -5,7 +5,7 @@
 //! is [`ConvNextConfig`] (frankensplit-bundle), presets named as timm names
 //! them. The MLP is linear on channels-last tokens; timm's `conv_mlp`
 //! checkpoints store the same weights as 1×1 kernels, which
-//! [`crate::weights`] reshapes.
+//! [`crate::weights::select`] reshapes.
 
 use std::ops::Range;
 

@@ -6,7 +6,8 @@
 //! * [`swin`]: Swin / Swin-S3 backbones with per-stage windows, buildable for
 //!   a range of stages so the head and tail of a split run separately;
 //! * [`resnet`] and [`convnext`]: the convolutional families, as timm builds
-//!   them and splittable the same way;
+//!   them and splittable the same way; [`backbone`]: any of the three behind
+//!   one interface;
 //! * [`entropy_bottleneck`]: CompressAI's factorized prior as a trainable
 //!   module, whose parameters the codec crate turns into coding tables;
 //! * [`device`]: the device names every command accepts (`cpu`, `cuda`,
@@ -22,6 +23,7 @@
 //! The edge path does not need this crate: the codec crate codes latents on
 //! its own.
 
+pub mod backbone;
 pub mod bundle;
 pub mod compressor;
 pub mod convert;
@@ -35,8 +37,9 @@ pub mod resnet;
 pub mod swin;
 pub mod weights;
 
+pub use backbone::{Backbone, BackboneConfig};
 pub use bundle::{Architecture, Bundle, Manifest};
-pub use compressor::{Compressor, CompressorConfig};
+pub use compressor::{Compressor, CompressorConfig, DecoderBlueprint};
 pub use convnext::{ConvNext, ConvNextConfig};
 pub use device::{parse_device, Precision};
 pub use error::{Error, Result};

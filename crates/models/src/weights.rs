@@ -97,23 +97,18 @@ pub fn normalize_key(key: &str, layout: SwinLayout) -> String {
     key
 }
 
-/// timm's `conv_mlp` ConvNeXts (the atto…nano presets) keep each block's
-/// MLP as 1×1 convolutions, `mlp.fc{1,2}.weight` of shape `(O, I, 1, 1)`;
-/// ours are the same weights as linear layers, `(O, I)`.
-pub fn convnext_mlp_as_linear(tensors: BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    tensors
-        .into_iter()
-        .map(|(key, t)| {
-            let size = t.size();
-            let is_mlp = key.ends_with(".mlp.fc1.weight") || key.ends_with(".mlp.fc2.weight");
-            if is_mlp && size.len() == 4 && size[2] == 1 && size[3] == 1 {
-                let linear = t.reshape([size[0], size[1]]);
-                (key, linear)
-            } else {
-                (key, t)
-            }
-        })
-        .collect()
+/// Our shape for a checkpoint tensor: timm's `conv_mlp` ConvNeXts (the
+/// atto…nano presets) keep each block's MLP as 1×1 convolutions,
+/// `mlp.fc{1,2}.weight` of shape `(O, I, 1, 1)`; ours are the same weights
+/// as linear layers, `(O, I)`.
+fn normalize_shape(key: &str, t: Tensor) -> Tensor {
+    let size = t.size();
+    let is_mlp = key.ends_with(".mlp.fc1.weight") || key.ends_with(".mlp.fc2.weight");
+    if is_mlp && size.len() == 4 && size[2] == 1 && size[3] == 1 {
+        t.reshape([size[0], size[1]])
+    } else {
+        t
+    }
 }
 
 /// Copies `tensors` (already under our names) into the variables of `vs`.
@@ -173,8 +168,8 @@ pub fn read_safetensors(
     Ok(select(tensors, prefix, layout))
 }
 
-/// Keeps the entries under `prefix`, strips it, and normalises names; the
-/// Swin layout is detected from the keys when not given.
+/// Keeps the entries under `prefix`, strips it, and normalises names and
+/// shapes; the Swin layout is detected from the keys when not given.
 pub fn select(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     prefix: &str,
@@ -187,7 +182,10 @@ pub fn select(
     let layout = layout.unwrap_or_else(|| SwinLayout::detect(selected.iter().map(|(k, _)| k.as_str())));
     selected
         .into_iter()
-        .map(|(k, t)| (normalize_key(&k, layout), t))
+        .map(|(k, t)| {
+            let t = normalize_shape(&k, t);
+            (normalize_key(&k, layout), t)
+        })
         .collect()
 }
 

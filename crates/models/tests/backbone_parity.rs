@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use frankensplit_models::convnext::{ConvNext, ConvNextConfig};
 use frankensplit_models::resnet::{ResNet, ResNetBlock, ResNetConfig};
-use frankensplit_models::weights::{convnext_mlp_as_linear, load_into, select};
+use frankensplit_models::weights::{load_into, select};
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
@@ -55,8 +55,7 @@ fn fixture(name: &str) -> BTreeMap<String, Tensor> {
 
 /// The fixture's timm weights under our names and shapes.
 fn timm_weights(f: &BTreeMap<String, Tensor>) -> BTreeMap<String, Tensor> {
-    let named = select(f.iter().map(|(k, t)| (k.clone(), t.shallow_clone())), "weights.", None);
-    convnext_mlp_as_linear(named)
+    select(f.iter().map(|(k, t)| (k.clone(), t.shallow_clone())), "weights.", None)
 }
 
 /// The weights among `all` that `vs` holds.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use frankensplit_models::compressor::{Compressor, CompressorConfig, SwinReconLayer};
+use frankensplit_models::compressor::{Compressor, CompressorConfig, DecoderBlueprint, SwinReconLayer};
 use frankensplit_models::convert::{convert, ConvertOptions};
 use frankensplit_models::layers::{Activation, ResidualBlockWithStride};
 use frankensplit_models::swin::{BlockSpec, SwinBlock, SwinConfig, SwinTransformer};
@@ -134,7 +134,7 @@ fn compressor_matches_the_reference_modules_and_compressai() {
     let f = fixture("compressor");
     let config = small_compressor();
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&vs.root(), &config);
+    let compressor = Compressor::new(&vs.root(), &config, DecoderBlueprint::Swin);
     // The fixture keeps CompressAI <= 1.2.6 names (`_matrix0`, ...) as released checkpoints do.
     assert!(f.contains_key("weights.entropy_bottleneck._matrix0"));
     load_into(&mut vs, weights(&f, "weights.")).unwrap();
@@ -238,7 +238,7 @@ fn weight_mismatches_are_reported_together() {
         Tensor::zeros([3], (Kind::Float, Device::Cpu)),
     );
     let mut vs = nn::VarStore::new(Device::Cpu);
-    let _ = Compressor::new(&vs.root(), &small_compressor());
+    let _ = Compressor::new(&vs.root(), &small_compressor(), DecoderBlueprint::Swin);
     let message = load_into(&mut vs, w).unwrap_err().to_string();
     for expected in [
         "g_a.rb1.conv1.weight",
@@ -254,7 +254,7 @@ fn weight_mismatches_are_reported_together() {
 #[test]
 fn full_size_parameter_counts_equal_the_reference() {
     let vs = nn::VarStore::new(Device::Cpu);
-    let _ = Compressor::new(&vs.root(), &CompressorConfig::default());
+    let _ = Compressor::new(&vs.root(), &CompressorConfig::default(), DecoderBlueprint::Swin);
     let count = |prefix: &str| -> i64 {
         vs.variables()
             .iter()

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use frankensplit_models::{Architecture, CompressorConfig, SwinConfig};
+use frankensplit_models::{Architecture, BackboneConfig, CompressorConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::data::Augment;
@@ -15,19 +15,19 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum BackboneSpec {
-    /// `swin_s3_base_224`, …
+    /// `swin_s3_base_224`, `resnet50`, `convnext_tiny`, …
     Preset(String),
-    /// Every field of [`SwinConfig`].
-    Config(SwinConfig),
+    /// A [`BackboneConfig`]: its `family` and that family's fields.
+    Config(BackboneConfig),
 }
 
 impl BackboneSpec {
-    fn resolve(&self) -> Result<SwinConfig> {
+    fn resolve(&self) -> Result<BackboneConfig> {
         match self {
-            Self::Preset(name) => SwinConfig::preset(name).ok_or_else(|| {
+            Self::Preset(name) => BackboneConfig::preset(name).ok_or_else(|| {
                 Error::Config(format!(
                     "unknown backbone preset {name:?}; presets: {}",
-                    SwinConfig::PRESETS.join(", ")
+                    BackboneConfig::preset_names().join(", ")
                 ))
             }),
             Self::Config(config) => Ok(config.clone()),

@@ -2,7 +2,7 @@
 //! distortion (saliency-weighted in stage 2) plus λ times its bits, with the
 //! values a step reports.
 
-use frankensplit_models::{Compressor, SwinTransformer};
+use frankensplit_models::{Backbone, Compressor};
 use tch::nn::ModuleT;
 use tch::{Device, Kind, Tensor};
 
@@ -63,11 +63,11 @@ impl CompressorLoss {
 /// after stage `split − 1` (no gradient), the student's `h̃` through the
 /// noisy bottleneck, distortion `Σ(h − h̃)²` — or with a saliency map
 /// `(B, 1, H, W)`, `Σ(d + d⊙s)/2` with `s` nearest-resized to the token
-/// grid — plus `λ · Σ −log₂ p(ỹ)`. `noise` fixes the latent noise
+/// grid or feature map — plus `λ · Σ −log₂ p(ỹ)`. `noise` fixes the latent noise
 /// (drawn from torch's generator when `None`).
 pub fn compressor_loss(
     compressor: &Compressor,
-    teacher_head: &SwinTransformer,
+    teacher_head: &Backbone,
     x: &Tensor,
     lmbda: f64,
     saliency: Option<&Tensor>,
@@ -82,11 +82,15 @@ pub fn compressor_loss(
     let distortion = match saliency {
         None => d.sum(Kind::Float),
         Some(maps) => {
-            let (batch, tokens) = (d.size()[0], d.size()[1]);
-            let side = (tokens as f64).sqrt().round() as i64;
-            let s = maps
-                .upsample_nearest2d([side, side], None, None)
-                .view([batch, tokens, 1]);
+            // Tokens `(B, L, C)` on a square grid, or a map `(B, C, H, W)`.
+            let s = match d.size()[..] {
+                [batch, tokens, _] => {
+                    let side = (tokens as f64).sqrt().round() as i64;
+                    maps.upsample_nearest2d([side, side], None, None)
+                        .view([batch, tokens, 1])
+                }
+                _ => maps.upsample_nearest2d([d.size()[2], d.size()[3]], None, None),
+            };
             ((&d + &d * s).sum(Kind::Float)) / 2.0
         }
     };

@@ -38,7 +38,7 @@ use crate::distributed::World;
 use crate::loss::{compressor_step, teacher_step};
 use crate::metrics::{progress_bar, truncate_metrics, MetricsLog, Stretch};
 use crate::optim::Adam;
-use crate::saliency::{generate_maps, xgradcam, Backbone, MapsConfig};
+use crate::saliency::{generate_maps, xgradcam, MapsConfig, SplitBackbone};
 use crate::state::{
     load_checkpoint, write_checkpoint, write_run_bundle, write_teacher, Models, BUNDLE, CHECKPOINT, METRICS, TEACHER,
 };
@@ -284,7 +284,7 @@ impl<'a> Run<'a> {
             overlay: None,
             ..maps_config(&self.arch)
         };
-        let backbone = Backbone {
+        let backbone = SplitBackbone {
             head: &self.models.head,
             tail: &self.models.tail,
         };
@@ -682,11 +682,11 @@ fn open_data(config: &RunConfig, arch: &Architecture) -> Result<Data> {
         val_set.samples = spread(&val_set.samples, limit);
     }
     let val_set = Arc::new(val_set);
-    if train_set.classes().len() as i64 > arch.backbone.num_classes {
+    if train_set.classes().len() as i64 > arch.backbone.num_classes() {
         return Err(Error::Config(format!(
             "the data has {} classes, the backbone {} outputs",
             train_set.classes().len(),
-            arch.backbone.num_classes
+            arch.backbone.num_classes()
         )));
     }
     Ok(Data {
@@ -748,7 +748,7 @@ fn maps_config(arch: &Architecture) -> MapsConfig {
 /// as [`generate_maps`] would have written them.
 fn online_saliency(models: &Models, x: &Tensor, labels: &[i64]) -> Result<Tensor> {
     let settings = maps_config(&models.arch);
-    let backbone = Backbone {
+    let backbone = SplitBackbone {
         head: &models.head,
         tail: &models.tail,
     };

@@ -17,7 +17,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use frankensplit_models::SwinTransformer;
+use frankensplit_models::Backbone;
 use frankensplit_preprocess::{Preprocess, RgbImage};
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Device, Kind, Tensor};
@@ -26,11 +26,11 @@ use crate::data::{Augment, ImageFolder, Loader, LoaderConfig, Transform};
 use crate::{npy, Error, Result};
 
 /// The whole backbone as head (stages before the split) and tail.
-pub struct Backbone<'a> {
+pub struct SplitBackbone<'a> {
     /// Stages `0..split`.
-    pub head: &'a SwinTransformer,
+    pub head: &'a Backbone,
     /// Stages `split..`, ending in the classifier.
-    pub tail: &'a SwinTransformer,
+    pub tail: &'a Backbone,
 }
 
 /// XGradCAM maps `(B, side, side)` for a batch `x` `(B, 3, S, S)` and its
@@ -38,7 +38,7 @@ pub struct Backbone<'a> {
 /// `eigen_smooth`, each layer's map is the oriented first principal
 /// component of the weighted activations instead of their channel sum.
 pub fn xgradcam(
-    backbone: &Backbone<'_>,
+    backbone: &SplitBackbone<'_>,
     x: &Tensor,
     labels: &[i64],
     stages: &[usize],
@@ -46,7 +46,6 @@ pub fn xgradcam(
     eigen_smooth: bool,
 ) -> Result<Vec<Vec<f32>>> {
     let batch = labels.len();
-    let config = backbone.head.config();
     // Gradients must reach the activations even though the weights are frozen.
     let x = x.detach().set_requires_grad(true);
     let (tokens, mut probes) = backbone.head.forward_probed(&x, false);
@@ -66,14 +65,18 @@ pub fn xgradcam(
         .collect::<Result<_>>()?;
     let grads = Tensor::run_backward(&[score], &chosen, false, false);
     let mut per_layer: Vec<Vec<Vec<f32>>> = Vec::with_capacity(stages.len());
-    for ((&stage, a), g) in stages.iter().zip(&chosen).zip(&grads) {
-        let grid = config.stage_resolution(stage);
+    for (a, g) in chosen.iter().zip(&grads) {
+        // Swin's probes are tokens on a square grid, a CNN's are maps already.
+        let grid = match a.size()[..] {
+            [_, tokens, _] => (tokens as f64).sqrt().round() as i64,
+            _ => a.size()[2],
+        };
         let to_nchw = |t: &Tensor| -> Tensor {
-            let c = t.size()[2];
-            t.detach()
-                .to_kind(Kind::Float)
-                .view([batch as i64, grid, grid, c])
-                .permute([0, 3, 1, 2])
+            let t = t.detach().to_kind(Kind::Float);
+            match t.size()[..] {
+                [_, _, c] => t.view([batch as i64, grid, grid, c]).permute([0, 3, 1, 2]),
+                _ => t,
+            }
         };
         let (a, g) = (to_nchw(a), to_nchw(g));
         let sum_a = a.sum_dim_intlist([2, 3].as_slice(), true, Kind::Float);
@@ -195,7 +198,7 @@ pub struct MapsConfig {
 /// tree; images whose map exists are skipped, so an interrupted run resumes.
 /// Returns how many maps were written.
 pub fn generate_maps(
-    backbone: &Backbone<'_>,
+    backbone: &SplitBackbone<'_>,
     dataset: &ImageFolder,
     preprocess: &Preprocess,
     out: &Path,

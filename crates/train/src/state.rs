@@ -11,7 +11,7 @@ use frankensplit_bundle::names::{BACKBONE, COMPRESSOR};
 use frankensplit_codec::LikelihoodFormula;
 use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
 use frankensplit_models::weights::{load_into, select};
-use frankensplit_models::{Architecture, Compressor, SwinTransformer};
+use frankensplit_models::{Architecture, Backbone, Compressor};
 use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Tensor};
@@ -56,18 +56,18 @@ pub(crate) struct Models {
     pub(crate) compressor_vars: VarStore,
     pub(crate) compressor: Compressor,
     pub(crate) backbone_vars: VarStore,
-    pub(crate) head: SwinTransformer,
-    pub(crate) tail: SwinTransformer,
+    pub(crate) head: Backbone,
+    pub(crate) tail: Backbone,
 }
 
 impl Models {
     pub(crate) fn new(arch: &Architecture, device: Device) -> Self {
         let compressor_vars = VarStore::new(device);
-        let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+        let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
         let backbone_vars = VarStore::new(device);
         let n = arch.backbone.num_stages();
-        let head = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage);
-        let tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..n);
+        let head = Backbone::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage);
+        let tail = Backbone::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..n);
         Self {
             arch: arch.clone(),
             compressor_vars,
@@ -90,13 +90,13 @@ impl Models {
         }
     }
 
-    /// The backbone's variables that belong to the head: the patch embedding
-    /// and the stages before the split.
+    /// The backbone's variables that belong to the head: the stem and the
+    /// stages before the split.
     pub(crate) fn head_variables(&self) -> BTreeMap<String, Tensor> {
-        let stages: Vec<String> = (0..self.arch.split_stage).map(|i| format!("layers.{i}.")).collect();
+        let names = Backbone::head_names(&self.arch.backbone, self.arch.split_stage);
         Self::named(&self.backbone_vars)
             .into_iter()
-            .filter(|(name, _)| name.starts_with("patch_embed.") || stages.iter().any(|s| name.starts_with(s)))
+            .filter(|(name, _)| names.contains(name))
             .collect()
     }
 
@@ -108,10 +108,7 @@ impl Models {
     /// bundle's weights file (`backbone.` prefix); what the backbone lacks is ignored.
     pub(crate) fn load_teacher(&mut self, weights: &Path) -> Result<()> {
         let tensors = frankensplit_models::convert::read_state_dict(weights, Default::default())?;
-        let prefix = if tensors
-            .keys()
-            .any(|k| k.starts_with(&format!("{BACKBONE}patch_embed.")))
-        {
+        let prefix = if tensors.keys().any(|k| k.starts_with(BACKBONE)) {
             BACKBONE
         } else {
             ""

@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use frankensplit_models::weights::{load_into, select};
-use frankensplit_models::{Architecture, Compressor, SwinTransformer};
+use frankensplit_models::{Architecture, Backbone, Compressor};
 use frankensplit_train::optim::Adam;
 use frankensplit_train::run::compressor_loss;
-use frankensplit_train::saliency::{xgradcam, Backbone};
+use frankensplit_train::saliency::{xgradcam, SplitBackbone};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
@@ -47,8 +47,8 @@ fn relative_error(ours: &Tensor, theirs: &Tensor) -> f64 {
 struct Setup {
     compressor_vars: VarStore,
     compressor: Compressor,
-    head: SwinTransformer,
-    tail: SwinTransformer,
+    head: Backbone,
+    tail: Backbone,
     _backbone_vars: VarStore,
 }
 
@@ -61,11 +61,11 @@ fn setup() -> Setup {
     // The fixture runs the modules in eval mode: no stochastic depth.
     arch.compressor.decoder_drop_path = 0.0;
     let mut compressor_vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
     load_into(&mut compressor_vars, weights(&models_fixture("compressor"))).unwrap();
     let mut backbone_vars = VarStore::new(Device::Cpu);
-    let head = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 0..2);
-    let tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, 2..4);
+    let head = Backbone::new(&backbone_vars.root(), &arch.backbone, 0..2);
+    let tail = Backbone::new(&backbone_vars.root(), &arch.backbone, 2..4);
     load_into(&mut backbone_vars, weights(&models_fixture("swin_timm06"))).unwrap();
     backbone_vars.freeze();
     Setup {
@@ -144,7 +144,7 @@ fn xgradcam_maps_match_pytorch_grad_cam() {
     let f = train_fixture("xgradcam");
     let s = setup();
     let labels = Vec::<i64>::try_from(&f["labels"]).unwrap();
-    let backbone = Backbone {
+    let backbone = SplitBackbone {
         head: &s.head,
         tail: &s.tail,
     };

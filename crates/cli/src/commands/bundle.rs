@@ -85,7 +85,7 @@ pub fn run_convert(args: ConvertArgs) -> Result<()> {
                 )
             })?;
             Architecture {
-                backbone,
+                backbone: frankensplit_models::BackboneConfig::Swin(backbone),
                 ..Architecture::default()
             }
         }

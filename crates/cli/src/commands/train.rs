@@ -155,15 +155,15 @@ pub struct SaliencyArgs {
 
 pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
     use frankensplit_models::weights::{load_into, select};
-    use frankensplit_models::{Bundle, SwinConfig, SwinTransformer};
-    use frankensplit_train::saliency::{generate_maps, Backbone, MapsConfig};
+    use frankensplit_models::{Backbone, BackboneConfig, Bundle};
+    use frankensplit_train::saliency::{generate_maps, MapsConfig, SplitBackbone};
 
     let device = args.device;
     let dataset = frankensplit_train::data::ImageFolder::open(&args.data)?;
-    let maps = |config: &SwinConfig| MapsConfig {
+    let maps = |config: &BackboneConfig| MapsConfig {
         stages: args.stages.clone(),
         eigen_smooth: !args.no_eigen_smooth,
-        side: args.side.unwrap_or(config.img_size as usize / 8),
+        side: args.side.unwrap_or(config.img_size() as usize / 8),
         batch_size: args.batch_size,
         workers: args.workers,
         progress: true,
@@ -179,7 +179,7 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
             )
         })?;
         let config = bundle.manifest.architecture.backbone.clone();
-        let backbone = Backbone {
+        let backbone = SplitBackbone {
             head,
             tail: &bundle.backbone,
         };
@@ -192,21 +192,21 @@ pub fn run_saliency(args: SaliencyArgs) -> Result<()> {
             device,
         )?
     } else {
-        let config = SwinConfig::preset(&args.backbone).with_context(|| {
+        let config = BackboneConfig::preset(&args.backbone).with_context(|| {
             format!(
                 "unknown backbone {:?}; presets: {}",
                 args.backbone,
-                SwinConfig::PRESETS.join(", ")
+                BackboneConfig::preset_names().join(", ")
             )
         })?;
         let mut vars = tch::nn::VarStore::new(device);
-        let head = SwinTransformer::new(&vars.root(), &config, 0..1);
-        let tail = SwinTransformer::new(&vars.root(), &config, 1..config.num_stages());
+        let head = Backbone::new(&vars.root(), &config, 0..1);
+        let tail = Backbone::new(&vars.root(), &config, 1..config.num_stages());
         let tensors = frankensplit_models::convert::read_state_dict(&args.teacher, Default::default())?;
         load_into(&mut vars, select(tensors, "", None))
             .with_context(|| format!("{} does not fit {}", args.teacher.display(), args.backbone))?;
-        let preprocess = frankensplit_preprocess::Preprocess::for_input(config.img_size as u32);
-        let backbone = Backbone {
+        let preprocess = frankensplit_preprocess::Preprocess::for_input(config.img_size() as u32);
+        let backbone = SplitBackbone {
             head: &head,
             tail: &tail,
         };

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use frankensplit_codec::LikelihoodFormula;
 use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
-use frankensplit_models::{Architecture, Compressor, SwinTransformer};
+use frankensplit_models::{Architecture, Backbone, BackboneConfig, Compressor};
 use tch::nn::VarStore;
 use tch::Device;
 
@@ -28,9 +28,12 @@ pub fn reference_encoder_architecture() -> Architecture {
     full.compressor.input_size = 224;
     full.compressor.encoder_hidden = [48, 64];
     full.compressor.latent_channels = 48;
-    full.backbone.img_size = 224;
-    full.backbone.window_sizes = vec![7, 7, 7, 7];
-    full.compressor.target_dim = full.backbone.stage_input_shape(full.split_stage).1;
+    let BackboneConfig::Swin(swin) = &mut full.backbone else {
+        panic!("the small architecture is a Swin");
+    };
+    swin.img_size = 224;
+    swin.window_sizes = vec![7, 7, 7, 7];
+    full.compressor.target_dim = swin.stage_input_shape(full.split_stage).1;
     full
 }
 
@@ -38,10 +41,10 @@ pub fn reference_encoder_architecture() -> Architecture {
 pub fn random_bundle(dir: &Path, arch: &Architecture, seed: i64) {
     tch::manual_seed(seed);
     let compressor_vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor);
+    let compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
     let backbone_vars = VarStore::new(Device::Cpu);
     let stages = arch.backbone.num_stages();
-    let _tail = SwinTransformer::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
+    let _tail = Backbone::new(&backbone_vars.root(), &arch.backbone, arch.split_stage..stages);
     // Medians away from zero, so that rounding against them is exercised.
     tch::no_grad(|| {
         let quantiles = &compressor_vars.variables()["entropy_bottleneck.quantiles"];

@@ -116,9 +116,16 @@ pub fn encoder_graph(dir: &Path) -> Result<ModelProto> {
 /// g_s of `bundle` as an ONNX model: the dequantised latent to the restored
 /// features `(batch, tokens, width)`, as `Bundle::restore_features` computes them.
 pub fn decoder_graph(bundle: &Bundle) -> Result<ModelProto> {
+    let arch = &bundle.manifest.architecture;
+    if arch.blueprint() != crate::DecoderBlueprint::Swin {
+        anyhow::bail!(
+            "ONNX export covers the Conv-Swin decoder of Swin backbones; this bundle's backbone is a {}",
+            arch.backbone.family()
+        );
+    }
     let stored = verified(&bundle.dir)?;
     let tensors = stored.tensors()?;
-    let c = &bundle.manifest.architecture.compressor;
+    let c = &arch.compressor;
     let side = c.latent_size();
     let (input, output) = Part::Decoder.io();
     let key = format!("{}g_s", names::COMPRESSOR);
@@ -175,7 +182,12 @@ pub fn tail_graph(bundle: &Bundle) -> Result<ModelProto> {
     let stored = verified(&bundle.dir)?;
     let tensors = stored.tensors()?;
     let arch = &bundle.manifest.architecture;
-    let backbone = &arch.backbone;
+    let backbone = arch.backbone.as_swin().ok_or_else(|| {
+        anyhow::anyhow!(
+            "ONNX export covers Swin backbones; this bundle's is a {}",
+            arch.backbone.family()
+        )
+    })?;
     let stages = backbone.num_stages();
     let (input, output) = Part::Tail.io();
     let mut b = GraphBuilder::new("frankensplit_tail", &tensors);

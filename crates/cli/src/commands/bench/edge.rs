@@ -13,7 +13,7 @@ use frankensplit_edge::bench::max_abs_difference;
 use frankensplit_edge::encoder::Encoder;
 use frankensplit_edge::int8::QuantizedEncoder;
 use frankensplit_edge::EdgeModel;
-use frankensplit_models::{Bundle, Compressor, CompressorConfig};
+use frankensplit_models::{Bundle, Compressor, CompressorConfig, DecoderBlueprint};
 use serde::Serialize;
 use tch::nn::{Module, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -63,7 +63,7 @@ fn random_reference() -> Result<Subject> {
     tch::manual_seed(0);
     let config = CompressorConfig::default();
     let vars = VarStore::new(Device::Cpu);
-    let compressor = Compressor::new(&vars.root(), &config);
+    let compressor = Compressor::new(&vars.root(), &config, DecoderBlueprint::Swin);
     let variables = vars.variables();
     let ours = Encoder::from_torch(&config, |name| {
         let tensor = variables
