@@ -312,16 +312,22 @@ impl BackboneConfig {
     }
 }
 
+/// A family's fields after its `family` key.
+#[derive(Serialize)]
+struct Tagged<'a, T> {
+    family: &'static str,
+    #[serde(flatten)]
+    config: &'a T,
+}
+
 impl Serialize for BackboneConfig {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        let fields = match self {
-            Self::Swin(c) => toml::Table::try_from(c),
-            Self::ResNet(c) => toml::Table::try_from(c),
-            Self::ConvNext(c) => toml::Table::try_from(c),
-        };
-        let mut table = fields.map_err(serde::ser::Error::custom)?;
-        table.insert("family".into(), toml::Value::String(self.family().into()));
-        table.serialize(serializer)
+        let family = self.family();
+        match self {
+            Self::Swin(config) => Tagged { family, config }.serialize(serializer),
+            Self::ResNet(config) => Tagged { family, config }.serialize(serializer),
+            Self::ConvNext(config) => Tagged { family, config }.serialize(serializer),
+        }
     }
 }
 

@@ -6,10 +6,13 @@
 //!
 //! This crate is the one owner of that contract: the libtorch networks
 //! (`frankensplit-models`), the device (`frankensplit-edge`), training and
-//! the CLI read and write bundles through it. The fingerprint is derived from
-//! the weights file, so payloads carry the identity of the exact weights and
-//! tables that produced them, and a bundle whose weights do not match its
-//! manifest is refused.
+//! the CLI read and write bundles through it. The fingerprint payloads carry
+//! is derived from the encoder side of the weights (g_a, the prior and the
+//! tables: everything a payload's bytes depend on), so bundles that share an
+//! edge encoder accept each other's payloads whatever decoders and backbones
+//! they hold; the whole weights file has its own fingerprint in the
+//! manifest, and a bundle whose weights do not match it is refused. Format 1
+//! bundles, whose one fingerprint covered the whole file, are still read.
 
 pub mod config;
 mod error;
@@ -30,8 +33,12 @@ pub use config::{
 };
 pub use error::{Error, Result};
 
-/// Version of the bundle layout this build writes and reads.
-pub const BUNDLE_FORMAT: u32 = 1;
+/// Version of the bundle layout this build writes.
+pub const BUNDLE_FORMAT: u32 = 2;
+
+/// The versions this build reads: 1 (one fingerprint, of the whole weights
+/// file, which payloads carry) and 2 (payloads carry the encoder side's).
+pub const READABLE_FORMATS: [u32; 2] = [1, 2];
 /// The manifest's file name.
 pub const MANIFEST: &str = "model.toml";
 /// The weights' file name.
@@ -51,6 +58,8 @@ pub mod names {
     pub const TABLES: &str = "entropy_tables.";
     /// Prefix of the edge encoder's tensors.
     pub const ENCODER: &str = "compressor.g_a.";
+    /// Prefix of the entropy bottleneck's parameters (the factorized prior).
+    pub const PRIOR: &str = "compressor.entropy_bottleneck.";
     /// The entropy bottleneck's quantiles `[C, 1, 3]`.
     pub const QUANTILES: &str = "compressor.entropy_bottleneck.quantiles";
     /// CompressAI's `_quantized_cdf` `[C, width]`.
@@ -76,8 +85,14 @@ pub enum TableSource {
 pub struct Manifest {
     /// Bundle layout version.
     pub format: u32,
-    /// Fingerprint of `weights.safetensors`, as 8 hex digits.
+    /// The identity payloads carry, as 8 hex digits: the fingerprint of the
+    /// encoder side ([`encoder_fingerprint`]); in format 1, of the whole
+    /// `weights.safetensors`.
     pub fingerprint: String,
+    /// Format 2: the fingerprint of the whole `weights.safetensors`, which
+    /// must match it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_fingerprint: Option<String>,
     /// The networks.
     pub architecture: Architecture,
     /// Input pipeline.
@@ -106,9 +121,15 @@ impl Manifest {
     /// Parses and validates a manifest's text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let manifest: Manifest = toml::from_str(text).map_err(|e| Error::Invalid(format!("{origin}: {e}")))?;
-        if manifest.format != BUNDLE_FORMAT {
+        if !READABLE_FORMATS.contains(&manifest.format) {
             return Err(Error::Invalid(format!(
-                "bundle format {} is not supported (this build reads {BUNDLE_FORMAT})",
+                "bundle format {} is not supported (this build reads {READABLE_FORMATS:?})",
+                manifest.format
+            )));
+        }
+        if manifest.format >= 2 && manifest.weights_fingerprint.is_none() {
+            return Err(Error::Invalid(format!(
+                "{origin}: a format {} manifest must give weights_fingerprint",
                 manifest.format
             )));
         }
@@ -160,6 +181,34 @@ impl Manifest {
     }
 }
 
+/// Whether a tensor belongs to the encoder side: what the device runs and
+/// what the bytes of a payload depend on.
+pub fn is_encoder_side(name: &str) -> bool {
+    name.starts_with(names::ENCODER) || name.starts_with(names::PRIOR) || name.starts_with(names::TABLES)
+}
+
+/// The identity of the encoder side of `tensors` (g_a, the entropy
+/// bottleneck's parameters, the CDF tables): each such tensor's name,
+/// dtype, shape and bytes, in name order. Decoders and backbones do not
+/// enter it, so a bundle that adds or retrains them keeps it, and the
+/// payloads of its encoder stay valid.
+pub fn encoder_fingerprint(tensors: &SafeTensors<'_>) -> ModelFingerprint {
+    let mut encoder: Vec<_> = tensors
+        .tensors()
+        .into_iter()
+        .filter(|(name, _)| is_encoder_side(name))
+        .collect();
+    encoder.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut parts: Vec<Vec<u8>> = Vec::with_capacity(4 * encoder.len());
+    for (name, view) in encoder {
+        parts.push(name.into_bytes());
+        parts.push(format!("{:?}", view.dtype()).into_bytes());
+        parts.push(view.shape().iter().flat_map(|d| (*d as u64).to_le_bytes()).collect());
+        parts.push(view.data().to_vec());
+    }
+    ModelFingerprint::of_parts(parts.iter().map(Vec::as_slice))
+}
+
 /// A bundle whose weights matched its manifest's fingerprint when read.
 #[derive(Debug)]
 pub struct VerifiedBundle {
@@ -182,20 +231,32 @@ impl VerifiedBundle {
         let size = std::fs::metadata(&path).map_err(|e| Error::read(&path, e))?.len();
         manifest.check_weights_size(size, &path)?;
         let weights = std::fs::read(&path).map_err(|e| Error::read(&path, e))?;
-        let fingerprint = ModelFingerprint::of_parts([weights.as_slice()]);
-        if fingerprint.to_string() != manifest.fingerprint {
+        let whole = ModelFingerprint::of_parts([weights.as_slice()]);
+        let expected = manifest.weights_fingerprint.as_ref().unwrap_or(&manifest.fingerprint);
+        if &whole.to_string() != expected {
             return Err(Error::Invalid(format!(
-                "{} does not match its manifest (fingerprint {fingerprint}, manifest says {}): the bundle was modified or damaged",
+                "{} does not match its manifest (fingerprint {whole}, manifest says {expected}): the bundle was modified or damaged",
                 path.display(),
-                manifest.fingerprint
             )));
         }
-        Ok(Self {
+        let mut bundle = Self {
             dir: dir.to_path_buf(),
             manifest,
             weights,
-            fingerprint,
-        })
+            fingerprint: whole,
+        };
+        if bundle.manifest.format >= 2 {
+            bundle.fingerprint = encoder_fingerprint(&bundle.tensors()?);
+            if bundle.fingerprint.to_string() != bundle.manifest.fingerprint {
+                return Err(Error::Invalid(format!(
+                    "the encoder side of {} has fingerprint {}, but its manifest says {}: the manifest was edited",
+                    path.display(),
+                    bundle.fingerprint,
+                    bundle.manifest.fingerprint
+                )));
+            }
+        }
+        Ok(bundle)
     }
 
     /// The weights' tensors (views into [`VerifiedBundle::weights`]).
@@ -230,9 +291,12 @@ pub fn write<E: std::fmt::Display>(
     let weights_path = tmp.join(WEIGHTS);
     write_weights(&weights_path).map_err(|e| Error::Invalid(format!("cannot write the weights: {e}")))?;
     let bytes = std::fs::read(&weights_path).map_err(|e| Error::read(&weights_path, e))?;
-    let fingerprint = ModelFingerprint::of_parts([bytes.as_slice()]);
+    let tensors = SafeTensors::deserialize(&bytes)
+        .map_err(|e| Error::Invalid(format!("the weights just written are not safetensors: {e}")))?;
+    let fingerprint = encoder_fingerprint(&tensors);
     manifest.format = BUNDLE_FORMAT;
     manifest.fingerprint = fingerprint.to_string();
+    manifest.weights_fingerprint = Some(ModelFingerprint::of_parts([bytes.as_slice()]).to_string());
     let manifest_path = tmp.join(MANIFEST);
     std::fs::write(&manifest_path, manifest.to_toml()?).map_err(|e| Error::write(&manifest_path, e))?;
     staging.commit().map_err(|e| Error::write(dir, e))?;

@@ -21,6 +21,12 @@ fn small() -> Architecture {
 /// -1, 0, 1 with the given probabilities, around medians `c / 10`, padded
 /// to the size the small architecture's networks would take.
 fn weights(channels: usize) -> Vec<u8> {
+    weights_with(channels, 0, 0.0)
+}
+
+/// [`weights`] with the server side's stand-in (the padding under
+/// `compressor.`) filled with `server_byte` and the medians moved by `shift`.
+fn weights_with(channels: usize, server_byte: u8, shift: f32) -> Vec<u8> {
     let cdf: Vec<u8> = (0..channels)
         .flat_map(|_| [0i32, 10_000, 55_000, 65_000, 65_536])
         .flat_map(i32::to_le_bytes)
@@ -28,10 +34,10 @@ fn weights(channels: usize) -> Vec<u8> {
     let lengths: Vec<u8> = (0..channels).flat_map(|_| 5i32.to_le_bytes()).collect();
     let offsets: Vec<u8> = (0..channels).flat_map(|_| (-1i32).to_le_bytes()).collect();
     let quantiles: Vec<u8> = (0..channels)
-        .flat_map(|c| [-5.0f32, c as f32 / 10.0, 5.0])
+        .flat_map(|c| [-5.0f32, c as f32 / 10.0 + shift, 5.0])
         .flat_map(f32::to_le_bytes)
         .collect();
-    let padding = vec![0u8; 4 * small().min_parameters(false) as usize];
+    let padding = vec![server_byte; 4 * small().min_parameters(false) as usize];
     let tensors = [
         (
             names::COMPRESSOR,
@@ -61,6 +67,7 @@ fn manifest(architecture: Architecture) -> Manifest {
     Manifest {
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
+        weights_fingerprint: None,
         preprocess: Preprocess::for_input(architecture.compressor.input_size as u32),
         architecture,
         likelihood_formula: LikelihoodFormula::Direct,
@@ -99,6 +106,72 @@ fn a_written_bundle_reads_back_verified_and_codes_payloads() {
 }
 
 #[test]
+fn payloads_carry_the_encoder_sides_fingerprint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = |name: &str, bytes: Vec<u8>| {
+        let dir = tmp.path().join(name);
+        write(&dir, manifest(small()), false, |path| std::fs::write(path, &bytes)).unwrap();
+        VerifiedBundle::open(&dir).unwrap()
+    };
+    let first = open("first", weights_with(6, 0, 0.0));
+    let other_server_side = open("second", weights_with(6, 7, 0.0));
+    let other_prior = open("third", weights_with(6, 0, 0.25));
+    assert_eq!(first.manifest.format, BUNDLE_FORMAT);
+    // Another decoder and backbone: same identity, other file.
+    assert_eq!(first.fingerprint, other_server_side.fingerprint);
+    assert_ne!(
+        first.manifest.weights_fingerprint,
+        other_server_side.manifest.weights_fingerprint
+    );
+    // Another prior: another identity, and its payloads are refused.
+    assert_ne!(first.fingerprint, other_prior.fingerprint);
+    let latent = vec![0.5f32; 6 * 8 * 8];
+    let payload = first.payload_codec().unwrap().compress(&latent).unwrap();
+    assert_eq!(
+        other_server_side.payload_codec().unwrap().compress(&latent).unwrap(),
+        payload
+    );
+    assert!(other_prior.payload_codec().unwrap().decompress(&payload).is_err());
+}
+
+#[test]
+fn format_1_bundles_read_with_their_whole_file_fingerprint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let bytes = weights(6);
+    let whole = frankensplit_codec::ModelFingerprint::of_parts([bytes.as_slice()]);
+    let mut old = manifest(small());
+    old.format = 1;
+    old.fingerprint = whole.to_string();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(WEIGHTS), &bytes).unwrap();
+    std::fs::write(dir.join(MANIFEST), old.to_toml().unwrap()).unwrap();
+    let bundle = VerifiedBundle::open(&dir).unwrap();
+    assert_eq!(bundle.fingerprint, whole);
+    assert!(!old.to_toml().unwrap().contains("weights_fingerprint"));
+}
+
+#[test]
+fn an_edited_fingerprint_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let fingerprint = write_test_bundle(&dir, false).unwrap();
+    let text = std::fs::read_to_string(dir.join(MANIFEST)).unwrap();
+    let edited = text.replace(&fingerprint.to_string(), "0badf00d");
+    std::fs::write(dir.join(MANIFEST), edited).unwrap();
+    let err = VerifiedBundle::open(&dir).unwrap_err().to_string();
+    assert!(err.contains("the manifest was edited"), "{err}");
+    let missing = text
+        .lines()
+        .filter(|l| !l.starts_with("weights_fingerprint"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.join(MANIFEST), missing).unwrap();
+    let err = VerifiedBundle::open(&dir).unwrap_err().to_string();
+    assert!(err.contains("must give weights_fingerprint"), "{err}");
+}
+
+#[test]
 fn damaged_weights_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
@@ -118,11 +191,11 @@ fn foreign_and_hostile_manifests_are_refused() {
     write_test_bundle(&dir, false).unwrap();
     let text = std::fs::read_to_string(dir.join(MANIFEST)).unwrap();
 
-    let newer = text.replace("format = 1", "format = 2");
+    let newer = text.replace("format = 2", "format = 3");
     assert_ne!(newer, text);
     std::fs::write(dir.join(MANIFEST), &newer).unwrap();
     let err = Manifest::read(&dir).unwrap_err().to_string();
-    assert!(err.contains("bundle format 2 is not supported"), "{err}");
+    assert!(err.contains("bundle format 3 is not supported"), "{err}");
 
     let hostile = text.replace("latent_channels = 6", "latent_channels = 4000000000");
     assert_ne!(hostile, text);

@@ -133,6 +133,7 @@ fn bundle(dir: &Path, fx: &Fixture) -> u32 {
     let manifest = Manifest {
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
+        weights_fingerprint: None,
         preprocess: Preprocess::for_input(24),
         architecture: arch,
         likelihood_formula: LikelihoodFormula::Direct,

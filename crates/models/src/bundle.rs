@@ -99,6 +99,7 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>, force: bool) -> Re
     let manifest = Manifest {
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
+        weights_fingerprint: None,
         architecture: contents.architecture.clone(),
         preprocess: Preprocess::for_input(contents.architecture.compressor.input_size as u32),
         likelihood_formula: contents.likelihood_formula,
