@@ -116,7 +116,18 @@ fn normalize_shape(key: &str, t: Tensor) -> Tensor {
 /// be used, derived buffers aside; otherwise nothing is copied and the error
 /// lists all missing, unexpected and mis-shaped keys at once.
 pub fn load_into(vs: &mut VarStore, tensors: BTreeMap<String, Tensor>) -> Result<()> {
-    let vars = vs.variables();
+    load_into_where(vs, tensors, |_| true)
+}
+
+/// [`load_into`] for the variables of `vs` whose names `wanted` accepts;
+/// the others keep their values.
+pub fn load_into_where(
+    vs: &mut VarStore,
+    tensors: BTreeMap<String, Tensor>,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let mut vars = vs.variables();
+    vars.retain(|name, _| wanted(name));
     let mut missing = Vec::new();
     let mut wrong_shape = Vec::new();
     for (name, var) in &vars {

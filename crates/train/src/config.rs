@@ -91,6 +91,13 @@ pub enum StageKind {
     Distill,
     /// Stage 2: saliency-weighted distillation with a rate term.
     Saliency,
+    /// Only the decoder, by head distillation against this run's teacher,
+    /// in front of a frozen edge encoder and prior (from `encoder_weights`
+    /// or `compressor_weights`): a decoder for another backbone that
+    /// decodes the payloads the encoder already sends, byte for byte. It
+    /// learns from the dequantised latents the server receives; it has no
+    /// rate term.
+    Decoder,
 }
 
 /// `[[stages]]`.
@@ -208,6 +215,13 @@ pub struct RunConfig {
     /// after a finished run; a resumed run takes its checkpoint's instead.
     #[serde(default)]
     pub compressor_weights: Option<PathBuf>,
+    /// The edge encoder and prior the compressor starts from (the `g_a` and
+    /// `entropy_bottleneck` tensors of a bundle directory, weights file or
+    /// checkpoint), its decoder drawn fresh from the seed: what a `decoder`
+    /// stage needs to serve a new backbone from an existing encoder's
+    /// payloads.
+    #[serde(default)]
+    pub encoder_weights: Option<PathBuf>,
     /// Data.
     pub data: DataConfig,
     /// Teacher.
@@ -252,6 +266,9 @@ impl RunConfig {
         if let Some(p) = config.compressor_weights.as_mut() {
             rebase(p);
         }
+        if let Some(p) = config.encoder_weights.as_mut() {
+            rebase(p);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -283,6 +300,11 @@ impl RunConfig {
                     "stage {i}: label_smoothing and weight_decay must lie in [0, 1)"
                 )));
             }
+            if stage.kind == StageKind::Decoder && stage.lmbda != 0.0 {
+                return Err(Error::Config(format!(
+                    "stage {i}: a `decoder` stage has no rate term (the encoder is frozen): remove lmbda"
+                )));
+            }
             if stage.freeze_head && stage.kind != StageKind::Teacher {
                 return Err(Error::Config(format!(
                     "stage {i}: freeze_head applies to a `teacher` stage (compressor stages never train the backbone)"
@@ -305,6 +327,29 @@ impl RunConfig {
         if self.data.generate.is_some() && self.data.saliency.is_some() {
             return Err(Error::Config(
                 "[data] saliency holds maps of a training folder; a generated stream's maps are computed per batch, so leave it out".into(),
+            ));
+        }
+        let trains_decoder_only = self.stages.iter().any(|s| s.kind == StageKind::Decoder);
+        if trains_decoder_only {
+            if self.encoder_weights.is_none() && self.compressor_weights.is_none() {
+                return Err(Error::Config(
+                    "a `decoder` stage keeps the edge encoder and prior it starts from: set encoder_weights (or compressor_weights)".into(),
+                ));
+            }
+            if self
+                .stages
+                .iter()
+                .any(|s| matches!(s.kind, StageKind::Distill | StageKind::Saliency))
+            {
+                return Err(Error::Config(
+                    "a run with a `decoder` stage cannot also have `distill` or `saliency` stages: they would change the encoder whose payloads the decoder must read".into(),
+                ));
+            }
+        }
+        if self.encoder_weights.is_some() && self.compressor_weights.is_some() {
+            return Err(Error::Config(
+                "give encoder_weights or compressor_weights, not both (the second would overwrite the first's encoder)"
+                    .into(),
             ));
         }
         let trains_teacher = self.stages.iter().any(|s| s.kind == StageKind::Teacher);

@@ -3,7 +3,7 @@
 //! values a step reports.
 
 use frankensplit_models::{Backbone, Compressor};
-use tch::nn::ModuleT;
+use tch::nn::{Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 use crate::state::Models;
@@ -127,6 +127,33 @@ pub(crate) fn teacher_step(
     logits
         .to_kind(Kind::Float)
         .cross_entropy_loss::<Tensor>(labels, None, tch::Reduction::Mean, -100, label_smoothing)
+}
+
+/// A `decoder` stage's loss: the teacher's features `h` against the
+/// decoder's `h̃` from the dequantised latent `ŷ = round(y − median) +
+/// median` of the frozen encoder and prior (what the server decodes),
+/// `Σ(h − h̃)²`; the bits are reported, not trained (the rate is fixed).
+pub fn decoder_loss(compressor: &Compressor, teacher_head: &Backbone, x: &Tensor) -> CompressorLoss {
+    let target = tch::no_grad(|| teacher_head.forward_t(x, false));
+    let (y_hat, likelihoods) = tch::no_grad(|| {
+        let y = compressor.g_a.forward(x);
+        compressor.entropy_bottleneck.forward_t(&y, false)
+    });
+    let features = compressor.g_s.forward_t(&y_hat, true);
+    let distortion = (&features - &target).square().sum(Kind::Float);
+    let bits = likelihoods.log2().sum(Kind::Float).neg();
+    let terms = Tensor::stack(&[&distortion, &distortion, &bits], 0)
+        .detach()
+        .to_kind(Kind::Double);
+    CompressorLoss {
+        loss_tensor: distortion,
+        terms,
+    }
+}
+
+/// [`decoder_loss`] on the run's models, under autocast when `amp`.
+pub(crate) fn decoder_step(models: &Models, x: &Tensor, amp: bool) -> CompressorLoss {
+    autocast(amp, || decoder_loss(&models.compressor, &models.head, x))
 }
 
 /// A compressor step's loss on the run's models (the latent noise drawn

@@ -35,7 +35,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::data::{Augment, Batch, ImageFolder, Loader, LoaderConfig, Source, Transform};
 use crate::distributed::World;
-use crate::loss::{compressor_step, teacher_step};
+use crate::loss::{compressor_step, decoder_step, teacher_step};
 use crate::metrics::{progress_bar, truncate_metrics, MetricsLog, Stretch};
 use crate::optim::Adam;
 use crate::saliency::{generate_maps, xgradcam, MapsConfig, SplitBackbone};
@@ -151,10 +151,13 @@ impl<'a> Run<'a> {
                 )));
             }
         }
-        if let Some(weights) = &config.compressor_weights {
-            if !weights.exists() {
+        for (key, weights) in [
+            ("compressor_weights", &config.compressor_weights),
+            ("encoder_weights", &config.encoder_weights),
+        ] {
+            if let Some(weights) = weights.as_ref().filter(|w| !w.exists()) {
                 return Err(Error::Config(format!(
-                    "compressor_weights {} not found: point it at a bundle directory, its weights.safetensors or a run's checkpoint.safetensors",
+                    "{key} {} not found: point it at a bundle directory, its weights.safetensors or a run's checkpoint.safetensors",
                     weights.display()
                 )));
             }
@@ -186,7 +189,10 @@ impl<'a> Run<'a> {
                 models.load_teacher(weights)?;
             }
             if let Some(weights) = &config.compressor_weights {
-                models.load_compressor(weights)?;
+                models.load_compressor(weights, false)?;
+            }
+            if let Some(weights) = &config.encoder_weights {
+                models.load_compressor(weights, true)?;
             }
             (Progress::default(), None)
         };
@@ -436,6 +442,16 @@ impl<'a> Run<'a> {
                     terms.loss_tensor.backward();
                 }
                 self.models.compressor.entropy_bottleneck.aux_loss().backward();
+                terms.terms
+            }
+            StageKind::Decoder => {
+                optimizer.zero_grad();
+                let terms = decoder_step(&self.models, &x, amp);
+                if ranks > 1 {
+                    (&terms.loss_tensor * ranks as f64).backward();
+                } else {
+                    terms.loss_tensor.backward();
+                }
                 terms.terms
             }
         };
@@ -704,6 +720,9 @@ fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
     (0..limit).map(|i| items[i * items.len() / limit].clone()).collect()
 }
 
+/// The decoder's variables in the compressor's store.
+const DECODER: &str = "g_s.";
+
 /// Adam (AdamW with a weight decay) over what the stage trains; the rest is frozen.
 fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
     let mut optimizer = match stage.kind {
@@ -720,7 +739,17 @@ fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
             }
             Adam::new(trained, stage.lr)
         }
-        _ => {
+        StageKind::Decoder => {
+            models.set_backbone_trainable(false);
+            models.compressor_vars.freeze();
+            let decoder: BTreeMap<String, Tensor> = Models::named(&models.compressor_vars)
+                .into_iter()
+                .filter(|(name, _)| name.starts_with(DECODER))
+                .map(|(name, tensor)| (name, tensor.set_requires_grad(true)))
+                .collect();
+            Adam::new(decoder, stage.lr)
+        }
+        StageKind::Distill | StageKind::Saliency => {
             models.set_backbone_trainable(false);
             models.compressor_vars.unfreeze();
             Adam::new(Models::named(&models.compressor_vars), stage.lr)

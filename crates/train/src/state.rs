@@ -7,10 +7,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use frankensplit_bundle::names::{BACKBONE, COMPRESSOR};
+use frankensplit_bundle::names::{BACKBONE, COMPRESSOR, ENCODER, PRIOR};
 use frankensplit_codec::LikelihoodFormula;
 use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
-use frankensplit_models::weights::{load_into, select};
+use frankensplit_models::weights::{load_into, load_into_where, select};
 use frankensplit_models::{Architecture, Backbone, Compressor};
 use serde::{Deserialize, Serialize};
 use tch::nn::{ModuleT, VarStore};
@@ -122,28 +122,33 @@ impl Models {
     /// Loads the compressor's weights from a bundle directory or a file
     /// whose tensors carry the `compressor.` prefix (a bundle's weights, a
     /// built-in model's compressor file, a run's checkpoint); every variable
-    /// must be there with its shape.
-    pub(crate) fn load_compressor(&mut self, path: &Path) -> Result<()> {
+    /// must be there with its shape. With `encoder_only`, only the edge
+    /// encoder and the prior (`encoder_weights`); the decoder keeps its draw.
+    pub(crate) fn load_compressor(&mut self, path: &Path, encoder_only: bool) -> Result<()> {
+        let key = if encoder_only {
+            "encoder_weights"
+        } else {
+            "compressor_weights"
+        };
         let file = if path.is_dir() {
             path.join(frankensplit_bundle::WEIGHTS)
         } else {
             path.to_path_buf()
         };
         let tensors = frankensplit_models::convert::read_state_dict(&file, Default::default())
-            .map_err(|e| Error::Config(format!("compressor_weights {}: {e}", file.display())))?;
-        let selected = select(tensors, COMPRESSOR, None);
+            .map_err(|e| Error::Config(format!("{key} {}: {e}", file.display())))?;
+        let mut selected = select(tensors, COMPRESSOR, None);
         if selected.is_empty() {
             return Err(Error::Config(format!(
-                "compressor_weights {}: no `{COMPRESSOR}` tensors (a bundle's weights or a run's checkpoint has them)",
+                "{key} {}: no `{COMPRESSOR}` tensors (a bundle's weights or a run's checkpoint has them)",
                 file.display()
             )));
         }
-        load_into(&mut self.compressor_vars, selected).map_err(|e| {
-            Error::Config(format!(
-                "compressor_weights {} do not fit [compressor]:\n{e}",
-                file.display()
-            ))
-        })
+        let encoder_side = [&ENCODER[COMPRESSOR.len()..], &PRIOR[COMPRESSOR.len()..]];
+        let wanted = |name: &str| !encoder_only || encoder_side.iter().any(|p| name.starts_with(p));
+        selected.retain(|name, _| wanted(name));
+        load_into_where(&mut self.compressor_vars, selected, wanted)
+            .map_err(|e| Error::Config(format!("{key} {} do not fit [compressor]:\n{e}", file.display())))
     }
 }
 

@@ -369,3 +369,114 @@ fn a_run_starts_its_compressor_from_given_weights() {
     assert!(error.contains("no `compressor.` tensors"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A run that trains a small ResNet teacher, then a decoder for it in front
+/// of the edge encoder and prior of `encoder` (a bundle), with the
+/// fixture's compressor widths.
+fn resnet_decoder_run_file(dir: &Path, output: &str, encoder: Option<&Path>) -> PathBuf {
+    let start = encoder
+        .map(|e| format!("encoder_weights = \"{}\"", e.display()))
+        .unwrap_or_default();
+    let compressor = fixture_arch(true);
+    let compressor =
+        &compressor[compressor.find("[compressor]").unwrap()..compressor.find("[teacher.backbone]").unwrap()];
+    let text = format!(
+        r#"
+output = "{output}"
+seed = 3
+workers = 1
+keep = "last"
+{start}
+
+[data]
+val = "data/val"
+
+[data.generate]
+seed = 4
+size = 72
+per_epoch = 8
+classes = 3
+
+[teacher]
+split_stage = 2
+
+[teacher.backbone]
+family = "resnet"
+img_size = 64
+in_chans = 3
+num_classes = 10
+block = "basic"
+layers = [1, 1, 1, 1]
+channels = [8, 16, 24, 32]
+drop_path_rate = 0.0
+
+{}
+
+[[stages]]
+kind = "teacher"
+epochs = 1
+batch_size = 4
+lr = 2e-3
+
+[[stages]]
+kind = "decoder"
+epochs = 1
+batch_size = 4
+lr = 2e-3
+"#,
+        // The ResNet's layer2 output, 16 × 8 × 8, is what the decoder restores.
+        compressor.replace("target_dim = 32", "target_dim = 16")
+    );
+    let path = dir.join(format!("{output}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn a_decoder_stage_serves_another_backbone_from_the_same_payloads() {
+    let _turn = TORCH_GENERATOR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = std::env::temp_dir().join(format!("frankensplit-decoder-{}", std::process::id()));
+    small_data(&dir, 0);
+    let teacher = RunConfig::from_file(&teacher_run_file(&dir, "teacher", None, false)).unwrap();
+    train(&teacher, &options(None, false)).unwrap();
+    let swin = RunConfig::from_file(&distill_run_file(&dir, "swin", "1e-2", None)).unwrap();
+    train(&swin, &options(None, false)).unwrap();
+    let swin_bundle = swin.output.join("bundle");
+
+    let refused = RunConfig::from_file(&resnet_decoder_run_file(&dir, "refused", None));
+    assert!(refused.unwrap_err().to_string().contains("set encoder_weights"));
+
+    let resnet = RunConfig::from_file(&resnet_decoder_run_file(&dir, "resnet", Some(&swin_bundle))).unwrap();
+    train(&resnet, &options(None, false)).unwrap();
+    let first = Bundle::open(&swin_bundle, Device::Cpu).unwrap();
+    let second = Bundle::open(&resnet.output.join("bundle"), Device::Cpu).unwrap();
+    assert_eq!(second.manifest.architecture.backbone.family(), "resnet");
+    assert_eq!(first.fingerprint, second.fingerprint);
+    let tensors = |run: &RunConfig| -> BTreeMap<String, Tensor> {
+        Tensor::read_safetensors(run.output.join("bundle/weights.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect()
+    };
+    let (before, after) = (tensors(&swin), tensors(&resnet));
+    let mut decoder_tensors = 0;
+    for (name, t) in &after {
+        if name.starts_with("compressor.g_a.") || name.starts_with("compressor.entropy_bottleneck.") {
+            assert!(t.equal(&before[name]), "{name} changed");
+        } else if name.starts_with("compressor.g_s.") {
+            decoder_tensors += 1;
+        }
+    }
+    assert!(decoder_tensors > 0);
+
+    tch::manual_seed(11);
+    for _ in 0..4 {
+        let image = Vec::<f32>::try_from(Tensor::randn([3 * 64 * 64], (tch::Kind::Float, Device::Cpu))).unwrap();
+        let payload = first.compress(&image).unwrap();
+        assert_eq!(second.compress(&image).unwrap(), payload, "payloads differ");
+        let features = second.decompress(&payload).unwrap();
+        assert_eq!(features.size(), [1, 16, 8, 8]);
+        assert_eq!(second.classify_features(&features).size(), [1, 10]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
