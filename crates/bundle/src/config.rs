@@ -436,6 +436,15 @@ fn check_size(what: &str, value: i64) -> Result<()> {
 }
 
 impl CompressorConfig {
+    /// Whether `other` has this configuration's edge encoder and latent:
+    /// the fields payloads depend on.
+    pub fn same_encoder(&self, other: &Self) -> bool {
+        self.input_size == other.input_size
+            && self.encoder_hidden == other.encoder_hidden
+            && self.latent_channels == other.latent_channels
+            && self.act_after_conv1 == other.act_after_conv1
+    }
+
     /// Side of the latent grid (input / 8).
     pub fn latent_size(&self) -> i64 {
         self.input_size / 8
@@ -451,19 +460,26 @@ impl CompressorConfig {
     /// decoder's blocks as `blueprint` builds them (see
     /// [`Architecture::min_parameters`]).
     pub fn min_parameters(&self, blueprint: DecoderBlueprint) -> f64 {
+        self.encoder_min_parameters() + self.decoder_min_parameters(blueprint)
+    }
+
+    /// g_a's kernels.
+    pub fn encoder_min_parameters(&self) -> f64 {
         let [h1, h2] = self.encoder_hidden.map(|w| w as f64);
         let widths = [3.0, h1, h2, self.latent_channels as f64];
-        let encoder: f64 = widths
+        widths
             .windows(2)
             .map(|w| 9.0 * w[0] * w[1] + 9.0 * w[1] * w[1] + w[0] * w[1])
-            .sum();
+            .sum()
+    }
+
+    /// The decoder's blocks as `blueprint` builds them.
+    pub fn decoder_min_parameters(&self, blueprint: DecoderBlueprint) -> f64 {
         let block = |dim: i64| match blueprint {
             DecoderBlueprint::Swin => swin_block_weights(dim as f64, 4.0),
             DecoderBlueprint::Conv { .. } => 18.0 * (dim * dim) as f64,
         };
-        let decoder =
-            self.decoder_depth as f64 * block(self.decoder_dim) + self.recon_depth as f64 * block(self.recon_dim);
-        encoder + decoder
+        self.decoder_depth as f64 * block(self.decoder_dim) + self.recon_depth as f64 * block(self.recon_dim)
     }
 
     /// Checks that every width and side is positive and bounded, that the

@@ -68,6 +68,26 @@ pub mod names {
     pub const CDF_LENGTH: &str = "entropy_tables.cdf_length";
     /// CompressAI's `_offset` `[C]`.
     pub const OFFSET: &str = "entropy_tables.offset";
+
+    /// Prefix of a further backbone's tensors: below it, its decoder under
+    /// [`COMPRESSOR`]`g_s.` and its tail under [`BACKBONE`], as the first
+    /// backbone's are at the root.
+    pub fn more(name: &str) -> String {
+        format!("backbones.{name}.")
+    }
+}
+
+/// Most further backbones one bundle may hold.
+pub const MAX_MORE_BACKBONES: usize = 16;
+
+/// A backbone a bundle serves besides its first: its own decoder and tail
+/// in front of the bundle's edge encoder (weights under [`names::more`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoreBackbone {
+    /// The name requests choose it by.
+    pub name: String,
+    /// Its architecture; the compressor's encoder fields are the bundle's.
+    pub architecture: Architecture,
 }
 
 /// Where the entropy tables came from.
@@ -106,9 +126,16 @@ pub struct Manifest {
     /// be classified too.
     #[serde(default)]
     pub backbone_head: bool,
-    /// Class names, index order, when known.
+    /// Class names, index order, when known (shared by every backbone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// The name requests choose the first backbone by; its family's name
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone_name: Option<String>,
+    /// Further backbones served from the same payloads (format 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub more_backbones: Vec<MoreBackbone>,
     /// Free-form provenance (source checkpoint, command).
     #[serde(default)]
     pub source: String,
@@ -133,8 +160,57 @@ impl Manifest {
                 manifest.format
             )));
         }
-        manifest.architecture.validate()?;
+        manifest.validate()?;
         Ok(manifest)
+    }
+
+    /// Checks the architectures, and that further backbones share the first
+    /// one's encoder and have distinct, plain names.
+    pub fn validate(&self) -> Result<()> {
+        self.architecture.validate()?;
+        if self.more_backbones.len() > MAX_MORE_BACKBONES {
+            return Err(Error::Invalid(format!(
+                "{} further backbones; a bundle holds at most {MAX_MORE_BACKBONES}",
+                self.more_backbones.len()
+            )));
+        }
+        if self.format < 2 && !self.more_backbones.is_empty() {
+            return Err(Error::Invalid("further backbones need bundle format 2".into()));
+        }
+        let names = self.backbone_names();
+        for (i, name) in names.iter().enumerate() {
+            let plain = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-';
+            if name.is_empty() || name.len() > 64 || !name.chars().all(plain) {
+                return Err(Error::Invalid(format!(
+                    "backbone name {name:?}: use 1 to 64 of a-z, 0-9, _ and -"
+                )));
+            }
+            if names[..i].contains(name) {
+                return Err(Error::Invalid(format!("two backbones are named {name:?}")));
+            }
+        }
+        for more in &self.more_backbones {
+            more.architecture.validate()?;
+            if !more.architecture.compressor.same_encoder(&self.architecture.compressor) {
+                return Err(Error::Invalid(format!(
+                    "backbone {:?} declares another edge encoder than the bundle's: one bundle serves one encoder's payloads",
+                    more.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The backbones' names, the first backbone's first: what requests
+    /// choose between.
+    pub fn backbone_names(&self) -> Vec<String> {
+        let first = self
+            .backbone_name
+            .clone()
+            .unwrap_or_else(|| self.architecture.backbone.family().to_string());
+        std::iter::once(first)
+            .chain(self.more_backbones.iter().map(|m| m.name.clone()))
+            .collect()
     }
 
     /// Reads and validates a bundle's `model.toml` without loading weights.
@@ -156,7 +232,13 @@ impl Manifest {
     /// hold the networks the architecture declares (see
     /// [`Architecture::min_parameters`]), before anything of their size is read or built.
     pub fn check_weights_size(&self, size: u64, path: &Path) -> Result<()> {
-        let needed = 4.0 * self.architecture.min_parameters(self.backbone_head);
+        let encoder = self.architecture.compressor.encoder_min_parameters();
+        let more: f64 = self
+            .more_backbones
+            .iter()
+            .map(|m| m.architecture.min_parameters(false) - encoder)
+            .sum();
+        let needed = 4.0 * (self.architecture.min_parameters(self.backbone_head) + more);
         if (size as f64) < needed {
             return Err(Error::Invalid(format!(
                 "{} has {size} bytes, but the architecture in {MANIFEST} needs at least {needed:.0}: the manifest does not describe these weights",
@@ -284,7 +366,8 @@ pub fn write<E: std::fmt::Display>(
     force: bool,
     write_weights: impl FnOnce(&Path) -> std::result::Result<(), E>,
 ) -> Result<ModelFingerprint> {
-    manifest.architecture.validate()?;
+    manifest.format = BUNDLE_FORMAT;
+    manifest.validate()?;
     frankensplit_fsio::check_replaceable(dir, &BUNDLE_FILES, force).map_err(Error::Invalid)?;
     let staging = frankensplit_fsio::Staging::new(dir).map_err(|e| Error::write(dir, e))?;
     let tmp = staging.path().to_path_buf();

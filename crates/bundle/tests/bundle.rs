@@ -68,6 +68,8 @@ fn manifest(architecture: Architecture) -> Manifest {
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
         weights_fingerprint: None,
+        backbone_name: None,
+        more_backbones: Vec::new(),
         preprocess: Preprocess::for_input(architecture.compressor.input_size as u32),
         architecture,
         likelihood_formula: LikelihoodFormula::Direct,

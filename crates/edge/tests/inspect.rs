@@ -134,6 +134,8 @@ fn bundle(dir: &Path, fx: &Fixture) -> u32 {
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
         weights_fingerprint: None,
+        backbone_name: None,
+        more_backbones: Vec::new(),
         preprocess: Preprocess::for_input(24),
         architecture: arch,
         likelihood_formula: LikelihoodFormula::Direct,

@@ -5,13 +5,15 @@
 //! may also hold the backbone's first stages (`backbone_head`), which lets a
 //! server classify whole images: the image-offloading baseline.
 //!
-//! The fingerprint is derived from the weights file, so payloads carry the
-//! identity of the exact weights and tables that produced them.
+//! A bundle may serve further backbones from the same payloads: each a
+//! decoder and a tail in front of the one edge encoder ([`merge_bundles`]
+//! assembles them). Payloads carry the encoder side's fingerprint, so they
+//! identify the encoder and tables that produced them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use frankensplit_bundle::{names, VerifiedBundle};
+use frankensplit_bundle::{encoder_fingerprint, names, MoreBackbone, VerifiedBundle};
 pub use frankensplit_bundle::{Architecture, Manifest, TableSource, BUNDLE_FILES, BUNDLE_FORMAT};
 use frankensplit_codec::{CdfTables, LatentShape, LikelihoodFormula, ModelFingerprint, PayloadCodec};
 use frankensplit_preprocess::Preprocess;
@@ -19,7 +21,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Device, Tensor};
 
 use crate::backbone::Backbone;
-use crate::compressor::Compressor;
+use crate::compressor::{Compressor, Decoder};
 use crate::device::Precision;
 use crate::error::{Error, Result};
 use crate::weights::load_into;
@@ -48,6 +50,21 @@ pub struct Bundle {
     /// The number format of the server-side networks (decoder and backbone);
     /// f32 unless [`Bundle::set_precision`] changed it.
     pub precision: Precision,
+    /// The further backbones, in the manifest's order.
+    pub more: Vec<ServedBackbone>,
+}
+
+/// A further backbone of a bundle: its decoder and tail.
+#[derive(Debug)]
+pub struct ServedBackbone {
+    /// Its name and architecture.
+    pub spec: MoreBackbone,
+    /// Variables of both networks (`compressor.g_s.…`, `backbone.…`).
+    pub vars: nn::VarStore,
+    /// Its decoder.
+    pub decoder: Decoder,
+    /// Its tail (stages from its split on).
+    pub tail: Backbone,
 }
 
 /// Everything [`write_bundle`] stores.
@@ -100,6 +117,8 @@ pub fn write_bundle(dir: &Path, contents: BundleContents<'_>, force: bool) -> Re
         format: BUNDLE_FORMAT,
         fingerprint: String::new(),
         weights_fingerprint: None,
+        backbone_name: None,
+        more_backbones: Vec::new(),
         architecture: contents.architecture.clone(),
         preprocess: Preprocess::for_input(contents.architecture.compressor.input_size as u32),
         likelihood_formula: contents.likelihood_formula,
@@ -148,6 +167,29 @@ impl Bundle {
             .backbone_head
             .then(|| Backbone::new(&backbone_vars.root(), &arch.backbone, 0..arch.split_stage));
         load_into(&mut backbone_vars, take_prefix(&mut tensors, names::BACKBONE))?;
+        let mut more = Vec::with_capacity(manifest.more_backbones.len());
+        for spec in &manifest.more_backbones {
+            let arch = &spec.architecture;
+            let mut vars = nn::VarStore::new(device);
+            let root = vars.root();
+            let decoder = Decoder::new(
+                &(&root / names::COMPRESSOR.trim_end_matches('.') / "g_s"),
+                &arch.compressor,
+                arch.blueprint(),
+            );
+            let tail = Backbone::new(
+                &(&root / names::BACKBONE.trim_end_matches('.')),
+                &arch.backbone,
+                arch.split_stage..arch.backbone.num_stages(),
+            );
+            load_into(&mut vars, take_prefix(&mut tensors, &names::more(&spec.name)))?;
+            more.push(ServedBackbone {
+                spec: spec.clone(),
+                vars,
+                decoder,
+                tail,
+            });
+        }
         // The tables were read by the payload codec.
         take_prefix(&mut tensors, names::TABLES);
         if !tensors.is_empty() {
@@ -167,7 +209,50 @@ impl Bundle {
             backbone_head,
             payload,
             precision: Precision::F32,
+            more,
         })
+    }
+
+    /// The names of the backbones this bundle serves, the first first.
+    pub fn backbone_names(&self) -> Vec<String> {
+        self.manifest.backbone_names()
+    }
+
+    /// The index of the backbone called `name`, with an error that lists
+    /// the names when there is none.
+    pub fn backbone_index(&self, name: &str) -> Result<usize> {
+        let names = self.backbone_names();
+        names.iter().position(|n| n == name).ok_or_else(|| {
+            Error::Invalid(format!(
+                "this bundle serves no backbone {name:?}; it serves {}",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// [`Bundle::restore_features`] by backbone `index`'s decoder.
+    pub fn restore_features_for(&self, index: usize, latents: &[Vec<f32>]) -> Result<Tensor> {
+        let y_hat = self.latent_batch(latents)?;
+        let decoder = match index {
+            0 => &self.compressor.g_s,
+            i => &self.more_backbone(i)?.decoder,
+        };
+        Ok(tch::no_grad(|| decoder.forward_t(&y_hat, false)))
+    }
+
+    /// [`Bundle::classify_features`] by backbone `index`'s tail.
+    pub fn classify_features_for(&self, index: usize, features: &Tensor) -> Result<Tensor> {
+        let tail = match index {
+            0 => &self.backbone,
+            i => &self.more_backbone(i)?.tail,
+        };
+        Ok(tch::no_grad(|| tail.forward_t(features, false)))
+    }
+
+    fn more_backbone(&self, index: usize) -> Result<&ServedBackbone> {
+        self.more
+            .get(index.wrapping_sub(1))
+            .ok_or_else(|| Error::Invalid(format!("backbone {index} of a bundle serving {}", self.more.len() + 1)))
     }
 
     /// The device the networks are on.
@@ -196,6 +281,9 @@ impl Bundle {
         let kind = precision.kind();
         self.compressor_vars.root().sub("g_s").set_kind(kind);
         self.backbone_vars.set_kind(kind);
+        for more in &mut self.more {
+            more.vars.set_kind(kind);
+        }
         self.precision = precision;
         Ok(())
     }
@@ -236,6 +324,12 @@ impl Bundle {
     /// Runs the decoder on a batch of dequantised latents (CHW each):
     /// restored features (`(B, tokens, width)` for Swin, `(B, C, H, W)` for a CNN).
     pub fn restore_features(&self, latents: &[Vec<f32>]) -> Result<Tensor> {
+        self.restore_features_for(0, latents)
+    }
+
+    /// Dequantised latents (CHW each) as one batch on the device, in the
+    /// server's precision.
+    fn latent_batch(&self, latents: &[Vec<f32>]) -> Result<Tensor> {
         let shape = self.latent_shape();
         if let Some(bad) = latents.iter().find(|l| l.len() != shape.len()) {
             return Err(Error::Invalid(format!(
@@ -245,11 +339,10 @@ impl Bundle {
         }
         let side = i64::from(shape.height);
         let flat: Vec<f32> = latents.concat();
-        let y_hat = Tensor::from_slice(&flat)
+        Ok(Tensor::from_slice(&flat)
             .view([latents.len() as i64, i64::from(shape.channels), side, side])
             .to_device(self.device())
-            .to_kind(self.precision.kind());
-        Ok(tch::no_grad(|| self.compressor.g_s.forward_t(&y_hat, false)))
+            .to_kind(self.precision.kind()))
     }
 
     /// Server side: restored features → logits `(B, classes)`, on the
@@ -283,4 +376,84 @@ impl Bundle {
             self.backbone.forward_t(&head.forward_t(&x, false), false)
         }))
     }
+}
+
+/// Writes into `out` one bundle that serves the backbones of all `parts`
+/// (name, bundle directory) from one encoder's payloads: the first part
+/// whole, under the first name; of every further part, its decoder and its
+/// backbone's tail under [`names::more`]. The parts must share the encoder
+/// side (g_a, prior and tables: the same encoder fingerprint), as bundles
+/// whose decoders were trained by `decoder` stages against one encoder do,
+/// and each must serve a single backbone. Labels, where given, must agree.
+/// `out` is written as [`frankensplit_bundle::write`] writes (staged,
+/// swapped in; a directory holding anything else refused unless `force`).
+pub fn merge_bundles(out: &Path, parts: &[(String, PathBuf)], force: bool) -> Result<ModelFingerprint> {
+    let Some((first_name, first_dir)) = parts.first() else {
+        return Err(Error::Invalid("merging needs at least one bundle".into()));
+    };
+    let bundles = parts
+        .iter()
+        .map(|(_, dir)| VerifiedBundle::open(dir).map_err(Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let views = bundles
+        .iter()
+        .map(|b| b.tensors().map_err(Error::from))
+        .collect::<Result<Vec<_>>>()?;
+    let encoder = encoder_fingerprint(&views[0]);
+    let mut manifest = bundles[0].manifest.clone();
+    for ((name, dir), (bundle, tensors)) in parts.iter().zip(bundles.iter().zip(&views)) {
+        let theirs = encoder_fingerprint(tensors);
+        if theirs != encoder {
+            return Err(Error::Invalid(format!(
+                "{} has another edge encoder (fingerprint {theirs}) than {} ({encoder}): one bundle serves one encoder's payloads; train its decoder with a `decoder` stage from {}",
+                dir.display(),
+                first_dir.display(),
+                first_dir.display()
+            )));
+        }
+        if !bundle.manifest.more_backbones.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{} ({name}) already serves several backbones; merge the single-backbone bundles",
+                dir.display()
+            )));
+        }
+        if !bundle.manifest.labels.is_empty() {
+            if manifest.labels.is_empty() {
+                manifest.labels = bundle.manifest.labels.clone();
+            } else if manifest.labels != bundle.manifest.labels {
+                return Err(Error::Invalid(format!(
+                    "{} ({name}) labels its classes otherwise than the bundles before it",
+                    dir.display()
+                )));
+            }
+        }
+    }
+    let mut selected: Vec<(String, safetensors::tensor::TensorView<'_>)> = views[0].tensors();
+    for ((name, _), (bundle, tensors)) in parts.iter().zip(bundles.iter().zip(&views)).skip(1) {
+        let arch = &bundle.manifest.architecture;
+        let head = Backbone::head_names(&arch.backbone, arch.split_stage);
+        let decoder = format!("{}g_s.", names::COMPRESSOR);
+        for (key, view) in tensors.tensors() {
+            let tail = key.strip_prefix(names::BACKBONE).is_some_and(|k| !head.contains(k));
+            if key.starts_with(&decoder) || tail {
+                selected.push((format!("{}{key}", names::more(name)), view));
+            }
+        }
+        manifest.more_backbones.push(MoreBackbone {
+            name: name.clone(),
+            architecture: arch.clone(),
+        });
+    }
+    manifest.backbone_name = Some(first_name.clone());
+    manifest.source = format!(
+        "merged by frankensplit merge from {}",
+        parts
+            .iter()
+            .map(|(name, dir)| format!("{name}={}", dir.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(frankensplit_bundle::write(out, manifest, force, |path| {
+        safetensors::serialize_to_file(selected, &None, path)
+    })?)
 }

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use frankensplit_models::bundle::merge_bundles;
 use frankensplit_models::Bundle;
 mod common;
 
@@ -478,5 +479,44 @@ fn a_decoder_stage_serves_another_backbone_from_the_same_payloads() {
         assert_eq!(features.size(), [1, 16, 8, 8]);
         assert_eq!(second.classify_features(&features).size(), [1, 10]);
     }
+
+    // One bundle serving both backbones answers each as its own bundle does.
+    let merged_dir = dir.join("merged");
+    let parts = [
+        ("swin".to_string(), swin_bundle.clone()),
+        ("resnet".to_string(), resnet.output.join("bundle")),
+    ];
+    let fingerprint = merge_bundles(&merged_dir, &parts, false).unwrap();
+    assert_eq!(fingerprint, first.fingerprint);
+    let merged = Bundle::open(&merged_dir, Device::Cpu).unwrap();
+    assert_eq!(merged.backbone_names(), ["swin", "resnet"]);
+    assert_eq!(merged.backbone_index("resnet").unwrap(), 1);
+    assert!(merged
+        .backbone_index("vit")
+        .unwrap_err()
+        .to_string()
+        .contains("swin, resnet"));
+    let image = Vec::<f32>::try_from(Tensor::randn([3 * 64 * 64], (tch::Kind::Float, Device::Cpu))).unwrap();
+    let latent = merged.payload.decompress(&first.compress(&image).unwrap()).unwrap();
+    for (index, single) in [(0, &first), (1, &second)] {
+        let logits = |bundle: &Bundle, i| {
+            let features = bundle.restore_features_for(i, std::slice::from_ref(&latent)).unwrap();
+            bundle.classify_features_for(i, &features).unwrap()
+        };
+        let (ours, theirs) = (logits(&merged, index), logits(single, 0));
+        assert!(ours.allclose(&theirs, 1e-6, 1e-6, false), "backbone {index}");
+    }
+    // Bundles of another encoder are refused.
+    // Another learning rate: another encoder.
+    let other = RunConfig::from_file(&distill_run_file(&dir, "other", "3e-2", None)).unwrap();
+    train(&other, &options(None, false)).unwrap();
+    let mixed = [
+        ("swin".to_string(), swin_bundle),
+        ("other".to_string(), other.output.join("bundle")),
+    ];
+    let error = merge_bundles(&dir.join("mixed"), &mixed, false)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("another edge encoder"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
 }
