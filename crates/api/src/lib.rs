@@ -118,15 +118,44 @@ pub struct Timings {
 pub struct ClassifyResponse {
     /// Fingerprint of the model that answered.
     pub model: String,
+    /// The backbone whose classes `top_k` holds (absent from servers older
+    /// than multi-backbone bundles).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backbone: String,
     /// Bytes of the payload or image this answer is for.
     pub input_bytes: usize,
     /// The most probable classes, most probable first.
     pub top_k: Vec<Prediction>,
+    /// With `?backbone=all`: every backbone's classes, in the bundle's
+    /// order (the first is `top_k`'s).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backbones: Vec<BackboneAnswer>,
     /// Inputs in the inference batch this one ran in.
     pub batch_size: usize,
     /// Server-side timings.
     pub timings_ms: Timings,
 }
+
+/// One backbone's classes in an answer for all backbones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BackboneAnswer {
+    /// The backbone's name.
+    pub backbone: String,
+    /// Its most probable classes, most probable first.
+    pub top_k: Vec<Prediction>,
+}
+
+/// Query of [`CLASSIFY`]: which backbone classifies the restored features.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ClassifyOptions {
+    /// A backbone the bundle serves, or `all` for every one; the bundle's
+    /// first backbone when absent.
+    #[serde(default)]
+    pub backbone: Option<String>,
+}
+
+/// The `backbone` value that asks for every backbone.
+pub const ALL_BACKBONES: &str = "all";
 
 /// The answer to a framed request: one answer per payload, in order.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

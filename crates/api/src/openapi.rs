@@ -60,6 +60,8 @@ pub fn document() -> Value {
     paths.insert(CLASSIFY.into(), json!({
         "post": {
             "summary": "Classify one payload or raw CompressAI string, or several framed in one body",
+            "parameters": [{"name": "backbone", "in": "query", "required": false, "schema": {"type": "string"},
+                "description": "Which of the bundle's backbones classifies the restored features (its name, as /v1/classify answers name it), or `all` for every one in one answer (`backbones`); the bundle's first when absent."}],
             "requestBody": {
                 "required": true,
                 "content": {
@@ -76,7 +78,7 @@ pub fn document() -> Value {
             "responses": {
                 "200": {"description": "Top classes and server-side timings: a ClassifyResponse for one payload, a FramedResponse for a framed body",
                         "content": {"application/json": {"schema": {"oneOf": [answer, framed]}}}},
-                "400": error_response("Malformed payload (bad header, truncated or corrupt string, wrong latent shape)"),
+                "400": error_response("Malformed payload (bad header, truncated or corrupt string, wrong latent shape), or a backbone the bundle does not serve"),
                 "409": error_response("Payload produced by another model (fingerprint mismatch)"),
                 "401": unauthorized.clone(),
                 "413": error_response("Body larger than the server's limit, or more payloads than it ever admits at once"),

@@ -231,7 +231,7 @@ impl Bundle {
     }
 
     /// [`Bundle::restore_features`] by backbone `index`'s decoder.
-    pub fn restore_features_for(&self, index: usize, latents: &[Vec<f32>]) -> Result<Tensor> {
+    pub fn restore_features_for<L: AsRef<[f32]>>(&self, index: usize, latents: &[L]) -> Result<Tensor> {
         let y_hat = self.latent_batch(latents)?;
         let decoder = match index {
             0 => &self.compressor.g_s,
@@ -329,16 +329,16 @@ impl Bundle {
 
     /// Dequantised latents (CHW each) as one batch on the device, in the
     /// server's precision.
-    fn latent_batch(&self, latents: &[Vec<f32>]) -> Result<Tensor> {
+    fn latent_batch<L: AsRef<[f32]>>(&self, latents: &[L]) -> Result<Tensor> {
         let shape = self.latent_shape();
-        if let Some(bad) = latents.iter().find(|l| l.len() != shape.len()) {
+        if let Some(bad) = latents.iter().find(|l| l.as_ref().len() != shape.len()) {
             return Err(Error::Invalid(format!(
                 "latent of {} values, expected {shape}",
-                bad.len()
+                bad.as_ref().len()
             )));
         }
         let side = i64::from(shape.height);
-        let flat: Vec<f32> = latents.concat();
+        let flat: Vec<f32> = latents.iter().flat_map(|l| l.as_ref().iter().copied()).collect();
         Ok(Tensor::from_slice(&flat)
             .view([latents.len() as i64, i64::from(shape.channels), side, side])
             .to_device(self.device())

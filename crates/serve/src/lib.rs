@@ -33,7 +33,10 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use frankensplit_api::{ClassifyBody, ClassifyResponse, ErrorBody, FramedResponse, ImageOptions, Timings};
+use frankensplit_api::{
+    BackboneAnswer, ClassifyBody, ClassifyOptions, ClassifyResponse, ErrorBody, FramedResponse, ImageOptions, Timings,
+    ALL_BACKBONES,
+};
 use frankensplit_codec::{CodecError, PayloadCodec};
 use frankensplit_models::Bundle;
 use frankensplit_preprocess::{Preprocess, RgbImage};
@@ -41,7 +44,7 @@ use frankensplit_preprocess::{Preprocess, RgbImage};
 pub use access::{tls_config, Tokens};
 use admission::{Admission, Refusal, Ticket};
 pub use metrics::Metrics;
-use worker::{Input, Job};
+use worker::{Backbones, Input, Job};
 
 pub use frankensplit_api::{FRAMED_PAYLOADS, FRAMED_RAW_STRINGS, RAW_STRING};
 
@@ -100,6 +103,8 @@ struct AppState {
     config: Arc<ServeConfig>,
     metrics: Arc<Metrics>,
     model: Arc<str>,
+    /// The backbones' names, in the bundle's order.
+    backbones: Arc<Vec<String>>,
     /// The input pipeline, when the bundle can classify whole images.
     images: Option<Arc<Preprocess>>,
 }
@@ -123,6 +128,7 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new());
     let decoder = Arc::new(bundle.payload.clone());
     let model: Arc<str> = bundle.fingerprint.to_string().into();
+    let backbones = Arc::new(bundle.backbone_names());
     let images = bundle
         .backbone_head
         .is_some()
@@ -136,6 +142,7 @@ pub async fn start(
         config: Arc::new(config.clone()),
         metrics,
         model,
+        backbones,
         images,
     };
     let app = router(state);
@@ -232,14 +239,44 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
-async fn classify(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+async fn classify(
+    State(state): State<AppState>,
+    options: Result<Query<ClassifyOptions>, QueryRejection>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
     let kind = ClassifyBody::from_content_type(headers.get(header::CONTENT_TYPE).map(|v| v.as_bytes()));
-    let response = classify_inner(&state, body, kind, started).await;
+    let response = match options
+        .map_err(|e| e.body_text())
+        .and_then(|Query(o)| chosen(&state, &o))
+    {
+        Ok(backbones) => classify_inner(&state, body, kind, backbones, started).await,
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+    };
     state
         .metrics
         .observe_request("classify", response.status().as_u16(), started.elapsed());
     response
+}
+
+/// The backbones a request's `?backbone=` asks for.
+fn chosen(state: &AppState, options: &ClassifyOptions) -> Result<Backbones, String> {
+    match options.backbone.as_deref() {
+        None => Ok(Backbones::One(0)),
+        Some(ALL_BACKBONES) => Ok(Backbones::All),
+        Some(name) => state
+            .backbones
+            .iter()
+            .position(|n| n == name)
+            .map(Backbones::One)
+            .ok_or_else(|| {
+                format!(
+                    "this server has no backbone {name:?}; it serves {} (or ask for {ALL_BACKBONES})",
+                    state.backbones.join(", ")
+                )
+            }),
+    }
 }
 
 /// Entropy-decodes the body's payloads (each with its size), or the status
@@ -248,6 +285,7 @@ fn decode_body(
     decoder: &PayloadCodec,
     body: &[u8],
     kind: ClassifyBody,
+    backbones: Backbones,
 ) -> Result<Vec<(Input, usize)>, (StatusCode, String)> {
     let framed = kind.framed();
     let payloads = if framed {
@@ -278,12 +316,18 @@ fn decode_body(
                     e => (StatusCode::BAD_REQUEST, format!("{which}malformed payload: {e}")),
                 })?
             };
-            Ok((Input::Latent(latent), payload.len()))
+            Ok((Input::Latent(latent, backbones), payload.len()))
         })
         .collect()
 }
 
-async fn classify_inner(state: &AppState, body: Bytes, kind: ClassifyBody, started: Instant) -> Response {
+async fn classify_inner(
+    state: &AppState,
+    body: Bytes,
+    kind: ClassifyBody,
+    backbones: Backbones,
+    started: Instant,
+) -> Response {
     let framed = kind.framed();
     // Admission before any decoding: the frame count is read from the
     // length prefixes alone, each payload becomes one f32 latent.
@@ -305,12 +349,12 @@ async fn classify_inner(state: &AppState, body: Bytes, kind: ClassifyBody, start
         Err(refusal) => return refused(refusal),
     };
     let decoder = state.decoder.clone();
-    let inputs = match blocking(state, started, move || decode_body(&decoder, &body, kind)).await {
+    let inputs = match blocking(state, started, move || decode_body(&decoder, &body, kind, backbones)).await {
         Ok(Ok(inputs)) => inputs,
         Ok(Err((status, message))) => return error(status, message),
         Err(response) => return response,
     };
-    match infer(state, inputs, started, ticket).await {
+    match infer(state, inputs, backbones == Backbones::All, started, ticket).await {
         Ok(results) if framed => Json(FramedResponse { results }).into_response(),
         Ok(mut results) => Json(results.pop().expect("one payload, one result")).into_response(),
         Err(response) => response,
@@ -387,7 +431,7 @@ async fn classify_image_inner(state: &AppState, body: Bytes, options: ImageOptio
         Ok(Err(e)) => return image_error(e),
         Err(response) => return response,
     };
-    match infer(state, vec![input], started, ticket).await {
+    match infer(state, vec![input], false, started, ticket).await {
         Ok(mut results) => Json(results.pop().expect("one image, one result")).into_response(),
         Err(response) => response,
     }
@@ -403,11 +447,13 @@ fn image_error(e: frankensplit_preprocess::Error) -> Response {
 }
 
 /// Queues an admitted request's decoded inputs for the inference thread and
-/// waits for their answers, or the error response to give. The ticket is
-/// given back when this returns, answered or timed out.
+/// waits for their answers, or the error response to give; with
+/// `every_backbone`, each answer lists every backbone's classes. The ticket
+/// is given back when this returns, answered or timed out.
 async fn infer(
     state: &AppState,
     inputs: Vec<(Input, usize)>,
+    every_backbone: bool,
     started: Instant,
     _ticket: Ticket,
 ) -> Result<Vec<ClassifyResponse>, Response> {
@@ -435,10 +481,30 @@ async fn infer(
             Ok(Err(_)) => return Err(error(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down")),
             Err(_) => return Err(error(StatusCode::GATEWAY_TIMEOUT, "request timed out in the server")),
         };
+        let k = state.config.top_k;
+        let mut answers: Vec<BackboneAnswer> = result
+            .logits
+            .iter()
+            .map(|(index, logits)| BackboneAnswer {
+                backbone: state.backbones[*index].clone(),
+                top_k: result.top_k(logits, k),
+            })
+            .collect();
+        let first = answers.first().cloned().ok_or_else(|| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the inference thread answered no backbone",
+            )
+        })?;
+        if !every_backbone {
+            answers.clear();
+        }
         results.push(ClassifyResponse {
             model: state.model.to_string(),
+            backbone: first.backbone,
             input_bytes,
-            top_k: result.top_k(state.config.top_k),
+            top_k: first.top_k,
+            backbones: answers,
             batch_size: result.batch_size,
             timings_ms: Timings {
                 decode: decode_ms,

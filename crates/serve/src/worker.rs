@@ -20,10 +20,26 @@ use crate::{Metrics, ServeConfig};
 
 /// What a request asks the networks to classify.
 pub(crate) enum Input {
-    /// A dequantised latent (CHW): decoder, then the backbone tail.
-    Latent(Vec<f32>),
-    /// A preprocessed image (CHW): the whole backbone.
+    /// A dequantised latent (CHW): decoder, then the backbone tail, of the
+    /// chosen backbones.
+    Latent(Vec<f32>, Backbones),
+    /// A preprocessed image (CHW): the whole (first) backbone.
     Image(Vec<f32>),
+}
+
+/// Which of the bundle's backbones classify a latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backbones {
+    /// The backbone of this index.
+    One(usize),
+    /// Every one, in the bundle's order.
+    All,
+}
+
+impl Backbones {
+    fn includes(self, index: usize) -> bool {
+        self == Self::All || self == Self::One(index)
+    }
 }
 
 /// A decoded request waiting for inference.
@@ -35,7 +51,8 @@ pub(crate) struct Job {
 
 /// Logits of one request and how it was served.
 pub(crate) struct JobResult {
-    pub logits: Vec<f32>,
+    /// `(backbone index, logits)` for each backbone asked, in order.
+    pub logits: Vec<(usize, Vec<f32>)>,
     pub labels: Arc<Vec<String>>,
     pub batch_size: usize,
     pub queue_ms: f64,
@@ -43,13 +60,13 @@ pub(crate) struct JobResult {
 }
 
 impl JobResult {
-    /// The `k` most probable classes (softmax over the logits).
-    pub fn top_k(&self, k: usize) -> Vec<Prediction> {
-        let max = self.logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let exp: Vec<f64> = self.logits.iter().map(|&l| f64::from(l - max).exp()).collect();
+    /// The `k` most probable classes of `logits` (softmax over them).
+    pub fn top_k(&self, logits: &[f32], k: usize) -> Vec<Prediction> {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let exp: Vec<f64> = logits.iter().map(|&l| f64::from(l - max).exp()).collect();
         let total: f64 = exp.iter().sum();
-        let mut order: Vec<usize> = (0..self.logits.len()).collect();
-        order.sort_by(|&a, &b| self.logits[b].total_cmp(&self.logits[a]));
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         order
             .into_iter()
             .take(k)
@@ -57,7 +74,7 @@ impl JobResult {
                 class,
                 label: self.labels.get(class).cloned(),
                 probability: exp[class] / total,
-                logit: self.logits[class],
+                logit: logits[class],
             })
             .collect()
     }
@@ -123,31 +140,39 @@ fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metr
     }
 }
 
-/// Logits for every job of `batch`, in order: latents and images each go
-/// through the networks as one batch.
-fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<Vec<f32>>> {
+/// Logits for every job of `batch`, in order: for each backbone, the
+/// latents that ask for it go through its decoder and tail as one batch;
+/// images go through the whole first backbone as one.
+fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<Vec<(usize, Vec<f32>)>>> {
     let mut latents = Vec::new();
     let mut images = Vec::new();
     for (i, job) in batch.iter_mut().enumerate() {
         match &mut job.input {
-            Input::Latent(l) => latents.push((i, std::mem::take(l))),
+            Input::Latent(l, backbones) => latents.push((i, std::mem::take(l), *backbones)),
             Input::Image(x) => images.push((i, std::mem::take(x))),
         }
     }
     let mut rows = vec![Vec::new(); batch.len()];
-    if !latents.is_empty() {
-        let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = latents.into_iter().unzip();
-        let features = bundle.restore_features(&inputs)?;
-        let logits = host_rows(&bundle.classify_features(&features))?;
+    for backbone in 0..=bundle.more.len() {
+        let (index, inputs): (Vec<usize>, Vec<&[f32]>) = latents
+            .iter()
+            .filter(|(_, _, chosen)| chosen.includes(backbone))
+            .map(|(i, latent, _)| (*i, latent.as_slice()))
+            .unzip();
+        if inputs.is_empty() {
+            continue;
+        }
+        let features = bundle.restore_features_for(backbone, &inputs)?;
+        let logits = host_rows(&bundle.classify_features_for(backbone, &features)?)?;
         for (i, row) in index.into_iter().zip(logits) {
-            rows[i] = row;
+            rows[i].push((backbone, row));
         }
     }
     if !images.is_empty() {
         let (index, inputs): (Vec<usize>, Vec<Vec<f32>>) = images.into_iter().unzip();
         let logits = host_rows(&bundle.classify_images(&inputs)?)?;
         for (i, row) in index.into_iter().zip(logits) {
-            rows[i] = row;
+            rows[i].push((0, row));
         }
     }
     Ok(rows)

@@ -674,3 +674,133 @@ async fn tokens_and_tls_keep_strangers_out() {
     finish(server, &dir).await;
     std::fs::remove_dir_all(&secrets).unwrap();
 }
+
+/// A bundle with `first`'s edge encoder, prior and tables in front of a
+/// random small ResNet and a fresh convolutional decoder for it: what a
+/// `decoder` stage trains, untrained.
+fn resnet_bundle_sharing_the_encoder(first: &std::path::Path, name: &str) -> PathBuf {
+    use frankensplit_models::bundle::{write_bundle, BundleContents, TableSource};
+    use frankensplit_models::{Backbone, BackboneConfig, Compressor, ResNetConfig};
+    let dir = std::env::temp_dir().join(format!("frankensplit-serve-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let source = Bundle::open(first, Device::Cpu).unwrap();
+    let mut arch = source.manifest.architecture.clone();
+    arch.backbone = BackboneConfig::ResNet(ResNetConfig {
+        img_size: 64,
+        in_chans: 3,
+        num_classes: 10,
+        block: frankensplit_models::resnet::ResNetBlock::Basic,
+        layers: vec![1, 1, 1, 1],
+        channels: vec![8, 16, 24, 32],
+        drop_path_rate: 0.0,
+    });
+    arch.compressor.target_dim = 16;
+    tch::manual_seed(3);
+    let compressor_vars = tch::nn::VarStore::new(Device::Cpu);
+    let _compressor = Compressor::new(&compressor_vars.root(), &arch.compressor, arch.blueprint());
+    let encoder_side = source.compressor_vars.variables();
+    tch::no_grad(|| {
+        for (name, mut var) in compressor_vars.variables() {
+            if !name.starts_with("g_s.") {
+                var.copy_(&encoder_side[&name]);
+            }
+        }
+    });
+    let backbone_vars = tch::nn::VarStore::new(Device::Cpu);
+    let _tail = Backbone::new(&backbone_vars.root(), &arch.backbone, 2..4);
+    let verified = frankensplit_bundle::VerifiedBundle::open(first).unwrap();
+    let tables = frankensplit_bundle::tables::cdf_tables(&verified.tensors().unwrap()).unwrap();
+    write_bundle(
+        &dir,
+        BundleContents {
+            architecture: &arch,
+            compressor_vars: &compressor_vars,
+            backbone_vars: &backbone_vars,
+            backbone_head: false,
+            tables: &tables,
+            likelihood_formula: source.manifest.likelihood_formula,
+            table_source: TableSource::Checkpoint,
+            labels: source.manifest.labels.clone(),
+            source: "serve test: a random ResNet behind the small model's encoder".into(),
+        },
+        false,
+    )
+    .unwrap();
+    dir
+}
+
+/// Posts one payload to /v1/classify with `query`.
+async fn post_query(client: &reqwest::Client, addr: SocketAddr, query: &str, body: Vec<u8>) -> (u16, Value) {
+    let response = client
+        .post(format!("http://{addr}/v1/classify{query}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_payload_is_classified_by_each_backbone_of_a_merged_bundle() {
+    let swin = small_bundle("merge-swin", false);
+    let resnet = resnet_bundle_sharing_the_encoder(&swin, "merge-resnet");
+    let merged = std::env::temp_dir().join(format!("frankensplit-serve-{}-merged", std::process::id()));
+    let _ = std::fs::remove_dir_all(&merged);
+    let parts = [
+        ("swin".to_string(), swin.clone()),
+        ("resnet".to_string(), resnet.clone()),
+    ];
+    frankensplit_models::bundle::merge_bundles(&merged, &parts, false).unwrap();
+    let singles = [
+        Bundle::open(&swin, Device::Cpu).unwrap(),
+        Bundle::open(&resnet, Device::Cpu).unwrap(),
+    ];
+    assert_eq!(singles[0].fingerprint, singles[1].fingerprint);
+    let assert_same_top = |answer: &Value, (class, logit): (i64, f64)| {
+        assert_eq!(answer["class"].as_i64().unwrap(), class, "{answer}");
+        assert!(
+            (answer["logit"].as_f64().unwrap() - logit).abs() < 1e-4,
+            "{answer} vs {logit}"
+        );
+    };
+    let payload = singles[0].compress(&input(7, 64)).unwrap();
+    // The top class and its logit, which tells the backbones apart even
+    // where their top classes agree.
+    let local_top = |bundle: &Bundle| -> (i64, f64) {
+        let logits = bundle
+            .classify_features(&bundle.decompress(&payload).unwrap())
+            .to_kind(Kind::Float);
+        let top = logits.argmax(-1, false).int64_value(&[0]);
+        (top, logits.double_value(&[0, top]))
+    };
+    let expected = [local_top(&singles[0]), local_top(&singles[1])];
+
+    let (server, stop) = launch(Bundle::open(&merged, Device::Cpu).unwrap(), ServeConfig::default()).await;
+    let (addr, client) = (server.addr, reqwest::Client::new());
+    for (query, backbone, top) in [
+        ("", "swin", expected[0]),
+        ("?backbone=swin", "swin", expected[0]),
+        ("?backbone=resnet", "resnet", expected[1]),
+    ] {
+        let (status, json) = post_query(&client, addr, query, payload.clone()).await;
+        assert_eq!(status, 200, "{query}: {json}");
+        assert_eq!(json["backbone"], backbone, "{query}");
+        assert_same_top(&json["top_k"][0], top);
+        assert!(json.get("backbones").is_none(), "{query}: {json}");
+    }
+    let (status, json) = post_query(&client, addr, "?backbone=all", payload.clone()).await;
+    assert_eq!(status, 200, "{json}");
+    let answers = json["backbones"].as_array().unwrap();
+    assert_eq!(answers.len(), 2);
+    for (answer, (name, top)) in answers.iter().zip([("swin", expected[0]), ("resnet", expected[1])]) {
+        assert_eq!(answer["backbone"], name);
+        assert_same_top(&answer["top_k"][0], top);
+    }
+    let (status, json) = post_query(&client, addr, "?backbone=vit", payload.clone()).await;
+    assert_eq!(status, 400);
+    assert!(json["error"].as_str().unwrap().contains("swin, resnet"), "{json}");
+    let _ = stop.send(());
+    finish(server, &merged).await;
+    let _ = std::fs::remove_dir_all(&swin);
+    let _ = std::fs::remove_dir_all(&resnet);
+}

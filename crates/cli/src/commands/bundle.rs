@@ -261,6 +261,17 @@ struct Info {
     entropy_tables: String,
     likelihood_formula: String,
     parameters: Vec<(String, i64)>,
+    /// Every backbone served, the first first.
+    backbones: Vec<BackboneInfo>,
+}
+
+#[derive(Serialize)]
+struct BackboneInfo {
+    name: String,
+    family: String,
+    split_stage: usize,
+    decoder_parameters: i64,
+    tail_parameters: i64,
 }
 
 pub fn run_info(args: InfoArgs) -> Result<()> {
@@ -285,12 +296,33 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
         ("compression module".to_string(), count(c, "")),
     ];
     let backbone = &bundle.backbone_vars;
-    let split = bundle.manifest.architecture.split_stage;
-    let head = count(backbone, "patch_embed.")
-        + (0..split)
-            .map(|i| count(backbone, &format!("layers.{i}.")))
-            .sum::<i64>();
+    let arch = &bundle.manifest.architecture;
+    let head_names = frankensplit_models::Backbone::head_names(&arch.backbone, arch.split_stage);
+    let head: i64 = backbone
+        .variables()
+        .iter()
+        .filter(|(k, _)| head_names.contains(*k))
+        .map(|(_, t)| t.numel() as i64)
+        .sum();
     parameters.push(("backbone tail".to_string(), count(backbone, "") - head));
+    let names = bundle.backbone_names();
+    let mut backbones = vec![BackboneInfo {
+        name: names[0].clone(),
+        family: arch.backbone.family().into(),
+        split_stage: arch.split_stage,
+        decoder_parameters: count(c, "g_s."),
+        tail_parameters: count(backbone, "") - head,
+    }];
+    for more in &bundle.more {
+        let a = &more.spec.architecture;
+        backbones.push(BackboneInfo {
+            name: more.spec.name.clone(),
+            family: a.backbone.family().into(),
+            split_stage: a.split_stage,
+            decoder_parameters: count(&more.vars, "compressor."),
+            tail_parameters: count(&more.vars, "backbone."),
+        });
+    }
     if bundle.backbone_head.is_some() {
         parameters.push(("backbone head (image offloading)".to_string(), head));
     }
@@ -302,6 +334,7 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
         entropy_tables: format!("{:?}", bundle.manifest.tables),
         likelihood_formula: format!("{:?}", bundle.manifest.likelihood_formula),
         parameters,
+        backbones,
     };
     if args.json {
         println!("{}", serde_json::to_string(&info)?);
@@ -315,6 +348,51 @@ pub fn run_info(args: InfoArgs) -> Result<()> {
         for (name, n) in &info.parameters {
             println!("  {n:>12}  {name}");
         }
+        if info.backbones.len() > 1 {
+            println!("serves {} backbones from the same payloads:", info.backbones.len());
+            for b in &info.backbones {
+                println!(
+                    "  {} ({}, from stage {}): decoder {} + tail {} parameters",
+                    b.name, b.family, b.split_stage, b.decoder_parameters, b.tail_parameters
+                );
+            }
+        }
     }
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The bundles, as NAME=DIR (or a built-in model's name for DIR); the
+    /// first is the default backbone. All must share the edge encoder: the
+    /// first's, with decoders for the others trained by `decoder` stages.
+    #[arg(required = true, value_parser = parse_named_bundle)]
+    bundles: Vec<(String, PathBuf)>,
+    /// Output bundle directory.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Replace an output directory that holds something other than a bundle.
+    #[arg(long)]
+    force: bool,
+}
+
+fn parse_named_bundle(text: &str) -> Result<(String, PathBuf), String> {
+    let (name, dir) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: give NAME=DIR, e.g. resnet=runs/decoder-resnet/bundle"))?;
+    let dir = crate::builtin::parse_model(dir)?;
+    Ok((name.to_string(), dir))
+}
+
+pub fn run_merge(args: MergeArgs) -> Result<()> {
+    let fingerprint = frankensplit_models::bundle::merge_bundles(&args.output, &args.bundles, args.force)
+        .with_context(|| format!("cannot merge into {}", args.output.display()))?;
+    let names: Vec<&str> = args.bundles.iter().map(|(name, _)| name.as_str()).collect();
+    println!(
+        "wrote {} (model {fingerprint}): backbones {}, default {}",
+        args.output.display(),
+        names.join(", "),
+        names[0]
+    );
     Ok(())
 }

@@ -34,8 +34,13 @@ pub enum Command {
     /// device's kernels, entropy-code, decode, backbone tail) and print the
     /// top classes.
     Classify(bundle::ClassifyArgs),
-    /// Describe a model bundle: fingerprint, latent, parameter counts.
+    /// Describe a model bundle: fingerprint, latent, parameter counts, the
+    /// backbones it serves.
     Info(bundle::InfoArgs),
+    /// Join bundles that share one edge encoder into one bundle serving all
+    /// their backbones from the same payloads (`serve` then answers
+    /// `/v1/classify?backbone=NAME` or `?backbone=all`).
+    Merge(bundle::MergeArgs),
     /// Edge side: encode images into payload files.
     Encode(frankensplit_edge::EncodeArgs),
     /// Serve split inference over HTTP: POST payloads to /v1/classify, whole
@@ -88,6 +93,7 @@ pub fn dispatch(command: Command) -> Result<()> {
         Command::Convert(args) => bundle::run_convert(args),
         Command::Classify(args) => bundle::run_classify(args),
         Command::Info(args) => bundle::run_info(args),
+        Command::Merge(args) => bundle::run_merge(args),
         Command::Encode(mut args) => {
             args.model = builtin::model_path(&args.model)?;
             frankensplit_edge::run_encode(args)
