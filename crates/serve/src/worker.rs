@@ -49,10 +49,12 @@ pub(crate) struct Job {
     pub reply: oneshot::Sender<Result<JobResult, String>>,
 }
 
+/// `(backbone index, logits)` for each backbone a request asked, in order.
+pub(crate) type BackboneLogits = Vec<(usize, Vec<f32>)>;
+
 /// Logits of one request and how it was served.
 pub(crate) struct JobResult {
-    /// `(backbone index, logits)` for each backbone asked, in order.
-    pub logits: Vec<(usize, Vec<f32>)>,
+    pub logits: BackboneLogits,
     pub labels: Arc<Vec<String>>,
     pub batch_size: usize,
     pub queue_ms: f64,
@@ -143,7 +145,7 @@ fn run(bundle: Bundle, rx: Receiver<Job>, max_batch: usize, wait: Duration, metr
 /// Logits for every job of `batch`, in order: for each backbone, the
 /// latents that ask for it go through its decoder and tail as one batch;
 /// images go through the whole first backbone as one.
-fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<Vec<(usize, Vec<f32>)>>> {
+fn infer(bundle: &Bundle, batch: &mut [Job]) -> frankensplit_models::Result<Vec<BackboneLogits>> {
     let mut latents = Vec::new();
     let mut images = Vec::new();
     for (i, job) in batch.iter_mut().enumerate() {
