@@ -287,14 +287,20 @@ mod tests {
 
     #[test]
     fn an_answer_reads_back_as_the_server_wrote_it() {
+        let top = Prediction {
+            class: 3,
+            label: None,
+            probability: 0.75,
+            logit: 2.5,
+        };
         let answer = ClassifyResponse {
             model: "0a1b2c3d".into(),
+            backbone: "swin".into(),
             input_bytes: 310,
-            top_k: vec![Prediction {
-                class: 3,
-                label: None,
-                probability: 0.75,
-                logit: 2.5,
+            top_k: vec![top.clone()],
+            backbones: vec![BackboneAnswer {
+                backbone: "resnet".into(),
+                top_k: vec![top],
             }],
             batch_size: 4,
             timings_ms: Timings {
@@ -307,5 +313,11 @@ mod tests {
         let text = serde_json::to_string(&answer).unwrap();
         assert!(!text.contains("label"), "absent labels are left out: {text}");
         assert_eq!(serde_json::from_str::<ClassifyResponse>(&text).unwrap(), answer);
+        // An answer of a server older than several backbones still reads.
+        let old = text.replace(r#""backbone":"swin","#, "");
+        let old = &old[..old.find(r#","backbones""#).unwrap()];
+        let old = format!("{old}{}", &text[text.find(r#","batch_size""#).unwrap()..]);
+        let read: ClassifyResponse = serde_json::from_str(&old).unwrap();
+        assert!(read.backbone.is_empty() && read.backbones.is_empty());
     }
 }

@@ -169,8 +169,10 @@ mod tests {
             .collect();
         let sent = serde_json::to_value(ClassifyResponse {
             model: String::new(),
+            backbone: String::new(),
             input_bytes: 0,
             top_k: Vec::new(),
+            backbones: Vec::new(),
             batch_size: 0,
             timings_ms: crate::Timings {
                 decode: 0.0,
