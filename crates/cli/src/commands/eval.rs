@@ -72,9 +72,12 @@ pub struct EvalArgs {
 /// One method's results.
 #[derive(Debug, Clone, Serialize)]
 pub struct MethodResult {
-    /// `frankensplit <directory> (<fingerprint>)` or the codec (`jpeg:q=75`).
+    /// `frankensplit <directory> (<fingerprint>)`, with ` → NAME` for a
+    /// bundle's further backbone, or the codec (`jpeg:q=75`).
     pub method: String,
-    /// `frankensplit`, `jpeg`, `webp` or `png`.
+    /// `frankensplit`, `frankensplit int8`, `jpeg`, `webp` or `png`; for a
+    /// bundle's further backbones `backbone NAME` (their byte ratios are not
+    /// computed: the codecs go through the first backbone's whole model).
     pub family: String,
     /// Images evaluated.
     pub images: usize,
@@ -265,9 +268,22 @@ fn bundle_name(bundle: &Bundle) -> String {
 }
 
 /// The split pipeline with the device side done by `compress` (preprocessed
-/// image → payload) and the server side by `bundle`, reported as `method`.
+/// image → payload) and the server side by `bundle`'s first backbone,
+/// reported as `method`.
 fn evaluate_split(
     bundle: &Bundle,
+    dataset: &ImageFolder,
+    labels: &[i64],
+    method: (String, &str),
+    compress: impl Fn(&[f32]) -> Result<Vec<u8>>,
+) -> Result<(MethodResult, Outcomes)> {
+    evaluate_backbone(bundle, 0, dataset, labels, method, compress)
+}
+
+/// [`evaluate_split`] with the decoder and tail of `bundle`'s backbone `backbone`.
+fn evaluate_backbone(
+    bundle: &Bundle,
+    backbone: usize,
     dataset: &ImageFolder,
     labels: &[i64],
     (method, family): (String, &str),
@@ -283,7 +299,11 @@ fn evaluate_split(
             let string = frankensplit_codec::Payload::parse(&payload)?.string.len();
             Ok((payload, string))
         },
-        |payload| Ok(bundle.classify_features(&bundle.decompress(payload)?)),
+        |payload| {
+            let latent = bundle.payload.decompress(payload)?;
+            let features = bundle.restore_features_for(backbone, std::slice::from_ref(&latent))?;
+            Ok(bundle.classify_features_for(backbone, &features)?)
+        },
     )?;
     let crop = f64::from(preprocess.crop);
     Ok(tally.result(method, family, crop * crop))
@@ -461,6 +481,17 @@ pub fn run(args: EvalArgs) -> Result<()> {
         results.push(evaluate_split(&bundle, &dataset, &labels, method, |input| {
             Ok(encoder.compress(input)?)
         })?);
+        // Further backbones classify the same payloads; the codecs go through
+        // the first backbone's whole model, so byte ratios are the first's.
+        let names = bundle.backbone_names();
+        for (index, name) in names.iter().enumerate().skip(1) {
+            eprintln!("evaluating {} through its backbone {name}", path.display());
+            let family = format!("backbone {name}");
+            let method = (format!("{} → {name}", bundle_name(&bundle)), family.as_str());
+            results.push(evaluate_backbone(&bundle, index, &dataset, &labels, method, |input| {
+                Ok(encoder.compress(input)?)
+            })?);
+        }
         if let Some((dir, folder)) = &calibration {
             let images = calibration_images(folder, &bundle)?;
             eprintln!(
