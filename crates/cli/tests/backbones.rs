@@ -150,6 +150,20 @@ fn a_merged_bundle_reports_each_backbone_from_the_same_payloads() {
     assert_eq!(methods[0]["mean_bytes"], methods[1]["mean_bytes"]);
     assert_eq!(methods[0]["images"], 12);
 
+    // The edge's client picks a backbone of the server.
+    let server = common::Server::start(&["--model", &s(&merged), "--listen", "127.0.0.1:0"]);
+    let image = dir.join("data/val").read_dir().unwrap().next().unwrap().unwrap().path();
+    let image = image.read_dir().unwrap().next().unwrap().unwrap().path();
+    let merged_path = s(&merged);
+    for (flag, answered) in [(None, "swin"), (Some("resnet"), "resnet")] {
+        let mut args = vec!["client", "--server", &server.url, "--model", &merged_path];
+        args.extend(flag.map(|f| ["--backbone", f]).into_iter().flatten());
+        let out = run(&[args.as_slice(), &["--json", image.to_str().unwrap()]].concat());
+        let request: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+        assert_eq!(request["backbone"], answered, "{out}");
+    }
+    server.interrupt();
+
     // Bundles of two encoders do not merge.
     let other = run_file(
         &dir,

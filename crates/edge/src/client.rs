@@ -51,6 +51,10 @@ pub struct ClientArgs {
     /// (image offloading).
     #[arg(long, value_enum, default_value_t = Mode::Split)]
     mode: Mode,
+    /// Split mode: which of the server's backbones classifies (a name its
+    /// bundle serves, or `all`); the server's first when absent.
+    #[arg(long, value_name = "NAME")]
+    backbone: Option<String>,
     /// Codec quality for --mode jpeg (1-100) or webp (0-100).
     #[arg(long)]
     quality: Option<f32>,
@@ -141,6 +145,10 @@ pub struct RequestReport {
     /// Edge time plus the round trip.
     pub total_ms: f64,
     pub top1: Option<usize>,
+    /// The backbone that classified, as the server names it (servers of
+    /// several backbones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backbone: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -191,7 +199,17 @@ fn prepare(args: &ClientArgs) -> Result<(Vec<Prepared>, String)> {
                 })
             })
             .collect::<Result<_>>()?;
-        return Ok((prepared, format!("{base}{}", frankensplit_api::CLASSIFY)));
+        let query = match &args.backbone {
+            Some(name) if name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') => {
+                format!("?backbone={name}")
+            }
+            Some(name) => bail!("--backbone {name:?}: backbone names are letters, digits, _ and -"),
+            None => String::new(),
+        };
+        return Ok((prepared, format!("{base}{}{query}", frankensplit_api::CLASSIFY)));
+    }
+    if args.backbone.is_some() {
+        bail!("--backbone chooses among a split server's backbones; image modes use its first");
     }
     if args.original {
         if args.quality.is_some() {
@@ -440,6 +458,11 @@ async fn send(
         server_ms,
         total_ms: edge_ms + round_trip,
         top1: answer.as_ref().ok().and_then(|a| a.top_k.first()).map(|p| p.class),
+        backbone: answer
+            .as_ref()
+            .ok()
+            .map(|a| a.backbone.clone())
+            .filter(|b| !b.is_empty()),
         error: answer.err(),
     }
 }
