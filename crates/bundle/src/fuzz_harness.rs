@@ -14,9 +14,11 @@ const MAX_ROUND_TRIP: usize = 1 << 16;
 
 /// Feeds `data` to everything a bundle's files go through: a 2-byte length,
 /// then that many bytes of `model.toml` and the rest as
-/// `weights.safetensors`. The manifest is parsed and validated, the weights'
-/// size checked against the architecture, the tables and medians read, the
-/// payload codec built and, for small latents, a payload coded and decoded.
+/// `weights.safetensors`. The manifest is parsed and validated (further
+/// backbones included), the weights' size checked against the
+/// architectures, the encoder side fingerprinted, the tables and medians
+/// read, the payload codec built and, for small latents, a payload coded
+/// and decoded.
 /// The fingerprint check is skipped: it would stop nearly every input before
 /// the deep code. Any panic, hang or unbounded allocation is a bug.
 /// Returns whether a payload went both ways (the seeds must get there).
@@ -38,7 +40,12 @@ pub fn open_untrusted(data: &[u8]) -> bool {
     let Ok(tensors) = SafeTensors::deserialize(weights) else {
         return false;
     };
-    let Ok(codec) = manifest.payload_codec(&tensors, ModelFingerprint::of_parts([weights])) else {
+    let fingerprint = if manifest.format >= 2 {
+        crate::encoder_fingerprint(&tensors)
+    } else {
+        ModelFingerprint::of_parts([weights])
+    };
+    let Ok(codec) = manifest.payload_codec(&tensors, fingerprint) else {
         return false;
     };
     let shape = codec.shape;
