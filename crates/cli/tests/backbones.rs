@@ -150,10 +150,25 @@ fn a_merged_bundle_reports_each_backbone_from_the_same_payloads() {
     assert_eq!(methods[0]["mean_bytes"], methods[1]["mean_bytes"]);
     assert_eq!(methods[0]["images"], 12);
 
+    // Locally, `classify --backbone` runs the same pipeline.
+    let local = |backbone: &str| -> Value {
+        let out = run(&[
+            "classify",
+            "--model",
+            &s(&merged),
+            "--backbone",
+            backbone,
+            "--json",
+            image_path(&dir).to_str().unwrap(),
+        ]);
+        serde_json::from_str(out.lines().next().unwrap()).unwrap()
+    };
+    let (swin_logits, resnet_logits) = (local("swin")["logits"].clone(), local("resnet")["logits"].clone());
+    assert_ne!(swin_logits, resnet_logits);
+
     // The edge's client picks a backbone of the server.
     let server = common::Server::start(&["--model", &s(&merged), "--listen", "127.0.0.1:0"]);
-    let image = dir.join("data/val").read_dir().unwrap().next().unwrap().unwrap().path();
-    let image = image.read_dir().unwrap().next().unwrap().unwrap().path();
+    let image = image_path(&dir);
     let merged_path = s(&merged);
     for (flag, answered) in [(None, "swin"), (Some("resnet"), "resnet")] {
         let mut args = vec!["client", "--server", &server.url, "--model", &merged_path];
@@ -187,4 +202,10 @@ fn a_merged_bundle_reports_each_backbone_from_the_same_payloads() {
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("another edge encoder"));
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// One validation image of the test's data.
+fn image_path(dir: &Path) -> PathBuf {
+    let class = dir.join("data/val").read_dir().unwrap().next().unwrap().unwrap().path();
+    class.read_dir().unwrap().next().unwrap().unwrap().path()
 }

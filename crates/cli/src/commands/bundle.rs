@@ -154,6 +154,10 @@ pub struct ClassifyArgs {
     /// Also write each image's payload to DIR/<image stem>.fsp.
     #[arg(long, value_name = "DIR")]
     save_payloads: Option<PathBuf>,
+    /// Which backbone of a bundle that serves several classifies (its
+    /// first by default; `frankensplit info` lists them).
+    #[arg(long, value_name = "NAME")]
+    backbone: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -175,6 +179,10 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
     // The device's encoder, on the kernels devices run, not libtorch's g_a.
     let edge = EdgeModel::open(&args.model).with_context(|| format!("cannot load model {}", args.model.display()))?;
     let pipeline = bundle.manifest.preprocess.clone();
+    let backbone = match &args.backbone {
+        Some(name) => bundle.backbone_index(name)?,
+        None => 0,
+    };
     for_each_image(&args.images, |path| {
         let report = (|| -> Result<ClassifyReport> {
             let image = RgbImage::open(path)?;
@@ -190,9 +198,10 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
                 write_atomically(&dir.join(format!("{stem}.fsp")), &payload)?;
             }
             let start = Instant::now();
-            let features = bundle.decompress(&payload)?;
+            let latent = bundle.payload.decompress(&payload)?;
+            let features = bundle.restore_features_for(backbone, std::slice::from_ref(&latent))?;
             let logits = bundle
-                .classify_features(&features)
+                .classify_features_for(backbone, &features)?
                 .to_kind(Kind::Float)
                 .to_device(Device::Cpu)
                 .view([-1]);
