@@ -425,6 +425,52 @@ const MAX_DEPTH: usize = 256;
 /// the reference's largest is 112² × 48 ≈ 0.6 M).
 pub const MAX_ACTIVATION_VALUES: u64 = 1 << 28;
 
+/// Checks a CNN family's per-stage lists: `depths` (blocks per stage,
+/// named `what` in errors) and `widths` agree in length (1 to 8 stages),
+/// every entry is a size, no depth exceeds [`MAX_DEPTH`], and `img_size`
+/// is a multiple of the network's `stride` so every stage has a grid.
+fn check_stages(
+    family: &str,
+    (what, depths): (&str, &[i64]),
+    widths: &[i64],
+    img_size: i64,
+    stride: i64,
+) -> Result<()> {
+    let stages = depths.len();
+    if stages == 0 || stages > 8 || widths.len() != stages {
+        return Err(Error::Invalid(format!(
+            "{family} has {stages} stage depths and {} widths: give 1 to 8 stages, one of each per stage",
+            widths.len()
+        )));
+    }
+    for (i, (&depth, &width)) in depths.iter().zip(widths).enumerate() {
+        check_size(&format!("backbone.{what}[{i}]"), depth)?;
+        if depth > MAX_DEPTH as i64 {
+            return Err(Error::Invalid(format!(
+                "backbone.{what}[{i}] is {depth}; at most {MAX_DEPTH}"
+            )));
+        }
+        check_size(&format!("backbone width of stage {i}"), width)?;
+    }
+    if img_size % stride != 0 {
+        return Err(Error::Invalid(format!(
+            "backbone.img_size {img_size} must be a multiple of {stride} (the stem's stride and a factor 2 per stage after the first)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a stochastic-depth rate.
+fn check_drop_path_rate(rate: f64) -> Result<()> {
+    if (0.0..1.0).contains(&rate) {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "backbone.drop_path_rate is {rate}; it must lie in [0, 1)"
+        )))
+    }
+}
+
 fn check_size(what: &str, value: i64) -> Result<()> {
     if (1..=MAX_SIZE).contains(&value) {
         Ok(())

@@ -344,12 +344,12 @@ fn png(side: u32, seed: u32) -> Vec<u8> {
 }
 
 async fn post_image(client: &reqwest::Client, addr: SocketAddr, query: &str, body: Vec<u8>) -> (u16, Value) {
-    let response = client
-        .post(format!("http://{addr}/v1/classify-image{query}"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
+    post_json(client, format!("http://{addr}/v1/classify-image{query}"), body).await
+}
+
+/// Posts `body` to `url`: the status and the JSON answer (null if none).
+async fn post_json(client: &reqwest::Client, url: String, body: Vec<u8>) -> (u16, Value) {
+    let response = client.post(url).body(body).send().await.unwrap();
     let status = response.status().as_u16();
     (status, response.json::<Value>().await.unwrap_or(Value::Null))
 }
@@ -731,13 +731,7 @@ fn resnet_bundle_sharing_the_encoder(first: &std::path::Path, name: &str) -> Pat
 
 /// Posts one payload to /v1/classify with `query`.
 async fn post_query(client: &reqwest::Client, addr: SocketAddr, query: &str, body: Vec<u8>) -> (u16, Value) {
-    let response = client
-        .post(format!("http://{addr}/v1/classify{query}"))
-        .body(body)
-        .send()
-        .await
-        .unwrap();
-    (response.status().as_u16(), response.json().await.unwrap())
+    post_json(client, format!("http://{addr}/v1/classify{query}"), body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -234,8 +234,14 @@ fn a_streamed_run_with_maps_per_batch_resumes_exactly() {
 
 /// A run file training on the generator's stream (8 images an epoch of 3
 /// classes): `top` adds top-level keys, `teacher` lines to `[teacher]`,
-/// then the `stages`.
+/// then the `stages`; the fixture architecture.
 fn stream_run(dir: &Path, output: &str, top: &str, teacher: &str, stages: &str) -> PathBuf {
+    stream_run_with(dir, output, top, teacher, stages, &fixture_arch(true))
+}
+
+/// [`stream_run`] with `arch` (a `[teacher.backbone]` and a `[compressor]`
+/// table) in place of the fixture architecture.
+fn stream_run_with(dir: &Path, output: &str, top: &str, teacher: &str, stages: &str, arch: &str) -> PathBuf {
     let text = format!(
         r#"
 output = "{output}"
@@ -257,10 +263,14 @@ classes = 3
 split_stage = 2
 {teacher}
 
+{arch}
+
 {stages}
 "#
     );
-    write_run_file(dir, output, &text)
+    let path = dir.join(format!("{output}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path
 }
 
 /// A teacher stage on the generator's stream, from `weights` when given.
@@ -378,30 +388,10 @@ fn resnet_decoder_run_file(dir: &Path, output: &str, encoder: Option<&Path>) -> 
     let start = encoder
         .map(|e| format!("encoder_weights = \"{}\"", e.display()))
         .unwrap_or_default();
-    let compressor = fixture_arch(true);
-    let compressor =
-        &compressor[compressor.find("[compressor]").unwrap()..compressor.find("[teacher.backbone]").unwrap()];
-    let text = format!(
-        r#"
-output = "{output}"
-seed = 3
-workers = 1
-keep = "last"
-{start}
-
-[data]
-val = "data/val"
-
-[data.generate]
-seed = 4
-size = 72
-per_epoch = 8
-classes = 3
-
-[teacher]
-split_stage = 2
-
-[teacher.backbone]
+    let fixture = fixture_arch(true);
+    let compressor = &fixture[fixture.find("[compressor]").unwrap()..fixture.find("[teacher.backbone]").unwrap()];
+    let arch = format!(
+        r#"[teacher.backbone]
 family = "resnet"
 img_size = 64
 in_chans = 3
@@ -411,26 +401,12 @@ layers = [1, 1, 1, 1]
 channels = [8, 16, 24, 32]
 drop_path_rate = 0.0
 
-{}
-
-[[stages]]
-kind = "teacher"
-epochs = 1
-batch_size = 4
-lr = 2e-3
-
-[[stages]]
-kind = "decoder"
-epochs = 1
-batch_size = 4
-lr = 2e-3
-"#,
+{}"#,
         // The ResNet's layer2 output, 16 × 8 × 8, is what the decoder restores.
         compressor.replace("target_dim = 32", "target_dim = 16")
     );
-    let path = dir.join(format!("{output}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path
+    let stages = "[[stages]]\nkind = \"teacher\"\nepochs = 1\nbatch_size = 4\nlr = 2e-3\n\n[[stages]]\nkind = \"decoder\"\nepochs = 1\nbatch_size = 4\nlr = 2e-3";
+    stream_run_with(dir, output, &start, "", stages, &arch)
 }
 
 #[test]

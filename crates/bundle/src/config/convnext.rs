@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_size, MAX_DEPTH};
+use super::{check_drop_path_rate, check_size, check_stages};
 use crate::error::{Error, Result};
 
 /// Architecture of a ConvNeXt: a patch stem, then stages of depthwise-7×7
@@ -129,13 +129,6 @@ impl ConvNextConfig {
     /// Checks that the per-stage lists agree and every size is positive,
     /// bounded and leaves a grid of at least one cell after the last stage.
     pub fn validate(&self) -> Result<()> {
-        let stages = self.depths.len();
-        if stages == 0 || stages > 8 || self.dims.len() != stages {
-            return Err(Error::Invalid(format!(
-                "convnext has {stages} depths and {} widths: give 1 to 8 stages, one of each per stage",
-                self.dims.len()
-            )));
-        }
         for (what, value) in [
             ("backbone.img_size", self.img_size),
             ("backbone.in_chans", self.in_chans),
@@ -144,35 +137,14 @@ impl ConvNextConfig {
         ] {
             check_size(what, value)?;
         }
-        for i in 0..stages {
-            check_size("backbone.depths[i]", self.depths[i])?;
-            if self.depths[i] > MAX_DEPTH as i64 {
-                return Err(Error::Invalid(format!(
-                    "backbone.depths[{i}] is {}; at most {MAX_DEPTH}",
-                    self.depths[i]
-                )));
-            }
-            check_size("backbone.dims[i]", self.dims[i])?;
-        }
         if !(self.mlp_ratio > 0.0 && self.mlp_ratio <= 64.0) {
             return Err(Error::Invalid(format!(
                 "backbone.mlp_ratio is {}; it must lie in (0, 64]",
                 self.mlp_ratio
             )));
         }
-        let stride = self.patch_size.checked_shl(stages as u32 - 1).unwrap_or(i64::MAX);
-        if self.img_size % stride != 0 {
-            return Err(Error::Invalid(format!(
-                "backbone.img_size {} must be a multiple of {stride} (the stem's patch and a factor 2 per stage after the first)",
-                self.img_size
-            )));
-        }
-        if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return Err(Error::Invalid(format!(
-                "backbone.drop_path_rate is {}; it must lie in [0, 1)",
-                self.drop_path_rate
-            )));
-        }
-        Ok(())
+        let stride = self.patch_size << self.depths.len().clamp(1, 8).saturating_sub(1);
+        check_stages("convnext", ("depths", &self.depths), &self.dims, self.img_size, stride)?;
+        check_drop_path_rate(self.drop_path_rate)
     }
 }

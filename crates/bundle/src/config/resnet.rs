@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_size, MAX_DEPTH};
-use crate::error::{Error, Result};
+use super::{check_drop_path_rate, check_size, check_stages};
+use crate::error::Result;
 
 /// Output channels of the stem convolution: timm's plain stem is 64 wide
 /// whatever the stages' widths (its `stem_width` only sizes deep stems).
@@ -144,13 +144,6 @@ impl ResNetConfig {
     /// Checks that the per-stage lists agree and every size is positive,
     /// bounded and leaves a grid of at least one cell after the last stage.
     pub fn validate(&self) -> Result<()> {
-        let stages = self.layers.len();
-        if stages == 0 || stages > 8 || self.channels.len() != stages {
-            return Err(Error::Invalid(format!(
-                "resnet has {stages} stage depths and {} channel counts: give 1 to 8 stages, one of each per stage",
-                self.channels.len()
-            )));
-        }
         for (what, value) in [
             ("backbone.img_size", self.img_size),
             ("backbone.in_chans", self.in_chans),
@@ -158,29 +151,14 @@ impl ResNetConfig {
         ] {
             check_size(what, value)?;
         }
-        for i in 0..stages {
-            check_size("backbone.layers[i]", self.layers[i])?;
-            if self.layers[i] > MAX_DEPTH as i64 {
-                return Err(Error::Invalid(format!(
-                    "backbone.layers[{i}] is {}; at most {MAX_DEPTH}",
-                    self.layers[i]
-                )));
-            }
-            check_size("backbone.channels[i]", self.channels[i])?;
-        }
-        let stride = 4i64 << (stages - 1);
-        if self.img_size % stride != 0 {
-            return Err(Error::Invalid(format!(
-                "backbone.img_size {} must be a multiple of {stride} (the stem's 4 and a factor 2 per stage after the first)",
-                self.img_size
-            )));
-        }
-        if !(0.0..1.0).contains(&self.drop_path_rate) {
-            return Err(Error::Invalid(format!(
-                "backbone.drop_path_rate is {}; it must lie in [0, 1)",
-                self.drop_path_rate
-            )));
-        }
-        Ok(())
+        let stride = 4i64 << self.layers.len().clamp(1, 8).saturating_sub(1);
+        check_stages(
+            "resnet",
+            ("layers", &self.layers),
+            &self.channels,
+            self.img_size,
+            stride,
+        )?;
+        check_drop_path_rate(self.drop_path_rate)
     }
 }
