@@ -42,7 +42,7 @@ struct Block {
 }
 
 impl Block {
-    fn new(p: &nn::Path, dim: i64, hidden: i64, drop_path: f64) -> Self {
+    fn new(p: &nn::Path, dim: i64, hidden: i64, drop_path: f64, ls_init_value: f64) -> Self {
         let dw = nn::ConvConfig {
             padding: 3,
             groups: dim,
@@ -53,8 +53,7 @@ impl Block {
             norm: layer_norm(p / "norm", dim),
             fc1: nn::linear(p / "mlp" / "fc1", dim, hidden, Default::default()),
             fc2: nn::linear(p / "mlp" / "fc2", hidden, dim, Default::default()),
-            // timm's `ls_init_value`.
-            gamma: p.var("gamma", &[dim], nn::Init::Const(1e-6)),
+            gamma: p.var("gamma", &[dim], nn::Init::Const(ls_init_value)),
             drop_path,
         }
     }
@@ -148,6 +147,7 @@ impl ConvNext {
                             dim,
                             config.mlp_hidden(i),
                             rates[first + j],
+                            config.ls_init_value,
                         )
                     })
                     .collect();

@@ -42,6 +42,7 @@ fn convnexts() -> [(&'static str, ConvNextConfig); 2] {
         mlp_ratio: 4.0,
         conv_mlp,
         drop_path_rate: 0.1,
+        ls_init_value: 1e-6,
     };
     [("convnext", config(false)), ("convnext_conv_mlp", config(true))]
 }
@@ -177,5 +178,23 @@ fn full_size_presets_have_timms_parameter_counts() {
                 "{name} tail"
             );
         }
+    }
+}
+
+#[test]
+fn convnext_layer_scales_start_at_the_configured_value() {
+    let (_, mut config) = convnexts().into_iter().next().unwrap();
+    config.ls_init_value = 0.5;
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _model = ConvNext::new(&vs.root(), &config, 0..4);
+    let gammas: Vec<Tensor> = vs
+        .variables()
+        .into_iter()
+        .filter(|(name, _)| name.ends_with(".gamma"))
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(gammas.len(), config.depths.iter().sum::<i64>() as usize);
+    for gamma in gammas {
+        assert!(gamma.eq(0.5).all().int64_value(&[]) == 1);
     }
 }

@@ -31,6 +31,14 @@ pub struct ConvNextConfig {
     pub conv_mlp: bool,
     /// Stochastic depth at the last block, growing linearly from 0 over all blocks.
     pub drop_path_rate: f64,
+    /// Initial value of every block's layer scale `gamma` (timm's
+    /// `ls_init_value`, 1e-6): it only matters for training from scratch.
+    #[serde(default = "default_ls_init_value")]
+    pub ls_init_value: f64,
+}
+
+fn default_ls_init_value() -> f64 {
+    1e-6
 }
 
 /// timm's 224-pixel, 1000-class ConvNeXt presets, by timm's names:
@@ -70,6 +78,7 @@ impl ConvNextConfig {
             mlp_ratio: 4.0,
             conv_mlp: *conv_mlp,
             drop_path_rate: 0.0,
+            ls_init_value: default_ls_init_value(),
         })
     }
 
@@ -145,6 +154,13 @@ impl ConvNextConfig {
         }
         let stride = self.patch_size << self.depths.len().clamp(1, 8).saturating_sub(1);
         check_stages("convnext", ("depths", &self.depths), &self.dims, self.img_size, stride)?;
-        check_drop_path_rate(self.drop_path_rate)
+        check_drop_path_rate(self.drop_path_rate)?;
+        if !(self.ls_init_value.is_finite() && self.ls_init_value > 0.0) {
+            return Err(Error::Invalid(format!(
+                "backbone.ls_init_value is {}; it must be positive",
+                self.ls_init_value
+            )));
+        }
+        Ok(())
     }
 }
