@@ -198,3 +198,30 @@ fn convnext_layer_scales_start_at_the_configured_value() {
         assert!(gamma.eq(0.5).all().int64_value(&[]) == 1);
     }
 }
+
+/// Both families learn: 60 Adam steps fit random labels of a small batch.
+#[test]
+fn cnn_families_fit_a_batch() {
+    use tch::nn::OptimizerConfig;
+    tch::manual_seed(0);
+    let x = Tensor::randn([8, 3, 64, 64], (Kind::Float, Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 5, 6, 7]);
+    let fit = |build: &dyn Fn(&nn::Path) -> Box<dyn ModuleT>| -> (f64, f64) {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = build(&vs.root());
+        let mut adam = nn::Adam::default().build(&vs, 1e-3).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..60 {
+            let loss = model.forward_t(&x, true).cross_entropy_for_logits(&labels);
+            adam.backward_step(&loss);
+            losses.push(loss.double_value(&[]));
+        }
+        (losses[0], losses[59])
+    };
+    let (_, convnext) = convnexts().into_iter().next().unwrap();
+    let (first, last) = fit(&|p| Box::new(ConvNext::new(p, &convnext, 0..4)));
+    assert!(last < 0.1 * first, "convnext: loss {first} → {last}");
+    let (_, resnet) = resnets().into_iter().next().unwrap();
+    let (first, last) = fit(&|p| Box::new(ResNet::new(p, &resnet, 0..4)));
+    assert!(last < 0.1 * first, "resnet: loss {first} → {last}");
+}
