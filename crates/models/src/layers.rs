@@ -69,6 +69,20 @@ impl ResidualBlockWithStride {
     }
 }
 
+impl ResidualBlockWithStride {
+    /// Zeroes the second convolution, so that the block starts as its skip
+    /// (the identity when the shape is kept): a stack of such blocks without
+    /// normalisation then starts with bounded activations.
+    pub fn zero_init_last(&self) {
+        tch::no_grad(|| {
+            let _ = self.conv2.ws.shallow_clone().zero_();
+            if let Some(bias) = &self.conv2.bs {
+                let _ = bias.shallow_clone().zero_();
+            }
+        });
+    }
+}
+
 impl nn::Module for ResidualBlockWithStride {
     fn forward(&self, x: &Tensor) -> Tensor {
         let mut out = x.apply(&self.conv1);

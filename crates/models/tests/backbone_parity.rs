@@ -226,3 +226,27 @@ fn cnn_families_fit_a_batch() {
     let (first, last) = fit(&|p| Box::new(ResNet::new(p, &resnet, 0..4)));
     assert!(last < 0.5 * first, "resnet: loss {first} → {last}");
 }
+
+/// A fresh convolutional decoder starts at zero for any latent (its blocks
+/// as identities), for each resampling it may need.
+#[test]
+fn a_fresh_convolutional_decoder_restores_zeros() {
+    use frankensplit_models::compressor::{CompressorConfig, Decoder, DecoderBlueprint};
+    let config = CompressorConfig {
+        input_size: 64,
+        encoder_hidden: [8, 12],
+        latent_channels: 6,
+        decoder_dim: 16,
+        recon_dim: 24,
+        target_dim: 16,
+        ..CompressorConfig::default()
+    };
+    let latent = Tensor::randn([2, 6, 8, 8], (Kind::Float, Device::Cpu)) * 5.0;
+    for side in [4, 8, 16] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let decoder = Decoder::new(&vs.root(), &config, DecoderBlueprint::Conv { side });
+        let restored = tch::no_grad(|| decoder.forward_t(&latent, false));
+        assert_eq!(restored.size(), [2, 16, side, side]);
+        assert_eq!(restored.abs().max().double_value(&[]), 0.0, "side {side}");
+    }
+}
