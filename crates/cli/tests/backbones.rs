@@ -148,6 +148,7 @@ fn a_merged_bundle_reports_each_backbone_from_the_same_payloads() {
     assert!(methods[1]["method"].as_str().unwrap().ends_with("→ resnet"));
     // The same payloads: the same bytes for both backbones.
     assert_eq!(methods[0]["mean_bytes"], methods[1]["mean_bytes"]);
+    assert_eq!(methods[0]["bpp_string"], methods[1]["bpp_string"]);
     assert_eq!(methods[0]["images"], 12);
 
     // Locally, `classify --backbone` runs the same pipeline.

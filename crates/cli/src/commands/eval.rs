@@ -170,8 +170,7 @@ impl Tally {
             top5: 100.0 * self.top5 as f64 / n,
             mean_bytes,
             bpp: mean_bytes * 8.0 / pixels,
-            bpp_string: family
-                .starts_with("frankensplit")
+            bpp_string: (family.starts_with("frankensplit") || family.starts_with("backbone "))
                 .then(|| self.string_bytes as f64 / n * 8.0 / pixels),
             encode_ms: self.encode_s / n * 1e3,
             decode_ms: self.decode_s / n * 1e3,
