@@ -471,6 +471,17 @@ fn check_drop_path_rate(rate: f64) -> Result<()> {
     }
 }
 
+/// The names of a preset table of `(timm name, parameters)` rows.
+const fn table_names<T, const N: usize>(table: &[(&'static str, T); N]) -> [&'static str; N] {
+    let mut names = [""; N];
+    let mut i = 0;
+    while i < N {
+        names[i] = table[i].0;
+        i += 1;
+    }
+    names
+}
+
 fn check_size(what: &str, value: i64) -> Result<()> {
     if (1..=MAX_SIZE).contains(&value) {
         Ok(())

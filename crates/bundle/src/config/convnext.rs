@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_drop_path_rate, check_size, check_stages};
+use super::{check_drop_path_rate, check_size, check_stages, table_names};
 use crate::error::{Error, Result};
 
 /// Architecture of a ConvNeXt: a patch stem, then stages of depthwise-7×7
@@ -42,32 +42,24 @@ fn default_ls_init_value() -> f64 {
 }
 
 /// timm's 224-pixel, 1000-class ConvNeXt presets, by timm's names:
-/// `(name, depths, dims, conv_mlp)`.
-const CONVNEXT_PRESETS: [(&str, [i64; 4], [i64; 4], bool); 7] = [
-    ("convnext_atto", [2, 2, 6, 2], [40, 80, 160, 320], true),
-    ("convnext_femto", [2, 2, 6, 2], [48, 96, 192, 384], true),
-    ("convnext_pico", [2, 2, 6, 2], [64, 128, 256, 512], true),
-    ("convnext_nano", [2, 2, 8, 2], [80, 160, 320, 640], true),
-    ("convnext_tiny", [3, 3, 9, 3], [96, 192, 384, 768], false),
-    ("convnext_small", [3, 3, 27, 3], [96, 192, 384, 768], false),
-    ("convnext_base", [3, 3, 27, 3], [128, 256, 512, 1024], false),
+/// `(name, (depths, dims, conv_mlp))`.
+const CONVNEXT_PRESETS: [(&str, ([i64; 4], [i64; 4], bool)); 7] = [
+    ("convnext_atto", ([2, 2, 6, 2], [40, 80, 160, 320], true)),
+    ("convnext_femto", ([2, 2, 6, 2], [48, 96, 192, 384], true)),
+    ("convnext_pico", ([2, 2, 6, 2], [64, 128, 256, 512], true)),
+    ("convnext_nano", ([2, 2, 8, 2], [80, 160, 320, 640], true)),
+    ("convnext_tiny", ([3, 3, 9, 3], [96, 192, 384, 768], false)),
+    ("convnext_small", ([3, 3, 27, 3], [96, 192, 384, 768], false)),
+    ("convnext_base", ([3, 3, 27, 3], [128, 256, 512, 1024], false)),
 ];
 
 impl ConvNextConfig {
     /// Names accepted by [`ConvNextConfig::preset`].
-    pub const PRESETS: [&'static str; CONVNEXT_PRESETS.len()] = {
-        let mut names = [""; CONVNEXT_PRESETS.len()];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = CONVNEXT_PRESETS[i].0;
-            i += 1;
-        }
-        names
-    };
+    pub const PRESETS: [&'static str; CONVNEXT_PRESETS.len()] = table_names(&CONVNEXT_PRESETS);
 
     /// The preset called `name` (timm's model name).
     pub fn preset(name: &str) -> Option<Self> {
-        let (_, depths, dims, conv_mlp) = CONVNEXT_PRESETS.iter().find(|p| p.0 == name)?;
+        let (_, (depths, dims, conv_mlp)) = CONVNEXT_PRESETS.iter().find(|p| p.0 == name)?;
         Some(Self {
             img_size: 224,
             in_chans: 3,

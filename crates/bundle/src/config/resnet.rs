@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{check_drop_path_rate, check_size, check_stages};
+use super::{check_drop_path_rate, check_size, check_stages, table_names};
 use crate::error::Result;
 
 /// Output channels of the stem convolution: timm's plain stem is 64 wide
@@ -53,29 +53,21 @@ pub struct ResNetConfig {
 }
 
 /// timm's 224-pixel, 1000-class ResNet presets, by timm's names.
-const RESNET_PRESETS: [(&str, ResNetBlock, [i64; 4]); 5] = [
-    ("resnet18", ResNetBlock::Basic, [2, 2, 2, 2]),
-    ("resnet26", ResNetBlock::Bottleneck, [2, 2, 2, 2]),
-    ("resnet34", ResNetBlock::Basic, [3, 4, 6, 3]),
-    ("resnet50", ResNetBlock::Bottleneck, [3, 4, 6, 3]),
-    ("resnet101", ResNetBlock::Bottleneck, [3, 4, 23, 3]),
+const RESNET_PRESETS: [(&str, (ResNetBlock, [i64; 4])); 5] = [
+    ("resnet18", (ResNetBlock::Basic, [2, 2, 2, 2])),
+    ("resnet26", (ResNetBlock::Bottleneck, [2, 2, 2, 2])),
+    ("resnet34", (ResNetBlock::Basic, [3, 4, 6, 3])),
+    ("resnet50", (ResNetBlock::Bottleneck, [3, 4, 6, 3])),
+    ("resnet101", (ResNetBlock::Bottleneck, [3, 4, 23, 3])),
 ];
 
 impl ResNetConfig {
     /// Names accepted by [`ResNetConfig::preset`].
-    pub const PRESETS: [&'static str; RESNET_PRESETS.len()] = {
-        let mut names = [""; RESNET_PRESETS.len()];
-        let mut i = 0;
-        while i < names.len() {
-            names[i] = RESNET_PRESETS[i].0;
-            i += 1;
-        }
-        names
-    };
+    pub const PRESETS: [&'static str; RESNET_PRESETS.len()] = table_names(&RESNET_PRESETS);
 
     /// The preset called `name` (timm's model name).
     pub fn preset(name: &str) -> Option<Self> {
-        let (_, block, layers) = RESNET_PRESETS.iter().find(|p| p.0 == name)?;
+        let (_, (block, layers)) = RESNET_PRESETS.iter().find(|p| p.0 == name)?;
         Some(Self {
             img_size: 224,
             in_chans: 3,
