@@ -41,9 +41,11 @@ fn default_ls_init_value() -> f64 {
     1e-6
 }
 
-/// timm's 224-pixel, 1000-class ConvNeXt presets, by timm's names:
-/// `(name, (depths, dims, conv_mlp))`.
-const CONVNEXT_PRESETS: [(&str, ([i64; 4], [i64; 4], bool)); 7] = [
+/// A preset's depths, widths and `conv_mlp`.
+type ConvNextShape = ([i64; 4], [i64; 4], bool);
+
+/// timm's 224-pixel, 1000-class ConvNeXt presets, by timm's names.
+const CONVNEXT_PRESETS: [(&str, ConvNextShape); 7] = [
     ("convnext_atto", ([2, 2, 6, 2], [40, 80, 160, 320], true)),
     ("convnext_femto", ([2, 2, 6, 2], [48, 96, 192, 384], true)),
     ("convnext_pico", ([2, 2, 6, 2], [64, 128, 256, 512], true)),
