@@ -58,6 +58,8 @@ pub mod names {
     pub const TABLES: &str = "entropy_tables.";
     /// Prefix of the edge encoder's tensors.
     pub const ENCODER: &str = "compressor.g_a.";
+    /// Prefix of the server's decoder `g_s`.
+    pub const DECODER: &str = "compressor.g_s.";
     /// Prefix of the entropy bottleneck's parameters (the factorized prior).
     pub const PRIOR: &str = "compressor.entropy_bottleneck.";
     /// The entropy bottleneck's quantiles `[C, 1, 3]`.
@@ -314,7 +316,11 @@ impl VerifiedBundle {
         manifest.check_weights_size(size, &path)?;
         let weights = std::fs::read(&path).map_err(|e| Error::read(&path, e))?;
         let whole = ModelFingerprint::of_parts([weights.as_slice()]);
-        let expected = manifest.weights_fingerprint.as_ref().unwrap_or(&manifest.fingerprint);
+        // Format 1's one fingerprint is the file's; format 2 has its own field.
+        let expected = match &manifest.weights_fingerprint {
+            Some(whole) if manifest.format >= 2 => whole,
+            _ => &manifest.fingerprint,
+        };
         if &whole.to_string() != expected {
             return Err(Error::Invalid(format!(
                 "{} does not match its manifest (fingerprint {whole}, manifest says {expected}): the bundle was modified or damaged",
@@ -377,7 +383,6 @@ pub fn write<E: std::fmt::Display>(
     let tensors = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Invalid(format!("the weights just written are not safetensors: {e}")))?;
     let fingerprint = encoder_fingerprint(&tensors);
-    manifest.format = BUNDLE_FORMAT;
     manifest.fingerprint = fingerprint.to_string();
     manifest.weights_fingerprint = Some(ModelFingerprint::of_parts([bytes.as_slice()]).to_string());
     let manifest_path = tmp.join(MANIFEST);

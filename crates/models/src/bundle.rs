@@ -317,8 +317,13 @@ impl Bundle {
     /// Server side: payload → restored features (`(1, tokens, width)` for
     /// Swin, `(1, C, H, W)` for a CNN).
     pub fn decompress(&self, payload: &[u8]) -> Result<Tensor> {
+        self.decompress_for(0, payload)
+    }
+
+    /// [`Bundle::decompress`] by backbone `index`'s decoder.
+    pub fn decompress_for(&self, index: usize, payload: &[u8]) -> Result<Tensor> {
         let latent = self.payload.decompress(payload)?;
-        self.restore_features(&[latent])
+        self.restore_features_for(index, &[latent])
     }
 
     /// Runs the decoder on a batch of dequantised latents (CHW each):
@@ -432,10 +437,9 @@ pub fn merge_bundles(out: &Path, parts: &[(String, PathBuf)], force: bool) -> Re
     for ((name, _), (bundle, tensors)) in parts.iter().zip(bundles.iter().zip(&views)).skip(1) {
         let arch = &bundle.manifest.architecture;
         let head = Backbone::head_names(&arch.backbone, arch.split_stage);
-        let decoder = format!("{}g_s.", names::COMPRESSOR);
         for (key, view) in tensors.tensors() {
             let tail = key.strip_prefix(names::BACKBONE).is_some_and(|k| !head.contains(k));
-            if key.starts_with(&decoder) || tail {
+            if key.starts_with(names::DECODER) || tail {
                 selected.push((format!("{}{key}", names::more(name)), view));
             }
         }

@@ -27,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use frankensplit_bundle::names;
 use frankensplit_models::weights::load_into;
 use frankensplit_models::Architecture;
 use frankensplit_preprocess::Preprocess;
@@ -436,22 +437,14 @@ impl<'a> Run<'a> {
                 optimizer.zero_grad();
                 let noise = (ranks > 1).then(|| self.global_noise(batch.len(), device));
                 let terms = compressor_step(&self.models, &x, stage.lmbda, saliency.as_ref(), noise.as_ref(), amp);
-                if ranks > 1 {
-                    (&terms.loss_tensor * ranks as f64).backward();
-                } else {
-                    terms.loss_tensor.backward();
-                }
+                backward_over_ranks(&terms.loss_tensor, ranks);
                 self.models.compressor.entropy_bottleneck.aux_loss().backward();
                 terms.terms
             }
             StageKind::Decoder => {
                 optimizer.zero_grad();
                 let terms = decoder_step(&self.models, &x, amp);
-                if ranks > 1 {
-                    (&terms.loss_tensor * ranks as f64).backward();
-                } else {
-                    terms.loss_tensor.backward();
-                }
+                backward_over_ranks(&terms.loss_tensor, ranks);
                 terms.terms
             }
         };
@@ -720,8 +713,16 @@ fn spread<T: Clone>(items: &[T], limit: usize) -> Vec<T> {
     (0..limit).map(|i| items[i * items.len() / limit].clone()).collect()
 }
 
-/// The decoder's variables in the compressor's store.
-const DECODER: &str = "g_s.";
+/// Back-propagates a compressor's loss, a sum over this rank's samples:
+/// scaled by the number of ranks, so that the averaged gradients are those
+/// of the global batch's sum.
+fn backward_over_ranks(loss: &Tensor, ranks: usize) {
+    if ranks > 1 {
+        (loss * ranks as f64).backward();
+    } else {
+        loss.backward();
+    }
+}
 
 /// Adam (AdamW with a weight decay) over what the stage trains; the rest is frozen.
 fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
@@ -744,7 +745,7 @@ fn stage_optimizer(models: &mut Models, stage: &StageConfig) -> Adam {
             models.compressor_vars.freeze();
             let decoder: BTreeMap<String, Tensor> = Models::named(&models.compressor_vars)
                 .into_iter()
-                .filter(|(name, _)| name.starts_with(DECODER))
+                .filter(|(name, _)| name.starts_with(&names::DECODER[names::COMPRESSOR.len()..]))
                 .map(|(name, tensor)| (name, tensor.set_requires_grad(true)))
                 .collect();
             Adam::new(decoder, stage.lr)

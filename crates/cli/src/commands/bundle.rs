@@ -198,8 +198,7 @@ pub fn run_classify(args: ClassifyArgs) -> Result<()> {
                 write_atomically(&dir.join(format!("{stem}.fsp")), &payload)?;
             }
             let start = Instant::now();
-            let latent = bundle.payload.decompress(&payload)?;
-            let features = bundle.restore_features_for(backbone, std::slice::from_ref(&latent))?;
+            let features = bundle.decompress_for(backbone, &payload)?;
             let logits = bundle
                 .classify_features_for(backbone, &features)?
                 .to_kind(Kind::Float)

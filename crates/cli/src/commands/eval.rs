@@ -299,8 +299,7 @@ fn evaluate_backbone(
             Ok((payload, string))
         },
         |payload| {
-            let latent = bundle.payload.decompress(payload)?;
-            let features = bundle.restore_features_for(backbone, std::slice::from_ref(&latent))?;
+            let features = bundle.decompress_for(backbone, payload)?;
             Ok(bundle.classify_features_for(backbone, &features)?)
         },
     )?;
