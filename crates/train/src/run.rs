@@ -80,7 +80,7 @@ pub struct RunSummary {
 /// reads and writes the run's files and validates, every rank trains on
 /// its share of each batch. When one rank fails, every rank is stopped.
 pub fn train(config: &RunConfig, options: &TrainOptions) -> Result<RunSummary> {
-    let world = World::get()?;
+    let world = World::get(options.device)?;
     let result = train_in(config, options, world);
     if let Err(e) = &result {
         if world.size > 1 {
@@ -281,7 +281,7 @@ impl<'a> Run<'a> {
             return Ok(());
         };
         if !self.world.is_root() {
-            self.world.barrier();
+            self.world.barrier()?;
             return Ok(());
         }
         let maps = MapsConfig {
@@ -299,7 +299,7 @@ impl<'a> Run<'a> {
         if written > 0 && self.options.progress {
             eprintln!("wrote {written} saliency maps to {}", dir.display());
         }
-        self.world.barrier();
+        self.world.barrier()?;
         Ok(())
     }
 
@@ -450,7 +450,7 @@ impl<'a> Run<'a> {
         };
         self.world.average_gradients(optimizer.params())?;
         optimizer.step();
-        let terms = self.global_terms(terms, stage.kind);
+        let terms = self.global_terms(terms, stage.kind)?;
         self.progress.batch += 1;
         self.progress.global_step += 1;
         self.progress.optimizer_step = optimizer.step;
@@ -472,20 +472,18 @@ impl<'a> Run<'a> {
     }
 
     /// A step's loss terms over the global batch: sums over the ranks (a
-    /// teacher's mean loss, averaged), read to the host every step (the
-    /// gradient average synchronises the ranks anyway); with one process,
-    /// the terms as they are, on the device.
-    fn global_terms(&self, terms: Tensor, kind: StageKind) -> Tensor {
+    /// teacher's mean loss, averaged), on the device for NCCL, through the
+    /// host for MPI; with one process, the terms as they are, on the device.
+    fn global_terms(&self, terms: Tensor, kind: StageKind) -> Result<Tensor> {
         if self.world.size <= 1 {
-            return terms;
+            return Ok(terms);
         }
-        let host = StepTerms::read(&terms, true);
-        let mut values = [host.loss, host.distortion.unwrap_or(0.0), host.bits.unwrap_or(0.0)];
-        self.world.sum_f64(&mut values);
-        if kind == StageKind::Teacher {
-            values[0] /= self.world.size as f64;
-        }
-        Tensor::from_slice(&values)
+        let summed = self.world.sum_tensor(&terms.to_kind(Kind::Double))?;
+        Ok(if kind == StageKind::Teacher {
+            summed / self.world.size as f64
+        } else {
+            summed
+        })
     }
 
     /// Validates the epoch's weights and logs the result; keeps them as the
@@ -654,7 +652,7 @@ fn share_progress(world: &World, progress: Progress) -> Result<Progress> {
         return Ok(progress);
     }
     let mut bytes = serde_json::to_vec(&progress).map_err(|e| Error::Data(e.to_string()))?;
-    world.broadcast_bytes(&mut bytes);
+    world.broadcast_bytes(&mut bytes)?;
     serde_json::from_slice(&bytes).map_err(|e| Error::Data(format!("rank 0's progress: {e}")))
 }
 

@@ -82,7 +82,7 @@ fn run_as_rank() -> bool {
     let config = RunConfig::from_file(Path::new(&path)).unwrap();
     let stop = std::env::var(STOP).ok().map(|s| s.parse().unwrap());
     let resume = std::env::var_os(RESUME).is_some();
-    let world = frankensplit_train::distributed::World::get().unwrap();
+    let world = frankensplit_train::distributed::World::get(tch::Device::Cpu).unwrap();
     // Proof for the test that this rank ran, as which rank of how many.
     std::fs::write(marker(Path::new(&path), world.rank, world.size), b"").unwrap();
     let summary = match train(&config, &options(stop, resume)) {
