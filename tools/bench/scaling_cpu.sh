@@ -8,7 +8,8 @@
 # Run from the repository root, on an otherwise idle machine, after
 # `. scripts/setup-libtorch.sh` with a binary built with `--features distributed`:
 #   tools/bench/scaling_cpu.sh target/release/frankensplit
-# Environment: THREADS (2), PROCS (2), IMAGES (1536, one epoch), BATCH (32), ROUNDS (3), WORK (/tmp/fs-scaling).
+# Environment: THREADS (2), PROCS (2), IMAGES (1536, one epoch), BATCH (32), ROUNDS (3),
+# WORK (/tmp/fs-scaling), MPIRUN_ARGS (extra mpirun flags, e.g. `--bind-to none`).
 set -euo pipefail
 BIN=$1
 THREADS=${THREADS:-2}; PROCS=${PROCS:-2}; IMAGES=${IMAGES:-1536}; BATCH=${BATCH:-32}; ROUNDS=${ROUNDS:-3}
@@ -54,7 +55,7 @@ for round in $(seq "$ROUNDS"); do
   OMP_NUM_THREADS=$THREADS "$BIN" train --config "$WORK/one-$round.toml" --quiet > /dev/null
   one=$(rate "one-$round" 1 "$THREADS")
   config "many-$round" > "$WORK/many-$round.toml"
-  mpirun --allow-run-as-root --oversubscribe -np "$PROCS" -x OMP_NUM_THREADS=$((THREADS / PROCS)) \
+  mpirun --allow-run-as-root --oversubscribe ${MPIRUN_ARGS:-} -np "$PROCS" -x OMP_NUM_THREADS=$((THREADS / PROCS)) \
     "$BIN" train --config "$WORK/many-$round.toml" --quiet > /dev/null
   many=$(rate "many-$round" "$PROCS" $((THREADS / PROCS)))
   echo "$one"; echo "$many"
