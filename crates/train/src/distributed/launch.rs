@@ -166,7 +166,10 @@ mod tests {
             ("MASTER_ADDR", "10.0.0.7".to_string()),
             ("MASTER_PORT", "29400".to_string()),
         ];
-        vars.extend(extra.iter().map(|&(k, v)| (k, v.to_string())));
+        for &(name, value) in extra {
+            vars.retain(|(k, _)| *k != name);
+            vars.push((name, value.to_string()));
+        }
         vars
     }
 
@@ -248,21 +251,13 @@ mod tests {
             err.contains("MASTER_ADDR, MASTER_PORT") && err.contains("torchrun"),
             "{err}"
         );
-        let mut vars = torchrun("4", &[]);
-        assert!(detect_pairs(&vars).unwrap_err().to_string().contains("RANK=4"));
-        vars = torchrun("1", &[]);
-        vars.retain(|(k, _)| *k != "MASTER_PORT");
-        vars.push(("MASTER_PORT", "70000".into()));
-        assert!(detect_pairs(&vars)
-            .unwrap_err()
-            .to_string()
-            .contains("MASTER_PORT=\"70000\""));
-        vars = torchrun("1", &[]);
-        vars.retain(|(k, _)| *k != "WORLD_SIZE");
-        vars.push(("WORLD_SIZE", "two".into()));
-        assert!(detect_pairs(&vars)
-            .unwrap_err()
-            .to_string()
-            .contains("WORLD_SIZE=\"two\""));
+        for (rank, extra, expected) in [
+            ("4", ("TORCHELASTIC_RESTART_COUNT", "0"), "RANK=4"),
+            ("1", ("MASTER_PORT", "70000"), "MASTER_PORT=\"70000\""),
+            ("1", ("WORLD_SIZE", "two"), "WORLD_SIZE=\"two\""),
+        ] {
+            let err = detect_pairs(&torchrun(rank, &[extra])).unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
     }
 }
