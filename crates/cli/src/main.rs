@@ -24,5 +24,18 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
-    commands::dispatch(Cli::parse().command)
+    let cli = Cli::parse();
+    if !matches!(cli.command, commands::Command::Serve(_)) {
+        end_quietly_on_closed_pipes();
+    }
+    commands::dispatch(cli.command)
+}
+
+/// Rust starts programs with SIGPIPE ignored, so printing into a closed pipe
+/// (`frankensplit info … | head -1`) panics; a command-line tool should end
+/// quietly there, as `cat` does. The server keeps it ignored: a peer that
+/// hangs up is an error its connection handles, not a reason to stop.
+fn end_quietly_on_closed_pipes() {
+    // SAFETY: restores one signal's default disposition, before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
