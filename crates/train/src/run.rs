@@ -478,7 +478,7 @@ impl<'a> Run<'a> {
         if self.world.size <= 1 {
             return Ok(terms);
         }
-        let summed = self.world.sum_tensor(&terms.to_kind(Kind::Double))?;
+        let summed = self.world.sum_tensor(terms.to_kind(Kind::Double))?;
         Ok(if kind == StageKind::Teacher {
             summed / self.world.size as f64
         } else {

@@ -167,10 +167,12 @@ impl World {
     }
 
     /// `tensor` summed across ranks, on `tensor`'s device: over MPI through
-    /// a host buffer (`f32` for `f32` tensors, else `f64`), over NCCL on the GPU.
-    pub fn sum_tensor(&self, tensor: &Tensor) -> Result<Tensor> {
+    /// a host buffer (`f32` for `f32` tensors, else `f64`), over NCCL on the
+    /// GPU, in `tensor`'s own storage when it is already contiguous there
+    /// (it is taken by value: the caller gives it up).
+    pub fn sum_tensor(&self, tensor: Tensor) -> Result<Tensor> {
         match &self.engine {
-            Engine::Alone => Ok(tensor.shallow_clone()),
+            Engine::Alone => Ok(tensor),
             #[cfg(feature = "distributed")]
             Engine::Mpi(engine) => {
                 let host = tensor.detach().to_device(Device::Cpu).reshape([-1]);
@@ -190,7 +192,7 @@ impl World {
             }
             #[cfg(feature = "nccl")]
             Engine::Nccl(engine) => {
-                let on_device = tensor.detach().to_device(engine.device()).contiguous().copy();
+                let on_device = tensor.detach().to_device(engine.device()).contiguous();
                 engine.sum(&on_device)?;
                 Ok(on_device.to_device(tensor.device()))
             }
@@ -235,7 +237,7 @@ impl World {
             // A one-element sum read back to the host: no rank gets past it before all have joined.
             #[cfg(feature = "nccl")]
             Engine::Nccl(engine) => {
-                let one = self.sum_tensor(&Tensor::from_slice(&[1f32]).to_device(engine.device()))?;
+                let one = self.sum_tensor(Tensor::from_slice(&[1f32]).to_device(engine.device()))?;
                 f32::try_from(one.to_device(Device::Cpu))?;
                 Ok(())
             }
@@ -318,7 +320,7 @@ impl World {
             .iter()
             .map(|g| g.detach().to_kind(Kind::Float).reshape([-1]).to_device(device))
             .collect();
-        let all = self.sum_tensor(&Tensor::cat(&flat, 0))?;
+        let all = self.sum_tensor(Tensor::cat(&flat, 0))?;
         let all = all / self.size as f64;
         let mut offset = 0i64;
         for g in &grads {

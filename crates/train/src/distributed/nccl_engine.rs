@@ -45,16 +45,19 @@ pub(super) const TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Space for the bridge's error text.
 const ERROR_LEN: usize = 2048;
 
+/// The bridge's error text, after `what` failed.
+fn bridge_error(err: &[u8], what: &str) -> Error {
+    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
+    Error::Config(format!("{what}: {}", String::from_utf8_lossy(&err[..end]).trim()))
+}
+
 /// Turns the bridge's status and error text into a result.
 fn checked(status: i32, err: &[u8], what: &str) -> Result<()> {
     if status == 0 {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(bridge_error(err, what))
     }
-    let end = err.iter().position(|&b| b == 0).unwrap_or(err.len());
-    Err(Error::Config(format!(
-        "{what}: {}",
-        String::from_utf8_lossy(&err[..end]).trim()
-    )))
 }
 
 /// This rank's process group.
@@ -96,8 +99,7 @@ impl Nccl {
             )
         };
         let Some(group) = NonNull::new(group) else {
-            checked(
-                -1,
+            return Err(bridge_error(
                 &err,
                 &format!(
                     "rank {} could not meet the other {} rank(s) at the store {}:{}",
@@ -106,8 +108,7 @@ impl Nccl {
                     rendezvous.host,
                     rendezvous.port
                 ),
-            )?;
-            unreachable!("checked(-1) is an error");
+            ));
         };
         if !tch::Cuda::is_available() || tch::Cuda::device_count() <= rendezvous.local_rank as i64 {
             return Err(Error::Config(format!(
